@@ -1,0 +1,54 @@
+# hybridad: `make help` lists the targets.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+CAT     ?= can
+DATA    ?= data/mvtec_ad2
+ARGS    ?=
+RUNS    ?= runs
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install test test-all demo train train-all bench submission clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv with pip (a second run changes nothing)
+
+$(STAMP): pyproject.toml requirements.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP) ## fast test suite (excludes tests marked slow)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP) ## every test, the slow ones included
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+demo: $(STAMP) ## synthetic dataset -> train tiny models -> evaluate -> submission -> report
+	$(BIN)/python -m hybridad demo --out demo_out $(ARGS)
+
+train: $(STAMP) ## train one category: make train CAT=can DATA=<root> ARGS="key=value ..."
+	$(BIN)/python -m hybridad train data.category=$(CAT) data.root=$(DATA) $(ARGS)
+
+train-all: $(STAMP) ## train every category with its routed branch
+	for c in can fabric fruit_jelly rice sheet_metal vial wallplugs walnuts; do \
+	  $(BIN)/python -m hybridad train data.category=$$c data.root=$(DATA) $(ARGS) || exit 1; done
+
+bench: $(STAMP) ## benchmarks (timings and memory, printed as a table)
+	$(BIN)/python -m bench
+
+submission: $(STAMP) ## write, check and pack a submission: make submission RUN_DIRS="runs/can/... runs/..."
+	$(BIN)/python -m hybridad submission write $(RUN_DIRS) --out submission
+	$(BIN)/python -m hybridad submission check submission
+	$(BIN)/python -m hybridad submission pack submission --out submission.tar.gz
+
+clean: ## remove caches and demo output (keeps .venv and runs/)
+	rm -rf demo_out .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Lightning callbacks: thin adapters around hybridad's pure evaluation functions."""
