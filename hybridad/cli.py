@@ -1,0 +1,152 @@
+"""`python -m hybridad <command>`: the one entry point.
+
+Commands import their machinery lazily, so `--help` is instant and importing this module touches nothing.
+A `UserError` anywhere is printed as one line (`hybridad: error: ...`) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hybridad.errors import UserError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from hybridad.config import load_config
+    from hybridad.train import train
+
+    train(load_config(args.overrides))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from hybridad.evaluate import evaluate_run
+
+    evaluate_run(Path(args.run_dir), args.overrides)
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from data_modules.mvtec_ad2 import check_dataset
+
+    print(check_dataset(Path(args.root), args.category))
+    return 0
+
+
+def _cmd_submission_write(args: argparse.Namespace) -> int:
+    from hybridad.submission import write_submission
+
+    write_submission([Path(p) for p in args.run_dirs], Path(args.out))
+    return 0
+
+
+def _cmd_submission_check(args: argparse.Namespace) -> int:
+    from hybridad.submission import check_submission
+
+    problems = check_submission(Path(args.dir))
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s):", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(f"{args.dir}: submission OK")
+    return 0
+
+
+def _cmd_submission_pack(args: argparse.Namespace) -> int:
+    from hybridad.submission import pack_submission
+
+    print(pack_submission(Path(args.dir), Path(args.out)))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from hybridad.report import write_report
+
+    print(write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.branch == "inp-former":
+        from hybridad.models.inp_former.convert import convert_checkpoint
+    else:
+        from hybridad.models.cpr.convert import convert_checkpoint
+    convert_checkpoint(Path(args.ckpt), Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from hybridad.demo import run_demo
+
+    run_demo(Path(args.out), args.overrides, categories=args.categories)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridad", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fit, test on test_public, predict the private splits")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. data.category=can)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="re-score a run's cached maps with other post-processing/thresholds")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="postprocess.* / threshold.* overrides")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("check", help="list and validate every split of a category")
+    q.add_argument("--root", required=True)
+    q.add_argument("--category", required=True)
+    q.set_defaults(func=_cmd_data_check)
+
+    p = sub.add_parser("submission", help="write, check or pack the official server tree")
+    ssub = p.add_subparsers(dest="submission_command", required=True)
+    q = ssub.add_parser("write", help="write the server tree from run directories")
+    q.add_argument("run_dirs", nargs="+")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=_cmd_submission_write)
+    q = ssub.add_parser("check", help="apply every rule of the official checker")
+    q.add_argument("dir")
+    q.set_defaults(func=_cmd_submission_check)
+    q = ssub.add_parser("pack", help="pack a checked tree into a .tar.gz")
+    q.add_argument("dir")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=_cmd_submission_pack)
+
+    p = sub.add_parser("report", help="markdown tables and overlays from run directories")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default=None, help="output folder (default: <first run dir>/report)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("convert", help="convert an official checkpoint into a hybridad weight file")
+    p.add_argument("branch", choices=["inp-former", "cpr"])
+    p.add_argument("ckpt")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("demo", help="synthetic data -> tiny models -> evaluation -> submission -> report")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--categories", nargs="*", default=None)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as err:
+        print(f"hybridad: error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("hybridad: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
