@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass
-class TileLevel:
-    """One pyramid level: a cols x rows grid over the native image, neighbours sharing `overlap` of a tile."""
-
-    cols: int = 1
-    rows: int = 1
-    overlap: float = 0.0  # fraction of the tile's size shared with each neighbour, in [0, 0.5)
+from hybridad.tiling import TileLevel
 
 
 @dataclass
