@@ -7,6 +7,7 @@ A `UserError` anywhere is printed as one line (`hybridad: error: ...`) with exit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -15,16 +16,25 @@ from hybridad.errors import UserError
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from hybridad.config import load_config
+
+    cfg = load_config(args.overrides)  # config errors surface before the heavy imports
     from hybridad.train import train
 
-    train(load_config(args.overrides))
+    train(cfg)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from hybridad.evaluate import evaluate_run
 
-    evaluate_run(Path(args.run_dir), args.overrides)
+    run_dir, overrides = args.run_dir, list(args.overrides)
+    if run_dir is not None and "=" in run_dir:  # no positional given: the first item is an override
+        overrides.insert(0, run_dir)
+        run_dir = None
+    run_dir = run_dir or os.environ.get("HYBRIDAD_RUN_DIR")
+    if not run_dir:
+        raise UserError("evaluate needs a run directory (argument or HYBRIDAD_RUN_DIR)")
+    evaluate_run(Path(run_dir), overrides)
     return 0
 
 
@@ -95,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="re-score a run's cached maps with other post-processing/thresholds")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", nargs="?", default=None, help="run directory (default: $HYBRIDAD_RUN_DIR)")
     p.add_argument("overrides", nargs="*", help="postprocess.* / threshold.* overrides")
     p.set_defaults(func=_cmd_evaluate)
 

@@ -42,6 +42,7 @@ class TrainerConfig:
     limit_predict_batches: Any = None
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
     num_sanity_val_steps: int = 0
     deterministic: bool = False
     enable_progress_bar: bool = True
@@ -138,3 +139,22 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     assert isinstance(out, dict)
     return out
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The resolved config a run saved (`<run>/config.yaml`), with `key=value` overrides on top."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{path} not found: is {run_dir} a hybridad run directory (made by `hybridad train`)?")
+    cfg = _merge(OmegaConf.structured(RunConfig), _load_yaml(path), str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value")
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides or []))
+    except OmegaConfBaseException as err:
+        raise UserError(f"bad override: {_reason(err)}") from None
+    cfg = _merge(cfg, cli, "the command line")
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, RunConfig)
+    return obj

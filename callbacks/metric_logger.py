@@ -1,0 +1,83 @@
+"""Update and log the evaluation metrics on test_public: AU-PRO(0.05), SegF1, ClassF1, AUROCs, F1-max."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from hybridad.metrics import AUPRO, ClassF1, ImageAUROC, PixelAUROC, PixelF1Max, SegF1, group_keys
+from hybridad.run_dir import RunDir
+from hybridad.types import AnomalyOutput, Batch
+
+
+def _group_metrics(with_aupro: bool, fpr_limit: float) -> nn.ModuleDict:
+    metrics: dict[str, nn.Module] = {"seg_f1": SegF1(), "class_f1": ClassF1()}
+    if with_aupro:
+        metrics[f"aupro_{fpr_limit:g}"] = AUPRO(fpr_limit=fpr_limit)
+    return nn.ModuleDict(metrics)
+
+
+class MetricsCallback(L.Callback):
+    """Streams test_public outputs into torchmetrics `Metric`s and logs `test_public/<name>` at epoch end.
+
+    Groups: `all` (every metric), `lighting=<tag>` and `good`/`bad` (SegF1, ClassF1; AU-PRO per lighting).
+    Results also go to `<run>/metrics.json`. Metrics sync under DDP through torchmetrics.
+    """
+
+    def __init__(self, run_dir: Path | None = None, prefix: str = "test_public", fpr_limit: float = 0.05) -> None:
+        self.run_dir = RunDir(run_dir) if run_dir is not None else None
+        self.prefix = prefix
+        self.fpr_limit = fpr_limit
+        self.groups: dict[str, nn.ModuleDict] = {}
+        self.results: dict[str, float] = {}
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.groups = {
+            "all": nn.ModuleDict({
+                **_group_metrics(True, self.fpr_limit),
+                "image_auroc": ImageAUROC(),
+                "pixel_auroc": PixelAUROC(),
+                "pixel_f1_max": PixelF1Max(),
+            }).to(pl_module.device)
+        }
+
+    def _metrics_for(self, key: str, device: torch.device) -> nn.ModuleDict:
+        if key not in self.groups:
+            self.groups[key] = _group_metrics(key.startswith("lighting="), self.fpr_limit).to(device)
+        return self.groups[key]
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not isinstance(outputs, AnomalyOutput) or not isinstance(batch, Batch) or batch.mask is None:
+            return
+        maps, masks = outputs.anomaly_map, batch.mask > 0.5  # (B,1,H,W) each
+        preds = outputs.pred_mask
+        for i, (sample_id, lighting) in enumerate(zip(batch.sample_id, batch.lighting)):
+            for key in group_keys(sample_id, lighting):
+                for name, metric in self._metrics_for(key, maps.device).items():
+                    if name in ("seg_f1", "class_f1"):
+                        if preds is not None:
+                            metric.update(preds[i : i + 1], masks[i : i + 1])
+                    elif name == "image_auroc":
+                        metric.update(outputs.image_score[i : i + 1], batch.label[i : i + 1])
+                    else:
+                        metric.update(maps[i : i + 1], masks[i : i + 1])
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        results: dict[str, float] = {}
+        for key, metrics in self.groups.items():
+            for name, metric in metrics.items():
+                if name in ("seg_f1", "class_f1") and not metric.update_called:
+                    continue
+                value = metric.compute()
+                value = value[0] if isinstance(value, tuple) else value
+                prefix = self.prefix if key == "all" else f"{self.prefix}/{key}"
+                results[f"{prefix}/{name}"] = float(value)
+        self.results = results
+        pl_module.log_dict({k: v for k, v in results.items()}, sync_dist=False)
+        if self.run_dir is not None and trainer.is_global_zero:
+            self.run_dir.write_metrics(results)

@@ -1,0 +1,113 @@
+"""`hybridad evaluate RUN_DIR key=value ...`: re-score a run's cached float16 maps without the model.
+
+Reads `<run>/maps/validation` (threshold statistics) and `<run>/maps/test_public` plus the ground truth from the
+dataset root in the run's config, applies the (overridden) post-processing and threshold rule, and computes the
+same metrics as the test callbacks. W&B sweeps call this command (experiments/sweeps/threshold.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_modules.mvtec_ad2 import list_samples
+from hybridad.config import RunConfig, load_run_config
+from hybridad.errors import UserError
+from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1
+from hybridad.postprocess import binarize, smooth
+from hybridad.run_dir import RunDir
+from hybridad.thresholds import ScoreStats, fit_threshold
+from hybridad.types import Sample, Split
+
+
+def _read_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
+    """Ground truth (H,W) bool; all-normal for good images."""
+    if sample.mask_path is None:
+        return np.zeros(shape, dtype=bool)
+    mask = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE)
+    if mask is None or mask.shape != tuple(shape):
+        raise UserError(f"{sample.mask_path}: unreadable or not of its map's size {tuple(shape)}")
+    return mask > 0
+
+
+def _load_map(run: RunDir, sample_id: str, cfg: RunConfig) -> torch.Tensor:
+    path = run.map_path(sample_id)
+    if not path.is_file():
+        raise UserError(f"{path} missing: the run has no cached map for {sample_id} (re-run `hybridad train`)")
+    m = torch.from_numpy(run.read_map(sample_id))[None, None]  # (1,1,H,W)
+    return smooth(m, cfg.postprocess)
+
+
+def _validation_stats(run: RunDir, cfg: RunConfig) -> ScoreStats:
+    stats = ScoreStats()
+    ids = [sid for sid, _ in run.iter_maps(Split.VALIDATION.value)]
+    if not ids:
+        raise UserError(f"{run.path}/maps/validation is empty: the threshold rule needs the validation maps")
+    for sid in tqdm(ids, desc="validation maps", leave=False):
+        stats.update(_load_map(run, sid, cfg))
+    return stats
+
+
+def evaluate_run(run_path: Path, overrides: list[str], write: bool = False) -> dict[str, float]:
+    """Re-score cached maps; returns `{"test_public/<metric>": value, ...}` and prints a summary.
+
+    With `write=True` the metrics replace `<run>/metrics.json` and the threshold `<run>/thresholds.yaml`;
+    otherwise they go to `<run>/evaluations/<overrides>.json` so sweeps never overwrite the run's own result.
+    """
+    run = RunDir(Path(run_path))
+    cfg = load_run_config(run.path, overrides)
+    samples = list_samples(cfg.data.root, cfg.data.category, Split.TEST_PUBLIC)
+    maps = [_load_map(run, s.sample_id, cfg) for s in tqdm(samples, desc="test_public maps", leave=False)]
+    masks = [torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None] for s, m in zip(samples, maps)]
+
+    labelled = None
+    if cfg.threshold.method == "f1_optimal":
+        labelled = PixelF1Max()
+        for m, g in zip(maps, masks):
+            labelled.update(m, g)
+        stats = None
+    else:
+        stats = _validation_stats(run, cfg) if cfg.threshold.method != "fixed" else ScoreStats()
+    result = fit_threshold(cfg.threshold, stats, labelled=labelled)
+
+    aupro, seg_f1, class_f1 = AUPRO(fpr_limit=0.05), SegF1(), ClassF1()
+    for m, g in zip(maps, masks):
+        pred = binarize(m, result.value, cfg.postprocess)
+        aupro.update(m, g)
+        seg_f1.update(pred, g)
+        class_f1.update(pred, g)
+    metrics = {
+        "test_public/aupro_0.05": float(aupro.compute()),
+        "test_public/seg_f1": float(seg_f1.compute()),
+        "test_public/class_f1": float(class_f1.compute()),
+        "test_public/threshold": float(result.value),
+    }
+    info: dict[str, Any] = {"threshold_source": result.source, "overrides": overrides}
+    if write:
+        run.write_metrics({**metrics, **info})
+        run.write_thresholds({"value": float(result.value), "method": result.method, "source": result.source,
+                              "tuned_on_test": bool(result.tuned_on_test)})
+    else:
+        name = "_".join(o.replace("/", "-") for o in overrides) or "default"
+        run.write_text(f"evaluations/{name}.json", json.dumps({**metrics, **info}, indent=2))
+    _log_to_wandb(metrics, cfg)
+    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f"  [threshold: {result.source}]")
+    return metrics
+
+
+def _log_to_wandb(metrics: dict[str, float], cfg: RunConfig) -> None:
+    """Inside a W&B sweep agent (or with WANDB_RUN_ID set) log the metrics to the sweep's run."""
+    if not (os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_RUN_ID")):
+        return
+    import wandb
+
+    run = wandb.init(project=cfg.logging.project)
+    run.log(metrics)
+    run.finish()
