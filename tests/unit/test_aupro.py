@@ -1,0 +1,216 @@
+"""AU-PRO against a brute-force reference written from the MVTec definition, and hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+
+from hybridad.errors import UserError
+from hybridad.metrics import AUPRO
+from hybridad.metrics.functional import au_pro, float16_key_values, float16_keys
+
+
+def reference_au_pro(maps: list[np.ndarray], masks: list[np.ndarray], limit: float) -> float:
+    """Per-threshold loop straight from the definition (slow, for small inputs only)."""
+    regions, normal_scores = [], []
+    for m, g in zip(maps, masks):
+        labels, n = ndi.label(g != 0, structure=np.ones((3, 3)))
+        regions += [m[labels == i] for i in range(1, n + 1)]
+        normal_scores.append(m[g == 0])
+    normal = np.concatenate(normal_scores)
+    if not regions:
+        return float("nan")
+    all_scores = np.concatenate([normal] + regions)
+    xs, ys = [0.0], [0.0]
+    for t in np.unique(all_scores)[::-1]:  # descending, one point per distinct value
+        xs.append(np.mean(normal >= t))
+        ys.append(np.mean([np.mean(r >= t) for r in regions]))
+    xs.append(1.0)
+    ys.append(1.0)
+    area = 0.0
+    for i in range(1, len(xs)):
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        if x1 <= limit:
+            area += 0.5 * (y0 + y1) * (x1 - x0)
+        else:
+            if x0 < limit:
+                y_lim = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+                area += 0.5 * (y0 + y_lim) * (limit - x0)
+            break
+    return area / limit
+
+
+def random_case(seed: int, n_images: int = 5, levels: int | None = None) -> tuple[list, list]:
+    rng = np.random.default_rng(seed)
+    maps, masks = [], []
+    for i in range(n_images):
+        h, w = rng.integers(12, 40, size=2)
+        g = np.zeros((h, w), np.uint8)
+        if i % 3 != 2:  # every third image is good (empty mask)
+            for _ in range(rng.integers(1, 4)):
+                y, x = rng.integers(0, h), rng.integers(0, w)
+                g[y : y + rng.integers(1, 6), x : x + rng.integers(1, 6)] = 255
+        m = rng.random((h, w)) + 0.6 * (g > 0)
+        if levels is not None:
+            m = np.floor(m * levels) / levels  # many ties
+        maps.append(m.astype(np.float16).astype(np.float32))
+        masks.append(g)
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("limit", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("quantize", ["float16", None])
+def test_matches_brute_force(seed: int, limit: float, quantize: str | None) -> None:
+    maps, masks = random_case(seed, levels=16 if seed % 2 else None)
+    expected = reference_au_pro(maps, masks, limit)
+    assert au_pro(maps, masks, fpr_limit=limit, quantize=quantize) == pytest.approx(expected, abs=1e-9)
+
+
+def test_float16_form_equals_exact_form_of_float16_cast_maps() -> None:
+    rng = np.random.default_rng(7)
+    maps = [rng.normal(size=(30, 30)).astype(np.float32) for _ in range(3)]
+    masks = [(rng.random((30, 30)) > 0.9).astype(np.uint8) for _ in range(3)]
+    cast = [m.astype(np.float16).astype(np.float32) for m in maps]
+    assert au_pro(maps, masks) == pytest.approx(au_pro(cast, masks, quantize=None), abs=1e-12)
+
+
+def test_hand_computed_ties() -> None:
+    # 4 normal pixels, one region of 2 pixels. Scores: region {1, 0.5}, normal {0.5, 0, 0, 0}.
+    m = np.array([[1.0, 0.5, 0.5, 0.0, 0.0, 0.0]], np.float32)
+    g = np.array([[1, 1, 0, 0, 0, 0]], np.uint8)
+    # curve: (0,0) -> t=1: (0, 0.5) -> t=0.5 (tie of a region and a normal pixel): (0.25, 1) -> t=0: (1, 1)
+    # area up to 0.5: 0.25 * 0.75 + 0.25 * 1 = 0.4375; / 0.5 = 0.875
+    for q in ("float16", None):
+        assert au_pro([m], [g], fpr_limit=0.5, quantize=q) == pytest.approx(0.875)
+        # up to 0.1: y interpolated at 0.1 = 0.5 + 0.5 * 0.1 / 0.25 = 0.7; area = 0.1 * (0.5 + 0.7) / 2 = 0.06
+        assert au_pro([m], [g], fpr_limit=0.1, quantize=q) == pytest.approx(0.6)
+
+
+def test_diagonal_touching_is_one_region_and_border_region() -> None:
+    g = np.zeros((6, 6), np.uint8)
+    g[0, 0] = g[1, 1] = 1  # diagonal neighbours: ONE 8-connected region of 2 pixels, touching the border
+    m = np.zeros((6, 6), np.float32)
+    m[0, 0] = 1.0  # half of that region found first
+    # One region: PRO at t=1 is 0.5 (two 4-connected regions would give 0.5 too, so add a third pixel apart)
+    g[4, 4] = 1  # a one-pixel region, never found before t=0
+    # regions: {(0,0),(1,1)} and {(4,4)}; at t=1: recalls 0.5 and 0 -> PRO 0.25, FPR 0
+    # at t=0 everything: (1, 1). Area up to 1: 0.5 * (0.25 + 1) * 1 = 0.625
+    assert au_pro([m], [g], fpr_limit=1.0) == pytest.approx(0.625)
+    assert au_pro([m], [g], fpr_limit=1.0) == pytest.approx(reference_au_pro([m], [g], 1.0))
+    # with 4-connectivity there would be 3 regions: PRO(t=1) = 1/3 -> 0.6667; make sure we are not there
+    assert au_pro([m], [g], fpr_limit=1.0) != pytest.approx(2 / 3)
+
+
+def test_one_pixel_regions_and_good_images() -> None:
+    good = [np.full((8, 8), 0.1, np.float32) for _ in range(3)]
+    bad = np.full((8, 8), 0.1, np.float32)
+    gt = np.zeros((8, 8), np.uint8)
+    gt[2, 2] = gt[5, 6] = 1
+    bad[2, 2] = 0.9  # found; (5,6) ties with all normal pixels
+    maps, masks = good + [bad], [np.zeros((8, 8), np.uint8)] * 3 + [gt]
+    # t=0.9: FPR 0, PRO 0.5; t=0.1: FPR 1, PRO 1 -> area to 0.05 with y(0.05)=0.5+0.5*0.05 = 0.525
+    expected = 0.5 * (0.5 + 0.525) * 0.05 / 0.05
+    assert au_pro(maps, masks) == pytest.approx(expected)
+    assert au_pro(maps, masks, quantize=None) == pytest.approx(expected)
+
+
+def test_perfect_and_inverted_maps() -> None:
+    rng = np.random.default_rng(1)
+    g = np.zeros((32, 32), np.uint8)
+    g[3:9, 3:9] = 1
+    g[20:22, 25:31] = 1
+    perfect = g.astype(np.float32) + 0.1 * rng.random((32, 32)).astype(np.float32)
+    assert au_pro([perfect], [g]) == pytest.approx(1.0)
+    assert au_pro([-perfect], [g]) == pytest.approx(0.0)
+    assert au_pro([-perfect], [g], quantize=None) == pytest.approx(0.0)
+
+
+def test_random_scores_give_half_the_limit() -> None:
+    rng = np.random.default_rng(2)
+    maps = [rng.random((200, 200)).astype(np.float32) for _ in range(4)]
+    masks = []
+    for _ in range(4):
+        g = np.zeros((200, 200), np.uint8)
+        for y, x in rng.integers(0, 190, size=(5, 2)):
+            g[y : y + 10, x : x + 10] = 1
+        masks.append(g)
+    # PRO(FPR) ~ FPR for random scores: area ~ limit^2 / 2, normalised ~ limit / 2
+    assert au_pro(maps, masks) == pytest.approx(0.025, abs=0.006)
+
+
+def test_no_regions_is_nan_and_bad_args() -> None:
+    m = [np.zeros((4, 4), np.float32)]
+    assert np.isnan(au_pro(m, [np.zeros((4, 4))]))
+    assert np.isnan(AUPRO().compute().item())
+    with pytest.raises(UserError):
+        AUPRO(fpr_limit=0.0)
+    with pytest.raises(UserError):
+        au_pro(m, m, quantize="int8")
+    with pytest.raises(ValueError, match="NaN"):
+        au_pro([np.full((4, 4), np.nan, np.float32)], [np.ones((4, 4))])
+
+
+def test_float16_keys_order_and_special_values() -> None:
+    values = float16_key_values()
+    finite = values[~torch.isnan(values)]
+    assert bool((finite[1:] >= finite[:-1]).all())
+    x = torch.tensor([-0.0, 0.0, -1.0, float("inf"), -float("inf"), 1e6])
+    k = float16_keys(x)
+    assert k[0] == k[1]  # -0 and +0 are one value
+    assert k[4] < k[2] < k[0] < k[3] and k[5] == k[3]  # 1e6 overflows float16 to +inf, like the server's TIFF
+    assert torch.equal(values[k], x.to(torch.float16).float() + 0.0)
+
+
+def test_inputs_layouts_and_tensor_batches() -> None:
+    h, w = 20, 25
+    rng = np.random.default_rng(0)
+    maps_b = rng.random((3, h, w)).astype(np.float16).astype(np.float32)
+    masks_b = (rng.random((3, h, w)) > 0.95).astype(np.uint8)
+    expected = reference_au_pro(list(maps_b), list(masks_b), 0.05)
+    for mp, mk in [
+        (torch.from_numpy(maps_b)[:, None], torch.from_numpy(masks_b)[:, None]),  # (B,1,H,W)
+        (torch.from_numpy(maps_b), torch.from_numpy(masks_b).bool()),  # (B,H,W)
+        ([torch.from_numpy(x)[None] for x in maps_b], list(masks_b)),  # list of (1,H,W) / (H,W)
+    ]:
+        assert au_pro(mp, mk) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("quantize", ["float16", None])
+def test_metric_chunked_updates_equal_functional(quantize: str | None) -> None:
+    rng = np.random.default_rng(5)
+    maps = torch.from_numpy(rng.random((6, 1, 24, 24)).astype(np.float16).astype(np.float32))
+    masks = torch.zeros(6, 1, 24, 24)
+    masks[0, 0, 2:6, 2:6] = 1
+    masks[3, 0, 10:12, 0:9] = 1
+    masks[5, 0, 20:, 20:] = 1
+    maps = maps + masks * 0.3
+    expected = au_pro(maps, masks, quantize=quantize)
+    states = []
+    for split in ([6], [1, 2, 3], [1] * 6):
+        metric = AUPRO(quantize=quantize)
+        start = 0
+        for size in split:
+            metric.update(maps[start : start + size], masks[start : start + size, 0])
+            start += size
+        assert metric.compute().item() == pytest.approx(expected, abs=1e-12)
+        if quantize == "float16":
+            states.append((metric.normal_hist.clone(), metric.region_hist.clone(), int(metric.num_regions)))
+    for s in states[1:]:
+        assert torch.equal(s[0], states[0][0]) and torch.allclose(s[1], states[0][1], atol=1e-12)
+        assert s[2] == states[0][2] == 3
+
+
+def test_metric_state_dict_and_merge() -> None:
+    maps, masks = random_case(11, n_images=4)
+    a, b = AUPRO(), AUPRO()
+    for m, g in zip(maps[:2], masks[:2]):
+        a.update(torch.from_numpy(m)[None], torch.from_numpy(g)[None])
+    for m, g in zip(maps[2:], masks[2:]):
+        b.update(torch.from_numpy(m)[None], torch.from_numpy(g)[None])
+    c = AUPRO()
+    c.load_state_dict(a.state_dict())
+    c.merge_state(b)
+    assert c.compute().item() == pytest.approx(au_pro(maps, masks), abs=1e-12)
