@@ -1,10 +1,15 @@
-"""Pyramid tiling and untiling on the batch's device. (stub: contract only, helper fills in)"""
+"""Pyramid tiling on the batch's device: the DataModule's train and eval tilers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hybridad.tiling import TileLevel
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybridad.tiling import TileLevel, level_boxes, tile
+from hybridad.types import TileLayout
 
 
 @dataclass
@@ -12,3 +17,57 @@ class TilingConfig:
     input_size: int = 448  # every tile is resized to input_size x input_size (the model input)
     train_levels: list[TileLevel] = field(default_factory=lambda: [TileLevel()])
     test_level: TileLevel = field(default_factory=TileLevel)
+
+
+def train_tile_boxes(height: int, width: int, levels: list[TileLevel]) -> list[tuple[int, int, tuple]]:
+    """Every (level index, tile index, box) of the training pyramid for one image size."""
+    return [(li, ti, box) for li, lv in enumerate(levels) for ti, box in enumerate(level_boxes(height, width, lv))]
+
+
+def _to_unit(x: Tensor) -> Tensor:
+    """uint8 [0,255] -> float [0,1]; float input is returned as float32 unchanged."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+class TrainTiler(nn.Module):
+    """Crop each item's own tile from its native image and resize it to the model input.
+
+    Args:
+        input_size: side S of the output tiles.
+    """
+
+    def __init__(self, input_size: int) -> None:
+        super().__init__()
+        self.input_size = input_size
+
+    def forward(self, images: Tensor, tile_box: Tensor) -> Tensor:
+        """(B,3,H,W) uint8 native images + (B,4) long boxes (y0,x0,y1,x1) -> (B,3,S,S) float [0,1]."""
+        s = self.input_size
+        out = []
+        for img, (y0, x0, y1, x1) in zip(images, tile_box.tolist()):  # a loop over items; crops differ in size
+            crop = _to_unit(img[None, :, y0:y1, x0:x1])  # (1,3,th,tw)
+            if crop.shape[-2:] != (s, s):
+                crop = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False, antialias=False)
+            out.append(crop)
+        return torch.cat(out, dim=0)  # (B,3,S,S)
+
+
+class EvalTiler(nn.Module):
+    """Tile every image completely with the test level.
+
+    Args:
+        level: the test grid.
+        input_size: side S of the output tiles.
+    """
+
+    def __init__(self, level: TileLevel, input_size: int) -> None:
+        super().__init__()
+        self.level = level
+        self.input_size = input_size
+
+    def forward(self, images: Tensor) -> tuple[Tensor, TileLayout]:
+        """(B,3,H,W) uint8 -> (B*n,3,S,S) float [0,1] tiles (image-major) and their layout."""
+        tiles, layout = tile(images, self.level, self.input_size)  # float, still in [0,255] for uint8 input
+        if images.dtype == torch.uint8:
+            tiles = tiles / 255.0
+        return tiles, layout
