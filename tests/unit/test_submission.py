@@ -234,3 +234,39 @@ def test_cli_check_bad_tree_exits_1_without_traceback(small_tree: Path) -> None:
     assert f"{small_tree}/{M}/can/test_public: superfluous folder" in proc.stderr
     # the official counts apply on the command line: 2 files per split are far too few
     assert f"{small_tree}/{M}/can/test_private/002_regular.tiff: missing file" in proc.stderr
+
+
+def _runs_from_synthetic(tmp_path: Path, categories: list[str]) -> list[Path]:
+    """Fake runs whose private maps are named after, and sized like, a synthetic `counts="official"` tree."""
+    from data_modules.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, categories, size=(16, 8), counts="official", seed=0, verbose=False)
+    runs = []
+    for category in categories:
+        run = RunDir(tmp_path / "runs" / category)
+        run.write_text("config.yaml", f"data:\n  category: {category}\n  root: {data}\n")
+        for split in ("test_private", "test_private_mixed"):
+            for png in sorted((data / category / split).glob("*.png")):
+                h, w = cv2.imread(str(png), cv2.IMREAD_UNCHANGED).shape[:2]
+                amap = np.linspace(0, 1, h * w, dtype=np.float32).reshape(h, w)  # (H*W,) -> (H,W)
+                run.write_map(f"{split}/{png.stem}", amap)
+                run.write_mask(f"{split}/{png.stem}", amap > 0.9)
+        runs.append(run.path)
+    return runs
+
+
+def test_synthetic_official_private_names_pass_check_one_category(tmp_path: Path) -> None:
+    runs = _runs_from_synthetic(tmp_path, ["sheet_metal"])
+    write_submission(runs, tmp_path / "sub")
+    assert check_submission(tmp_path / "sub", {"sheet_metal": submission.OFFICIAL_COUNTS["sheet_metal"]}) == []
+    tiff = tifffile.imread(tmp_path / "sub" / M / "sheet_metal/test_private/000_regular.tiff")
+    assert tiff.shape == (8, 16)
+
+
+@pytest.mark.slow
+def test_synthetic_official_private_names_pass_official_check(tmp_path: Path) -> None:
+    runs = _runs_from_synthetic(tmp_path, list(CATEGORIES))
+    write_submission(runs, tmp_path / "sub")
+    assert check_submission(tmp_path / "sub") == []
+    assert len(list((tmp_path / "sub" / M).rglob("*.tiff"))) == 2 * sum(submission.OFFICIAL_COUNTS.values())
