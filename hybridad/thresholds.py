@@ -1,8 +1,27 @@
-"""Threshold rules. (stub: contract only, helper fills in)"""
+"""Threshold rules: validation statistics (mean + k std, percentile x factor), F1-optimal (oracle), fixed.
+
+`ScoreStats` streams the validation pixel scores of one category into sums and a float16-value histogram;
+`fit_threshold` turns it (or labelled test histograms, for the oracle rule) into a `ThresholdResult` that says
+where the threshold came from. Predictions use `map >= threshold` (see `hybridad.postprocess.binarize`).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from hybridad.errors import UserError
+from hybridad.metrics.functional import NUM_KEYS, f1_max_from_histograms, float16_key_values, float16_keys
+from hybridad.metrics.segmentation import PixelF1Max
+
+METHODS = ("mean_std", "percentile", "f1_optimal", "fixed")
+PERCENTILE_METHODS = ("linear", "lower", "higher", "nearest")
 
 
 @dataclass
@@ -12,3 +31,143 @@ class ThresholdConfig:
     percentile: float = 99.0  # percentile: q-th percentile of validation scores ...
     factor: float = 1.0  # ... times factor
     value: float = 0.0  # fixed
+    percentile_method: str = "linear"  # numpy.percentile method on float16-cast scores: linear|lower|higher|nearest
+
+
+@dataclass
+class ThresholdResult:
+    """A fitted threshold and its provenance (written to thresholds.yaml)."""
+
+    value: float
+    method: str
+    source: str  # "validation" | "test_public (threshold tuned on test)" | "config"
+    tuned_on_test: bool
+
+
+class ScoreStats(Metric):
+    """Streaming statistics of pixel scores: count, sum, sum of squares (float64) and a float16 histogram.
+
+    All states are sum-reduced and persistent, so the accumulator merges (`merge_state`, DDP) and checkpoints
+    (`state_dict`). Mean/std use the full-precision scores; percentiles are exact for the float16-cast scores.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        f64 = torch.float64
+        self.add_state("count", torch.tensor(0.0, dtype=f64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("total", torch.tensor(0.0, dtype=f64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("total_sq", torch.tensor(0.0, dtype=f64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("hist", torch.zeros(NUM_KEYS, dtype=f64), dist_reduce_fx="sum", persistent=True)
+
+    def update(self, maps: Tensor) -> None:
+        """Add every value of `maps` (any shape, e.g. (B,1,H,W)); NaN raises ValueError."""
+        keys = float16_keys(maps).reshape(-1)  # (N,)
+        x = maps.detach().reshape(-1).to(torch.float64)  # (N,)
+        self.count += x.numel()
+        self.total += x.sum()
+        self.total_sq += (x * x).sum()
+        self.hist += torch.bincount(keys, minlength=NUM_KEYS).to(self.hist)
+
+    def compute(self) -> Tensor:
+        """(2,) tensor (mean, std)."""
+        return torch.tensor([self.mean, self.std], dtype=torch.float64)
+
+    def _require_data(self) -> None:
+        if float(self.count) == 0:
+            raise UserError("no validation scores were collected: check that the validation split is not empty")
+
+    @property
+    def mean(self) -> float:
+        self._require_data()
+        return float(self.total / self.count)
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation (numpy's default, ddof=0)."""
+        self._require_data()
+        mean = self.total / self.count
+        return math.sqrt(max(float(self.total_sq / self.count - mean * mean), 0.0))
+
+    def percentile(self, q: float, method: str = "linear") -> float:
+        """The q-th percentile (0..100) of the float16-cast scores, as `numpy.percentile(..., method=method)`."""
+        self._require_data()
+        if not 0.0 <= q <= 100.0:
+            raise UserError(f"threshold.percentile must be in [0, 100], got {q}")
+        if method not in PERCENTILE_METHODS:
+            raise UserError(f"threshold.percentile_method must be one of {PERCENTILE_METHODS}, got {method!r}")
+        n = int(self.count)
+        h = (n - 1) * (q / 100.0)  # virtual index into the sorted values
+        lo, hi = math.floor(h), math.ceil(h)
+        if method == "lower":
+            hi = lo
+        elif method == "higher":
+            lo = hi
+        elif method == "nearest":
+            lo = hi = int(np.around(h))
+        cum = self.hist.cumsum(0)
+        idx = torch.tensor([lo, hi], dtype=torch.float64, device=cum.device)
+        keys = torch.searchsorted(cum, idx, right=True)  # first key whose cumulative count exceeds the index
+        v_lo, v_hi = float16_key_values(cum.device)[keys].double().tolist()
+        if lo == hi:
+            return v_lo
+        return v_lo + (h - lo) * (v_hi - v_lo)
+
+
+def mean_std_threshold(mean: float, std: float, k: float = 3.0) -> float:
+    """mean + k * std (the MVTec AD 2 paper's baseline rule with k = 3)."""
+    return mean + k * std
+
+
+def percentile_threshold(
+    values: Union[ScoreStats, Tensor, np.ndarray], q: float, factor: float = 1.0, method: str = "linear"
+) -> float:
+    """factor x the q-th percentile of float16-cast scores (a `ScoreStats`, or raw values of any shape)."""
+    if not isinstance(values, ScoreStats):
+        stats = ScoreStats()
+        stats.update(values if isinstance(values, Tensor) else torch.from_numpy(np.asarray(values)))
+        values = stats
+    return factor * values.percentile(q, method)
+
+
+def f1_optimal_threshold(labelled: Union[PixelF1Max, tuple[Tensor, Tensor]]) -> tuple[float, float]:
+    """Oracle threshold maximising pooled pixel F1 on labelled maps: returns (threshold, f1).
+
+    Args:
+        labelled: a `PixelF1Max` fed with labelled (test_public) maps, or its (pos_hist, neg_hist).
+    """
+    pos, neg = (labelled.pos_hist, labelled.neg_hist) if isinstance(labelled, PixelF1Max) else labelled
+    f1, thr = f1_max_from_histograms(pos, neg)
+    return thr, f1
+
+
+def fit_threshold(
+    cfg: ThresholdConfig,
+    stats: ScoreStats | None = None,
+    labelled: Union[PixelF1Max, tuple[Tensor, Tensor], None] = None,
+) -> ThresholdResult:
+    """Fit the threshold `cfg.method` asks for.
+
+    Args:
+        cfg: the rule and its parameters.
+        stats: validation pixel scores (needed by "mean_std" and "percentile").
+        labelled: labelled-map histograms (needed by "f1_optimal", which tunes on test data).
+    """
+    if cfg.method == "fixed":
+        return ThresholdResult(float(cfg.value), "fixed", "config", False)
+    if cfg.method == "f1_optimal":
+        if labelled is None:
+            raise UserError("threshold.method=f1_optimal needs labelled test_public maps; use mean_std or percentile")
+        thr, _ = f1_optimal_threshold(labelled)
+        return ThresholdResult(thr, "f1_optimal", "test_public (threshold tuned on test)", True)
+    if cfg.method not in METHODS:
+        raise UserError(f"threshold.method must be one of {METHODS}, got {cfg.method!r}")
+    if stats is None:
+        raise UserError(f"threshold.method={cfg.method} needs validation scores; none were collected")
+    if cfg.method == "mean_std":
+        value = mean_std_threshold(stats.mean, stats.std, cfg.k)
+    else:
+        value = percentile_threshold(stats, cfg.percentile, cfg.factor, cfg.percentile_method)
+    return ThresholdResult(float(value), cfg.method, "validation", False)
