@@ -1,0 +1,107 @@
+"""Post-processing against OpenCV / scipy references and hand cases."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+
+from hybridad.postprocess import (
+    PostProcessConfig,
+    binarize,
+    close,
+    erode,
+    fill_holes,
+    normalize,
+    remove_small,
+    smooth,
+)
+
+
+def random_masks(seed: int, shape: tuple[int, ...] = (3, 1, 40, 52), p: float = 0.08) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.random(shape) < p)
+
+
+@pytest.mark.parametrize("k", [3, 4, 10, 15, 80])
+def test_closing_and_erosion_equal_opencv(k: int) -> None:
+    masks = random_masks(k)
+    kernel = np.ones((k, k), np.uint8)
+    ours_close, ours_erode = close(masks, k), erode(~masks, k)
+    for i, m in enumerate(masks[:, 0].numpy().astype(np.uint8)):
+        assert np.array_equal(ours_close[i, 0].numpy(), cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel) > 0)
+        assert np.array_equal(ours_erode[i, 0].numpy(), cv2.erode(1 - m, kernel) > 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fill_holes_scipy_and_iterative_agree(seed: int) -> None:
+    masks = random_masks(seed, p=0.45)  # dense enough to make many holes
+    masks[0, 0, 10:20, 10:20] = True
+    masks[0, 0, 13:17, 13:17] = False  # one clear hole
+    expected = np.stack([ndi.binary_fill_holes(m) for m in masks[:, 0].numpy()])[:, None]
+    assert fill_holes(masks, "scipy").numpy().tolist() == expected.tolist()
+    assert fill_holes(masks, "iterative").numpy().tolist() == expected.tolist()
+    assert bool(fill_holes(masks)[0, 0, 13:17, 13:17].all())
+
+
+def test_remove_small_hand_case() -> None:
+    m = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    m[0, 0, 0, 0] = True  # 1 px
+    m[0, 0, 3, 3] = m[0, 0, 4, 4] = True  # diagonal pair: one 8-connected component of 2 px
+    m[0, 0, 6:8, 5:8] = True  # 6 px
+    out = remove_small(m, 2)
+    assert not out[0, 0, 0, 0] and out[0, 0, 3, 3] and out[0, 0, 4, 4] and int(out.sum()) == 8
+    assert int(remove_small(m, 3).sum()) == 6
+
+
+def test_identity_when_everything_off() -> None:
+    rng = np.random.default_rng(0)
+    maps = torch.from_numpy(rng.random((2, 1, 16, 16)).astype(np.float32))
+    cfg = PostProcessConfig(full_mask_guard=0.5)
+    assert smooth(maps, cfg) is maps
+    out = binarize(maps, 0.5, cfg)
+    assert out.dtype == torch.bool and out.shape == maps.shape
+    assert torch.equal(out, maps >= 0.5)
+    assert bool(binarize(torch.full((1, 1, 2, 2), 0.5), 0.5, cfg).all())  # inclusive threshold
+
+
+def test_full_pipeline_on_float_maps_and_guard() -> None:
+    maps = torch.zeros(2, 1, 32, 32)
+    maps[0, 0, 8:20, 8:20] = 1.0
+    maps[0, 0, 12:16, 12:16] = 0.0  # a hole the fill closes
+    maps[0, 0, 28, 28] = 1.0  # a speck min_area removes
+    maps[1, 0, 0, :] = 1.0  # a ring along the whole border: filling makes image 1 entirely positive
+    maps[1, 0, -1, :] = maps[1, 0, :, 0] = maps[1, 0, :, -1] = 1.0
+    cfg = PostProcessConfig(fill_holes=True, min_area=4, full_mask_guard=0.95)
+    out = binarize(maps, 0.5, cfg)
+    assert bool(out[0, 0, 8:20, 8:20].all()) and int(out[0].sum()) == 144
+    assert torch.equal(out[1], maps[1] >= 0.5)  # guard kept the raw ring
+    no_guard = binarize(maps, 0.5, PostProcessConfig(fill_holes=True, full_mask_guard=1.0))
+    assert bool(no_guard[1].all())
+
+
+def test_erosion_after_closing_in_binarize() -> None:
+    maps = torch.zeros(1, 1, 20, 20)
+    maps[0, 0, 5:15, 5:15] = 1.0
+    out = binarize(maps, 0.5, PostProcessConfig(erosion_kernel=3))
+    assert int(out.sum()) == 64 and bool(out[0, 0, 6:14, 6:14].all())
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.5])
+def test_smooth_matches_scipy_mirror(sigma: float) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.random((2, 1, 30, 41)).astype(np.float32)
+    got = smooth(torch.from_numpy(x), PostProcessConfig(gaussian_sigma=sigma)).numpy()
+    for i in range(2):
+        ref = ndi.gaussian_filter(x[i, 0].astype(np.float64), sigma, mode="mirror", truncate=4.0)
+        np.testing.assert_allclose(got[i, 0], ref, atol=1e-5)
+    assert smooth(torch.ones(1, 1, 3, 3), PostProcessConfig(gaussian_sigma=4.0)).shape == (1, 1, 3, 3)
+
+
+def test_normalize() -> None:
+    x = torch.tensor([[-1.0, 0.0, 1.0, 2.0, 3.0]])
+    assert normalize(x, 0.0, 2.0).tolist() == [[0.0, 0.0, 0.5, 1.0, 1.0]]
+    with pytest.raises(ValueError):
+        normalize(x, 1.0, 1.0)
