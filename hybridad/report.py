@@ -1,6 +1,6 @@
 """`hybridad report`: markdown tables and PNG overlays from run directories (one run per category).
 
-Numbers are percentages with two decimals (`0.61234` -> `61.23`); a metric a run does not have prints as `–`.
+Numbers are percentages with two decimals (`0.61234` -> `61.23`); a metric a run lacks prints as `–`.
 The `mean` row averages the categories that have the metric; it is marked `*` when some do not.
 Overlays show, side by side, the input image with the ground-truth contour (green) and the anomaly map as a
 JET heat map (min-max scaled per image, display only) blended over the image, with the ground-truth contour
@@ -59,7 +59,8 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
 
     lines = ["# hybridad report", "", "Runs:", ""]
     lines += [f"- {r.category}: `{r.run.path}`" for r in runs]
-    splits = [s.value for s in Split if any(_value(r.metrics, s.value, m) is not None for r in runs for m, _ in COLUMNS)]
+    splits = [s.value for s in Split
+              if any(_value(r.metrics, s.value, m) is not None for r in runs for m, _ in COLUMNS)]
     for split in splits:
         lines += ["", f"## {split}", "", *_main_table(runs, split)]
         for name, title in LIGHTING_METRICS:
@@ -69,8 +70,9 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
     if not splits:
         lines += ["", "No metrics found in metrics.json."]
     if num_overlays > 0:
-        lines += ["", "## Overlays", "", "Left: input + ground truth (green). Right: anomaly map (min-max per image), "
-                  "ground truth (green), predicted mask (red).", ""]
+        legend = ("Left: input + ground truth (green). Right: anomaly map (min-max per image), "
+                  "ground truth (green), predicted mask (red).")
+        lines += ["", "## Overlays", "", legend, ""]
         for r in runs:
             lines += _overlays(r, out, num_overlays)
     text = "\n".join(lines) + "\n"
@@ -147,7 +149,7 @@ def _lighting_table(runs: list[_Run], split: str, name: str) -> list[str]:
     return _table(["category", *lightings], rows)
 
 
-# overlays -----------------------------------------------------------------------------------------------------
+# overlays -------------------------------------------------------------------------------------------
 def _overlays(r: _Run, out: Path, count: int) -> list[str]:
     root = (r.config.get("data") or {}).get("root")
     category_dir = Path(root) / r.category if root else None
@@ -160,11 +162,12 @@ def _overlays(r: _Run, out: Path, count: int) -> list[str]:
     lines = []
     for sid in bad:
         stem = sid.rsplit("/", 1)[1]
-        image = cv2.imread(str(category_dir / f"{sid}.png"), cv2.IMREAD_COLOR)  # (H,W,3) BGR, gray -> 3 channels
+        image = cv2.imread(str(category_dir / f"{sid}.png"), cv2.IMREAD_COLOR)  # (H,W,3) BGR, gray -> 3 ch
         if image is None:
             lines.append(f"- {r.category}: overlay of {sid} skipped (image {category_dir / sid}.png missing)")
             continue
-        gt = cv2.imread(str(category_dir / "test_public/ground_truth/bad" / f"{stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
+        gt_path = category_dir / "test_public/ground_truth/bad" / f"{stem}_mask.png"
+        gt = cv2.imread(str(gt_path), cv2.IMREAD_GRAYSCALE)
         pred = _pred_mask(r, sid)
         panel = overlay_panel(image, r.run.read_map(sid), gt, pred)
         rel = Path("overlays") / r.category / f"bad_{stem}.png"
@@ -209,7 +212,8 @@ def overlay_panel(image: np.ndarray, anomaly_map: np.ndarray, gt: np.ndarray | N
         if mask.shape != (h, w):
             mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
         # contours at native resolution (tiny defects survive), then scaled to the panel
-        contours, _ = cv2.findContours((mask != 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        binary = (mask != 0).astype(np.uint8)
+        contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         contours = [np.round(c * scale).astype(np.int32) for c in contours]  # (N,1,2) xy
         for panel in panels:
             cv2.drawContours(panel, contours, -1, colour, 1)

@@ -9,7 +9,8 @@
 `check_submission` applies every rule of MVTec's checker (`check_and_prepare_data_for_upload.py`): exactly the
 8 categories, exactly the two private split folders, exactly `NNN_<tag>` for NNN in 000..count-1, nothing else
 at any level, TIFFs 2-D float16, PNGs 2-D with values in {0,255}. It also reports two things MVTec's checker
-does not look at but the server's metrics would choke on: NaN in a map, and a mask whose size differs from its map.
+does not look at but the server's metrics would choke on: NaN in a map, and a mask whose size differs from its
+map.
 """
 
 from __future__ import annotations
@@ -49,16 +50,17 @@ MASKS_DIR = "anomaly_images_thresholded"
 _MAX_LISTED = 10  # missing files listed one by one per folder before a summary line
 
 
-# writing ------------------------------------------------------------------------------------------------------
+# writing --------------------------------------------------------------------------------------------
 def write_submission(run_dirs: list[Path], out: Path, overwrite: bool = False) -> None:
     """Copy the private-split maps (and masks, if the runs have them) of one run per category into `out`.
 
-    Maps are re-encoded as 2-D float16 TIFFs and masks as {0,255} PNGs at their stored (native) size. The tree is
-    built in `<out>.tmp-XXXX` beside `out` and renamed at the end, so a half-written tree never looks complete.
+    Maps are re-encoded as 2-D float16 TIFFs and masks as {0,255} PNGs at their stored (native) size. The tree
+    is built in `<out>.tmp-XXXX` beside `out` and renamed at the end, so a half-written tree never looks
+    complete.
 
     Raises:
-        UserError: `out` is non-empty (and not `overwrite`), two runs share a category, a run lacks the maps of a
-            private split, or a stored map/mask cannot be converted.
+        UserError: `out` is non-empty (and not `overwrite`), two runs share a category, a run lacks the maps
+            of a private split, or a stored map/mask cannot be converted.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -72,16 +74,19 @@ def write_submission(run_dirs: list[Path], out: Path, overwrite: bool = False) -
         run = RunDir(run_path)
         category = run.category
         if category not in CATEGORIES:
-            raise UserError(f"{run.path / 'config.yaml'}: data.category '{category}' is not an MVTec AD 2 category")
+            raise UserError(f"{run.path / 'config.yaml'}: data.category '{category}' is not an MVTec AD 2 "
+                            "category")
         if category in seen:
-            raise UserError(f"runs {seen[category]} and {run.path} are both '{category}'; pass one run per category")
+            raise UserError(f"runs {seen[category]} and {run.path} are both '{category}'; "
+                            "pass one run per category")
         seen[category] = run.path
         for split in PRIVATE_SPLITS:
             maps = list(run.iter_maps(split))
             if not maps:
                 raise UserError(
-                    f"run {run.path} has no maps for split {split.value} ({run.path / 'maps' / split.value}/*.tiff);"
-                    " predict the private splits first (predict_private=true)"
+                    f"run {run.path} has no maps for split {split.value} "
+                    f"({run.path / 'maps' / split.value}/*.tiff); predict the private splits first "
+                    "(predict_private=true)"
                 )
             jobs += [(p, f"{MAPS_DIR}/{category}/{sid}.tiff") for sid, p in maps]
             masks = list(run.iter_masks(split))
@@ -133,7 +138,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-# checking -----------------------------------------------------------------------------------------------------
+# checking -------------------------------------------------------------------------------------------
 def check_submission(path: Path, expected_counts: dict[str, int] | None = None) -> list[str]:
     """Every problem MVTec's checker would raise on `path` (plus NaN maps and mask/map size mismatches).
 
@@ -144,8 +149,8 @@ def check_submission(path: Path, expected_counts: dict[str, int] | None = None) 
 
     Returns:
         One line per problem, each naming the offending path; empty when the tree is valid. A missing
-        `anomaly_images_thresholded/` is not a problem (the server then reports SegF1 = ClassF1 = 0); a warning
-        line is printed to stderr instead.
+        `anomaly_images_thresholded/` is not a problem (the server then reports SegF1 = ClassF1 = 0); a
+        warning line is printed to stderr instead.
     """
     path = Path(path)
     counts = dict(OFFICIAL_COUNTS if expected_counts is None else expected_counts)
@@ -235,7 +240,7 @@ def _parallel(fn: Callable[[Path], tuple[list[str], tuple[int, ...]]], files: li
         yield from tqdm(pool.map(fn, files), total=len(files), desc=desc, unit="file", disable=None)
 
 
-# packing ------------------------------------------------------------------------------------------------------
+# packing --------------------------------------------------------------------------------------------
 def pack_submission(path: Path, out: Path, expected_counts: dict[str, int] | None = None,
                     arc_root: str | None = None) -> Path:
     """Check `path`, then write it as a `.tar.gz` atomically; returns the archive path.
@@ -246,7 +251,8 @@ def pack_submission(path: Path, out: Path, expected_counts: dict[str, int] | Non
 
     Args:
         path: a submission tree that passes `check_submission`.
-        out: the archive file (must end in `.tar.gz`), or an existing folder to write `<path.name>.tar.gz` into.
+        out: the archive file (must end in `.tar.gz`), or an existing folder to write `<path.name>.tar.gz`
+            into.
         expected_counts: forwarded to `check_submission` (tests use small counts).
         arc_root: the archive's top folder; `None` = `path.name`, `""` = none.
     """

@@ -110,7 +110,8 @@ def test_atomic_write_leaves_no_temp_on_success(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["maps", "metrics.json"]
 
 
-def test_failed_write_leaves_nothing_and_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_leaves_nothing_and_keeps_old_file(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     run = RunDir(tmp_path)
     run.write_map("test_private/001_regular", np.full((4, 4), 7.0))
 

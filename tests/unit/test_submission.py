@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL = {c: 2 for c in CATEGORIES}  # files per private split in the small trees
 
 
-def make_run(root: Path, category: str, count: int, masks: bool = True, size: tuple[int, int] = (6, 8)) -> Path:
+def make_run(root: Path, category: str, count: int, masks: bool = True,
+             size: tuple[int, int] = (6, 8)) -> Path:
     """A fake run directory with `count` private maps (and masks) per private split."""
     run = RunDir(root / f"run_{category}")
     run.write_text("config.yaml", f"branch: inp_former\ndata:\n  category: {category}\n")
@@ -68,7 +69,8 @@ def test_official_counts_one_category(tmp_path: Path) -> None:
     assert names == [f"{i:03d}_mixed.tiff" for i in range(142)]
     assert check_submission(tmp_path / "sub", {"sheet_metal": 142}) == []
     problems = check_submission(tmp_path / "sub", {"sheet_metal": 143})
-    assert f"{tmp_path}/sub/anomaly_images/sheet_metal/test_private/142_regular.tiff: missing file" in problems
+    missing = f"{tmp_path}/sub/anomaly_images/sheet_metal/test_private/142_regular.tiff: missing file"
+    assert missing in problems
 
 
 def test_reencodes_float32_and_channel_first_maps(tmp_path: Path) -> None:
@@ -97,16 +99,19 @@ BROKEN = {
     "float32 tiff": (_tiff(f"{M}/rice/test_private/000_regular.tiff", np.zeros((6, 8), np.float32)),
                      [f"{M}/rice/test_private/000_regular.tiff: dtype float32, must be float16"]),
     "3-channel tiff": (_tiff(f"{M}/rice/test_private/001_regular.tiff", np.zeros((6, 8, 3), np.float16)),
-                       [f"{M}/rice/test_private/001_regular.tiff: not a single-channel 2-D image (shape (6, 8, 3))"]),
+                       [f"{M}/rice/test_private/001_regular.tiff: not a single-channel 2-D image "
+                        "(shape (6, 8, 3))"]),
     "nan map": (_tiff(f"{M}/can/test_private/000_regular.tiff", np.full((6, 8), np.nan, np.float16)),
                 [f"{M}/can/test_private/000_regular.tiff: contains NaN (not checked by MVTec's checker, "
                  "but breaks AU-PRO)"]),
     "mask value 128": (_png(f"{T}/fabric/test_private_mixed/000_mixed.png", np.full((6, 8), 128, np.uint8)),
                        [f"{T}/fabric/test_private_mixed/000_mixed.png: values [128] not in {{0, 255}}"]),
     "3-channel mask": (_png(f"{T}/fabric/test_private/000_regular.png", np.zeros((6, 8, 3), np.uint8)),
-                       [f"{T}/fabric/test_private/000_regular.png: not a single-channel 2-D image (shape (6, 8, 3))"]),
+                       [f"{T}/fabric/test_private/000_regular.png: not a single-channel 2-D image "
+                        "(shape (6, 8, 3))"]),
     "mask size": (_png(f"{T}/walnuts/test_private/001_regular.png", np.zeros((6, 9), np.uint8)),
-                  [f"{T}/walnuts/test_private/001_regular.png: mask size (6, 9) differs from its map's (6, 8)"]),
+                  [f"{T}/walnuts/test_private/001_regular.png: mask size (6, 9) differs from its map's "
+                   "(6, 8)"]),
     "missing file": (lambda r: (r / M / "walnuts/test_private_mixed/001_mixed.tiff").unlink(),
                      [f"{M}/walnuts/test_private_mixed/001_mixed.tiff: missing file"]),
     "wrong name": (lambda r: os.replace(r / M / "vial/test_private/001_regular.tiff",
@@ -119,7 +124,8 @@ BROKEN = {
                       f"{T}/vial/test_private/001_regular.png: missing file"]),
     "extra split folder": (lambda r: (r / M / "can/test_public").mkdir(),
                            [f"{M}/can/test_public: superfluous folder"]),
-    "missing category": (lambda r: shutil.rmtree(r / M / "fruit_jelly"), [f"{M}/fruit_jelly: missing folder"]),
+    "missing category": (lambda r: shutil.rmtree(r / M / "fruit_jelly"),
+                         [f"{M}/fruit_jelly: missing folder"]),
     "missing split in masks": (lambda r: shutil.rmtree(r / T / "can/test_private_mixed"),
                                [f"{T}/can/test_private_mixed: missing folder"]),
     "extra category": (lambda r: (r / T / "screws").mkdir(), [f"{T}/screws: superfluous folder"]),
@@ -142,7 +148,8 @@ def test_many_missing_files_are_summarised(small_tree: Path) -> None:
     )
 
 
-def test_missing_thresholded_folder_is_only_a_warning(small_tree: Path, capsys: pytest.CaptureFixture) -> None:
+def test_missing_thresholded_folder_is_only_a_warning(small_tree: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
     shutil.rmtree(small_tree / T)
     assert check_submission(small_tree, SMALL) == []
     assert "SegF1 = 0 and ClassF1 = 0" in capsys.readouterr().err
@@ -219,7 +226,8 @@ def test_pack_writes_official_layout(small_tree: Path, tmp_path: Path) -> None:
 
 def test_pack_refuses_a_failing_tree(small_tree: Path, tmp_path: Path) -> None:
     (small_tree / M / "can/test_private/000_regular.tiff").unlink()
-    with pytest.raises(UserError, match="fails the submission check \\(1 problems\\).*000_regular.tiff: missing"):
+    expected = "fails the submission check \\(1 problems\\).*000_regular.tiff: missing"
+    with pytest.raises(UserError, match=expected):
         pack_submission(small_tree, tmp_path / "out.tar.gz", expected_counts=SMALL)
     assert not (tmp_path / "out.tar.gz").exists()
 
@@ -259,7 +267,8 @@ def _runs_from_synthetic(tmp_path: Path, categories: list[str]) -> list[Path]:
 def test_synthetic_official_private_names_pass_check_one_category(tmp_path: Path) -> None:
     runs = _runs_from_synthetic(tmp_path, ["sheet_metal"])
     write_submission(runs, tmp_path / "sub")
-    assert check_submission(tmp_path / "sub", {"sheet_metal": submission.OFFICIAL_COUNTS["sheet_metal"]}) == []
+    counts = {"sheet_metal": submission.OFFICIAL_COUNTS["sheet_metal"]}
+    assert check_submission(tmp_path / "sub", counts) == []
     tiff = tifffile.imread(tmp_path / "sub" / M / "sheet_metal/test_private/000_regular.tiff")
     assert tiff.shape == (8, 16)
 
