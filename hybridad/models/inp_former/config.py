@@ -1,4 +1,4 @@
-"""INP-Former settings. (stub: contract only, helper fills in)"""
+"""INP-Former settings (`inp_former.*` in the run config)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 
 @dataclass
 class InpFormerConfig:
+    """Architecture, encoder source and optimisation of the INP-Former branch.
+
+    The input size is not here: the DataModule resizes tiles to `data.tiling.input_size` (a multiple of 14).
+    """
+
     encoder: str = "vit_large_patch14_reg4_dinov2"  # timm name (any DINOv2 S/B/L/G, with or without reg4)
     weights: str = ""  # local DINOv2 weight file (.pth from Meta or timm .safetensors/.pth); required unless preset=tiny
     preset: str = ""  # "tiny": random-init small ViT for tests and the CPU demo
@@ -19,3 +24,14 @@ class InpFormerConfig:
     warmup_steps: int = 100
     coherence_weight: float = 0.2
     grad_clip: float = 0.1
+    # added by the INP-Former branch
+    fused_attn: bool = True  # False = explicit softmax attention in the encoder (bit-exact with the official code)
+    soft_mining_gamma: float = 3.0  # exponent of the soft-mining gradient weight (d / mean d)^gamma
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-10
+    amsgrad: bool = True
+    train_on_pasted: bool = False  # False: tiles that received cut-paste defects are dropped from the loss
+    checkpoint: str = ""  # whole-model weights written by `hybridad convert inp-former` (optional)
+    random_encoder: bool = False  # allow a random-init encoder without `weights` (benchmarks only)
+    encoder_seed: int = 0  # seed of the random-init encoder (tiny preset / random_encoder), so reloads match
+    tiny_depth: int = 4  # encoder depth of the tiny preset (ViT-S/14 width)
