@@ -1,0 +1,232 @@
+"""CPR torch model, foreground, loss and a short Lightning fit (tiny preset, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from hybridad.models.cpr.config import CprConfig
+from hybridad.models.cpr.foreground import Foreground, lda_direction, seed_regions
+from hybridad.models.cpr.loss import (
+    hinge_cosine_loss,
+    perlin_anomalies,
+    remote_negative_weights,
+    sample_pairs,
+    sample_points,
+)
+from hybridad.models.cpr.torch_model import CprModel, DenseNetTrunk, LocalRetrievalHead, gaussian_blur, top_t_sum
+
+
+def tiny_cfg(**kw: object) -> CprConfig:
+    base = dict(preset="tiny", image_size=64, out_dim=32, k_nearest=2, grb_samples=2000, feb_samples=2000,
+                samples_per_image=256, kmeans_iters=10, kmeans_inits=1, n_pairs=32)  # fmt: skip
+    base.update(kw)
+    return CprConfig(**base)  # type: ignore[arg-type]
+
+
+def test_densenet201_trunk_shapes_pruning_and_frozen() -> None:
+    trunk = DenseNetTrunk("random")
+    assert trunk.channels == (256, 512)
+    assert sum(p.numel() for p in trunk.parameters()) == 1_297_536  # spec 1.1: kept modules only
+    trunk.train()
+    assert not trunk.training and not any(m.training for m in trunk.modules())
+    f1, f2 = trunk(torch.rand(1, 3, 64, 64))
+    assert f1.shape == (1, 256, 16, 16) and f2.shape == (1, 512, 8, 8)
+    assert not any(p.requires_grad for p in trunk.parameters())
+
+
+def test_lrb_head_layout() -> None:
+    heads = [LocalRetrievalHead(256, 384), LocalRetrievalHead(512, 384)]
+    assert sum(p.numel() for h in heads for p in h.parameters()) == 494_656  # spec 1.3
+    h = heads[0]
+    assert h.reduce.weight.shape == (192, 256, 1, 1) and h.reduce.bias is not None and h.bn.eps == 1e-5
+    shapes = {n: tuple(p.shape) for n, p in h.mixed.named_parameters() if n.endswith("conv.weight")}
+    assert shapes == {"b0.conv.weight": (64, 192, 1, 1), "b1a.conv.weight": (48, 192, 1, 1),
+                      "b1b.conv.weight": (64, 48, 3, 3), "b2.conv.weight": (64, 192, 1, 1),
+                      "b3.conv.weight": (64, 192, 1, 1)}  # fmt: skip
+    assert all(m.eps == 1e-3 for m in h.mixed.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(m.conv.bias is None for m in (h.mixed.b0, h.mixed.b1a, h.mixed.b1b, h.mixed.b2, h.mixed.b3))
+    assert h.proj.weight.shape == (384, 256, 1, 1)
+    assert h(torch.randn(2, 256, 5, 5)).shape == (2, 384, 5, 5)
+
+
+def test_model_forward_shapes_and_gradients_only_on_heads() -> None:
+    model = CprModel(tiny_cfg())
+    model.train()
+    descs, raws = model(torch.rand(2, 3, 64, 64))
+    assert [tuple(d.shape) for d in descs] == [(2, 32, 16, 16), (2, 32, 8, 8)]
+    assert [tuple(f.shape) for f in raws] == [(2, 32, 16, 16), (2, 32, 8, 8)]
+    (descs[0].sum() + descs[1].sum()).backward()
+    assert all(p.grad is not None for p in model.heads.parameters())
+    assert all(p.grad is None for p in model.trunk.parameters())
+    assert not model.trunk.training
+
+
+def test_blur_matches_direct_2d_mirror_convolution() -> None:
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(1, 1, 40, 37, generator=g, dtype=torch.float64)
+    x = np.arange(-16, 17)
+    k1 = np.exp(-(x**2) / 32.0)
+    k2 = np.outer(k1, k1) / k1.sum() ** 2
+    want = ndimage.correlate(m[0, 0].numpy(), k2, mode="mirror")  # mirror = edge pixel not repeated
+    got = gaussian_blur(m, 33, 4.0)[0, 0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert top_t_sum(torch.arange(10.0).view(1, 1, 2, 5), 3).item() == 9 + 8 + 7
+
+
+def test_hinge_loss_and_remote_weights_hand_computed() -> None:
+    loss = hinge_cosine_loss(
+        torch.tensor([0.5, 0.9, 0.0]), torch.tensor([1.0, 1.0, 0.0]),
+        torch.tensor([0.0, -0.5, 0.3]), torch.tensor([2.0, 1.0, 0.0]),
+    )  # fmt: skip
+    # pos: (1 * 0.3)^3 / 2 ; neg: (2 * 0.2)^3 / 2 (w^3 detail, spec 10.11; -0.5 < m- contributes 0)
+    assert math.isclose(loss.item(), 0.3**3 / 2 + 0.4**3 / 2, rel_tol=1e-5)
+    w = remote_negative_weights(torch.tensor([[1.0, 3.0, 5.0]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(w, torch.tensor([[0.5, 1.5, 0.0]]), atol=1e-6, rtol=0)
+    zero = hinge_cosine_loss(torch.ones(2), torch.zeros(2), torch.ones(2), torch.zeros(2))
+    assert zero.item() == 0.0  # empty sets: denominators max(1, 0)
+
+
+def test_pair_sampling_respects_mask_distance_and_texture() -> None:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, :, 8:16, 8:16] = 1
+    fg = torch.zeros(2, 1, 32, 32)
+    fg[:, :, 4:28, 4:28] = 1
+    pairs = sample_pairs(mask, fg, n=40, generator=g)
+    pos = pairs.pos_q.long()
+    assert torch.equal(pairs.pos_q, pairs.pos_r) and pairs.pos_w.sum() == 80
+    assert mask[0, 0, pos[0, :, 1], pos[0, :, 0]].sum() == 0  # positives avoid the anomaly
+    assert fg[0, 0, pos[0, :, 1], pos[0, :, 0]].min() == 1  # ... and stay on the foreground
+    ok = pairs.rem_v > 0
+    assert ((pairs.rem_q - pairs.rem_r).norm(dim=-1)[ok] > 4 * math.sqrt(2)).all() and ok.sum() > 60
+    ano = pairs.ano_q.long()
+    assert pairs.ano_w[0].sum() == 40 and pairs.ano_w[1].sum() == 0  # sample 1 has no anomaly
+    assert mask[0, 0, ano[0, :, 1], ano[0, :, 0]].min() == 1
+    assert len(set((ano[0, :, 1] * 32 + ano[0, :, 0]).tolist())) == 40  # without replacement
+    assert sample_pairs(mask, None, n=10, remote=False, generator=g).rem_v.sum() == 0
+
+
+def test_sample_points_official_normalisation() -> None:
+    feat = torch.arange(16.0).view(1, 1, 4, 4)
+    # p / (S-1) * 2 - 1 with align_corners=False: pixel (0, 0) of a 4x4 image reads the corner at half weight
+    got = sample_points(feat, torch.tensor([[[0.0, 0.0], [1.5, 1.5]]]), 4)
+    assert got.shape == (1, 2, 1)
+    assert math.isclose(got[0, 0, 0].item(), 0.0 * 0.25, abs_tol=1e-6)
+    assert math.isclose(got[0, 1, 0].item(), 7.5, abs_tol=1e-5)  # centre of the grid: mean of cells 5, 6, 9, 10
+
+
+def test_foreground_lda_on_two_clusters() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, c, h, w = 4, 6, 20, 20
+    feat = 0.3 * torch.randn(n, c, h, w, generator=g)
+    obj = torch.zeros(h, w, dtype=torch.bool)
+    obj[5:15, 5:15] = True
+    feat[:, 0] += torch.where(obj, 2.0, -2.0)  # object vs background along dim 0
+    band, centre = seed_regions(h, w, 3 / 20, 1 / 5)
+    assert band.sum() == 20 * 20 - 14 * 14 and centre.sum() == 8 * 8
+    cells = feat.permute(0, 2, 3, 1)  # (N, H, W, C)
+    fgm = Foreground(c)
+    fgm.fit(cells.reshape(-1, c), cells[:, band].reshape(-1, c), cells[:, centre].reshape(-1, c),
+            generator=torch.Generator().manual_seed(1))  # fmt: skip
+    maps = fgm.set_range(fgm.decision(feat))
+    assert maps[:, 0, obj].min() > maps[:, 0, ~obj].max()  # perfectly separated
+    assert maps[:, 0, obj].mean() > 0.8 and maps[:, 0, ~obj].mean() < 0.2
+    assert maps.min() == 0 and maps.max() == 1  # robust min-max saturates the 1 % tails
+    torch.testing.assert_close(fgm(feat), maps)  # folded 1x1 conv == scaled decisions
+    # LDA direction with isotropic covariance is the mean difference
+    a = torch.randn(2000, 2, generator=g)
+    b = torch.randn(2000, 2, generator=g) + torch.tensor([3.0, 1.0])
+    wv, _ = lda_direction(a, b)
+    cos = torch.nn.functional.cosine_similarity(wv.float(), torch.tensor([3.0, 1.0]), dim=0)
+    assert cos > 0.99
+    assert torch.equal(Foreground(c, enabled=False)(feat), torch.ones(n, 1, h, w))
+
+
+def test_memory_bank_on_cpu_vs_device_same_maps() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 64, 64)
+    on_dev = CprModel(tiny_cfg())
+    on_cpu = CprModel(tiny_cfg(bank_budget_bytes=0))
+    on_cpu.load_state_dict(on_dev.state_dict())
+    for m in (on_dev, on_cpu):
+        m.build_memory_bank(images)
+    assert on_dev.bank[0].dtype == torch.float16 and on_cpu.bank[0].device.type == "cpu"
+    assert torch.equal(on_dev.train_neighbours, on_cpu.train_neighbours)
+    assert not (on_dev.train_neighbours == torch.arange(6)[:, None]).any()  # self excluded
+    q = torch.rand(2, 3, 64, 64)
+    maps = on_dev.tile_maps(q)
+    assert maps.shape == (2, 1, 64, 64) and torch.isfinite(maps).all() and maps.min() >= 0
+    torch.testing.assert_close(maps, on_cpu.tile_maps(q))
+    # a training image scored against its neighbours (self excluded) vs against itself (distance ~0)
+    own = on_dev.tile_maps(images[:1], exclude=torch.tensor([-1]))
+    assert own.max() < 1e-2
+    assert on_dev.image_scores(maps).shape == (2,)
+    assert on_dev.bank_bytes_per_image() == (32 * (16 * 16 + 8 * 8)) * 2 + 16 * 16 * 2 + 25 * 13 * 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_memory_bank_cuda_matches_cpu() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 64, 64)
+    cpu = CprModel(tiny_cfg())
+    gpu = CprModel(tiny_cfg(bank_budget_bytes=0)).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    cpu.build_memory_bank(images)
+    gpu.build_memory_bank(images)
+    q = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(gpu.tile_maps(q.cuda()).cpu(), cpu.tile_maps(q), atol=1e-4, rtol=1e-3)
+
+
+def test_perlin_anomalies_blend_inside_mask_only() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 3, 64, 64, generator=g)
+    out, mask = perlin_anomalies(x, None, g, anomaly_ratio=1.0)
+    assert out.shape == x.shape and mask.shape == (4, 1, 64, 64)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0} and mask.sum() > 0
+    assert torch.equal(out * (1 - mask), x * (1 - mask))
+    fg = torch.zeros(4, 1, 64, 64)
+    _, none = perlin_anomalies(x, fg, g, anomaly_ratio=1.0)
+    assert none.sum() == 0  # masks restricted to the foreground
+
+
+def test_lightning_fit_few_steps() -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from hybridad.models.cpr.lightning_model import Cpr
+    from hybridad.types import Batch
+
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 64, 64)
+    ids = [f"train/good/{i:03d}" for i in range(8)]
+
+    def collate(idx: list[int]) -> Batch:
+        mask = torch.zeros(len(idx), 1, 64, 64)
+        mask[0, :, 20:30, 20:30] = 1
+        x = images[idx].clone()
+        x[0, :, 20:30, 20:30] = 1 - x[0, :, 20:30, 20:30]
+        return Batch(image=x, label=torch.zeros(len(idx), dtype=torch.long),
+                     sample_id=[ids[i] for i in idx], lighting=["regular"] * len(idx), mask=mask)  # fmt: skip
+
+    for synthesis in ("cut_paste", "perlin"):
+        module = Cpr(tiny_cfg(synthesis=synthesis))
+        module.fit_references((images * 255).round().to(torch.uint8), ids)
+        before = [p.detach().clone() for p in module.model.heads.parameters()]
+        trunk_before = [p.detach().clone() for p in module.model.trunk.parameters()]
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        trainer.fit(module, DataLoader(list(range(8)), batch_size=4, shuffle=True, collate_fn=collate))
+        assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+        assert any(not torch.equal(a, b) for a, b in zip(before, module.model.heads.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(trunk_before, module.model.trunk.parameters()))
+        assert not module._bank_stale and module.model.bank[0].shape == (8, 32, 16, 16)  # rebuilt on fit end
+        maps = module.tile_maps(torch.rand(2, 3, 64, 64))
+        assert maps.shape == (2, 1, 64, 64)
+        scores = module.image_score(torch.nn.functional.interpolate(maps, size=(96, 80)))
+        assert scores.shape == (2,) and torch.isfinite(scores).all()
