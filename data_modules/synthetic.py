@@ -120,9 +120,7 @@ class _Scene(NamedTuple):
 class _Texture:
     source: str  # skimage.data function name
     src_long: int  # source pixels covered by the image's long side
-    offset: tuple[
-        int, int
-    ]  # base (x, y) of the crop in the 512 x 512 source (crop + 32 px jitter stays inside)
+    offset: tuple[int, int]  # crop corner (x, y) in the 512 x 512 source; crop + 32 px jitter stays inside
     gain: float  # contrast around mid-gray
     lo: tuple[float, ...]  # colour (BGR or gray) at t = 0
     hi: tuple[float, ...]  # colour at t = 1
@@ -313,7 +311,7 @@ def _apply_lighting(img: np.ndarray, lighting: str) -> np.ndarray:
 
 
 def _shifted(values: np.ndarray, amount: float) -> np.ndarray:
-    """Values moved by `amount` away from their brightness: darker on bright pixels, brighter on dark ones."""
+    """Defect colour for `values`: darker (x0.4) if they are bright on average, else brighter by `amount`."""
     v = values.astype(np.float32)
     darker = v.mean() > 110.0
     return np.clip(v * 0.4 if darker else v + amount, 0, 255).astype(np.uint8)
@@ -389,9 +387,8 @@ def _add_defects(
     painted = np.zeros(clean.shape[:2], bool)
     for kind in kinds:
         painted |= _draw_defect(str(kind), image, background, foreground, rng, tiny=bool(rng.random() < 0.3))
-    if (
-        index % 2 == 0 or rng.random() < 0.3
-    ):  # tiny defects (2-6 px across at 256 px) are common in MVTec AD 2
+    # Tiny defects (2-6 px across at 256 px) are common in MVTec AD 2.
+    if index % 2 == 0 or rng.random() < 0.3:
         painted |= _draw_defect("spot", image, background, foreground, rng, tiny=True)
     if not np.any(image != clean):  # e.g. a missing piece cut only where object and background look alike
         painted |= _draw_defect("spot", image, background, foreground, rng)

@@ -278,3 +278,12 @@ def test_cli_writes_then_refuses_to_overwrite(tmp_path: Path) -> None:
     assert second.returncode == 2
     assert second.stderr.startswith("synthetic: error: ") and second.stderr.count("\n") == 1
     assert "Traceback" not in second.stderr
+
+
+def test_texture_crops_stay_inside_the_source() -> None:
+    from data_modules.synthetic import _TEXTURES
+
+    for category, spec in _TEXTURES.items():
+        w, h = NATIVE[category]
+        cw, ch = (spec.src_long, spec.src_long * h / w) if w >= h else (spec.src_long * w / h, spec.src_long)
+        assert spec.offset[0] + cw + 32 <= 512 and spec.offset[1] + ch + 32 <= 512, category
