@@ -48,7 +48,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_submission_write(args: argparse.Namespace) -> int:
     from hybridad.submission import write_submission
 
-    write_submission([Path(p) for p in args.run_dirs], Path(args.out))
+    write_submission([Path(p) for p in args.run_dirs], Path(args.out), overwrite=args.overwrite)
     return 0
 
 
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = ssub.add_parser("write", help="write the server tree from run directories")
     q.add_argument("run_dirs", nargs="+")
     q.add_argument("--out", required=True)
+    q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     q.set_defaults(func=_cmd_submission_write)
     q = ssub.add_parser("check", help="apply every rule of the official checker")
     q.add_argument("dir")

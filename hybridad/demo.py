@@ -76,10 +76,10 @@ def run_demo(out: Path, overrides: list[str] | None = None, categories: list[str
     sub = out / "submission"
     write_submission(run_dirs, sub, overwrite=True)
     counts = {c: len(list((data_root / c / "test_private").glob("*.png"))) for c in cats}
-    problems = check_submission(sub, expected_counts=counts, categories=tuple(cats))
+    problems = check_submission(sub, expected_counts=counts)
     if problems:
         raise UserError(f"demo submission failed its check: {problems[0]} (+{len(problems) - 1} more)")
-    archive = pack_submission(sub, out / "submission.tar.gz", expected_counts=counts, categories=tuple(cats))
+    archive = pack_submission(sub, out / "submission.tar.gz", expected_counts=counts)
     print(write_report(run_dirs, out / "report"))
     print(f"demo finished in {time.time() - t0:.0f} s: runs in {runs}, submission {archive}, "
           f"report {out / 'report' / 'report.md'}")

@@ -1,0 +1,72 @@
+"""End to end on the synthetic tree: train -> run directory -> evaluate -> sweep command -> submission."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import yaml
+
+from hybridad.demo import demo_config
+from hybridad.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["trainer.max_epochs=1", "trainer.max_steps=3", "trainer.limit_val_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def can_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    return train(demo_config("can", synthetic_root, runs, FAST))
+
+
+def _stems(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.png"))
+
+
+def test_run_directory_holds_every_native_map_and_the_metrics(can_run: Path, synthetic_root: Path) -> None:
+    data = synthetic_root / "can"
+    for sub in ("good", "bad"):
+        for stem in _stems(data / "test_public" / sub):
+            image = cv2.imread(str(data / "test_public" / sub / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+            amap = tifffile.imread(can_run / "maps" / "test_public" / sub / f"{stem}.tiff")
+            assert amap.dtype == np.float16 and amap.shape == image.shape[:2]
+            mask = cv2.imread(str(can_run / "masks" / "test_public" / sub / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+            assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 255}
+    for split in ("test_private", "test_private_mixed"):
+        assert sorted(p.stem for p in (can_run / "maps" / split).glob("*.tiff")) == _stems(data / split)
+        assert sorted(p.stem for p in (can_run / "masks" / split).glob("*.png")) == _stems(data / split)
+    metrics = json.loads((can_run / "metrics.json").read_text())
+    for key in ("aupro_0.05", "seg_f1", "class_f1", "image_auroc", "pixel_auroc"):
+        assert 0.0 <= metrics[f"test_public/{key}"] <= 1.0, key
+    assert any(k.startswith("test_public/lighting=") for k in metrics)
+    thr = yaml.safe_load((can_run / "thresholds.yaml").read_text())
+    assert thr["source"] == "validation" and np.isfinite(thr["value"])
+    assert (can_run / "config.yaml").is_file() and (can_run / "checkpoints" / "final.ckpt").is_file()
+
+
+def test_evaluate_rescores_cached_maps_and_sweep_command_runs_offline(can_run: Path) -> None:
+    sweep = yaml.safe_load((ROOT / "experiments" / "sweeps" / "threshold.yaml").read_text())
+    args = ["threshold.k=2.0", "postprocess.closing_kernel=3", "postprocess.fill_holes=true",
+            "postprocess.min_area=4", "threshold.method=mean_std"]
+    command: list[str] = []
+    for part in sweep["command"]:
+        command += {"${env}": [], "${interpreter}": [sys.executable], "${args_no_hyphens}": args}.get(part, [part])
+    env = {**os.environ, "HYBRIDAD_RUN_DIR": str(can_run), "WANDB_MODE": "offline"}
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "test_public/seg_f1=" in proc.stdout
+    results = list((can_run / "evaluations").glob("*.json"))
+    assert len(results) == 1
+    scored = json.loads(results[0].read_text())
+    assert scored["threshold_source"] == "validation"
+    # the same maps, so the threshold-free metric matches the run's own
+    run_metrics = json.loads((can_run / "metrics.json").read_text())
+    assert scored["test_public/aupro_0.05"] == pytest.approx(run_metrics["test_public/aupro_0.05"], abs=1e-6)
