@@ -1,8 +1,9 @@
 """Cut-paste pseudo-anomalies on the batch's device.
 
-Patches come from `defect_library` (procedural, or a folder of user crops). Each chosen tile gets 1..max_patches
-patches, each scaled, rotated (affine_grid + grid_sample; nearest for the alpha), colour-jittered and blended
-with a random opacity at a random position. The returned mask is exactly the set of pixels whose value changed.
+Patches come from `defect_library` (procedural, or a folder of user crops). Each chosen tile gets
+1..max_patches patches, each scaled, rotated (affine_grid + grid_sample; nearest for the alpha),
+colour-jittered and blended with a random opacity at a random position. The returned mask is exactly the set
+of pixels whose value changed.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ class CutPaste(nn.Module):
 
     Args:
         config: probabilities, scale, opacity and library settings.
-        library: optional `(patches (K,3,s,s), alphas (K,1,s,s))`; default: `config.defect_dir` if set, else the
-            procedural library rendered from `config.library_seed`.
+        library: optional `(patches (K,3,s,s), alphas (K,1,s,s))`; default: `config.defect_dir` if set,
+            else the procedural library rendered from `config.library_seed`.
     """
 
-    def __init__(self, config: CutPasteConfig | None = None, library: tuple[Tensor, Tensor] | None = None) -> None:
+    def __init__(
+        self, config: CutPasteConfig | None = None, library: tuple[Tensor, Tensor] | None = None
+    ) -> None:
         super().__init__()
         self.config = cfg = config or CutPasteConfig()
         if library is None:
@@ -57,7 +60,9 @@ class CutPaste(nn.Module):
     def _rand(self, shape: tuple[int, ...], g: torch.Generator | None, device: torch.device) -> Tensor:
         return torch.rand(shape, generator=g, device=device)
 
-    def _centres(self, n: int, s: int, fg: Tensor | None, g: torch.Generator | None, dev: torch.device) -> Tensor:
+    def _centres(
+        self, n: int, s: int, fg: Tensor | None, g: torch.Generator | None, dev: torch.device
+    ) -> Tensor:
         """(N,2) patch centres (x, y) in normalised [-1,1] coordinates, on a foreground pixel when given."""
         if fg is None:
             return self._rand((n, 2), g, dev) * 2 - 1
@@ -93,9 +98,9 @@ class CutPaste(nn.Module):
         fg = None if foreground is None else (foreground > 0.5).to(images.dtype)  # (N,1,S,S)
         chosen = self._rand((n,), g, dev) < cfg.probability
         count = torch.randint(1, cfg.max_patches + 1, (n,), generator=g, device=dev)
-        out = images.clone()
+        out = images  # never modified in place (lerp returns a new tensor)
         for j in range(cfg.max_patches):  # a loop over a handful of patches, batched over tiles
-            active = (chosen & (count > j)).to(images.dtype)[:, None, None, None]  # (N,1,1,1)
+            active = (chosen & (count > j)).to(images.dtype)  # (N,)
             idx = torch.randint(self.patches.shape[0], (n,), generator=g, device=dev)
             gain = 0.7 + 0.6 * self._rand((n, 3, 1, 1), g, dev)
             offset = 0.3 * (self._rand((n, 1, 1, 1), g, dev) - 0.5)
@@ -104,26 +109,33 @@ class CutPaste(nn.Module):
             centre = self._centres(n, s, fg, g, dev)
             scale = cfg.scale_min + (cfg.scale_max - cfg.scale_min) * self._rand((n,), g, dev)
             angle = 2 * math.pi * self._rand((n,), g, dev)
-            grid = F.affine_grid(self._theta(centre, scale, angle), [n, 1, s, s], align_corners=False)  # (N,S,S,2)
-            colour = F.grid_sample(patch, grid, mode="bilinear", padding_mode="border", align_corners=False)
-            a = F.grid_sample(alpha, grid, mode="nearest", padding_mode="zeros", align_corners=False) * active
+            opacity = cfg.opacity_min + (cfg.opacity_max - cfg.opacity_min) * self._rand((n,), g, dev)
+            theta = self._theta(centre, scale, angle)  # (N,2,3)
+            grid = F.affine_grid(theta, [n, 1, s, s], align_corners=False)  # (N,S,S,2)
+            a = F.grid_sample(alpha, grid, mode="nearest", align_corners=False)  # (N,1,S,S), zeros outside
             if fg is not None:
                 a = a * fg
-            colour = self._push_contrast(colour, out, a)
-            opacity = cfg.opacity_min + (cfg.opacity_max - cfg.opacity_min) * self._rand((n, 1, 1, 1), g, dev)
-            w = a * opacity  # (N,1,S,S), 0 outside the pasted shape
-            out = out * (1 - w) + colour * w
+            patch = self._push_contrast(patch, alpha, out, a)
+            colour = F.grid_sample(patch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            w = a * (opacity * active)[:, None, None, None]  # (N,1,S,S), 0 outside the pasted shape
+            out = torch.lerp(out, colour, w)  # out + w * (colour - out): exactly `out` where w == 0
         mask = (out != images).any(dim=1, keepdim=True).to(images.dtype)  # (N,1,S,S)
         return out, mask
 
-    def _push_contrast(self, colour: Tensor, under: Tensor, alpha: Tensor) -> Tensor:
-        """Shift each patch's colour so its mean differs by at least `min_contrast` from what it covers."""
-        area = alpha.sum(dim=(1, 2, 3)).clamp_min(1.0)  # (N,)
-        mean_c = (colour * alpha).sum(dim=(1, 2, 3)) / (3 * area)  # (N,)
-        mean_u = (under * alpha).sum(dim=(1, 2, 3)) / (3 * area)
-        diff = mean_c - mean_u
+    def _push_contrast(self, patch: Tensor, alpha: Tensor, under: Tensor, pasted: Tensor) -> Tensor:
+        """Shift each patch's colour so its mean differs by at least `min_contrast` from what it will cover.
+
+        Args:
+            patch, alpha: (N,3,s,s) and (N,1,s,s) library patches before warping (same mean as pasted).
+            under: (N,3,S,S) current tiles; pasted: (N,1,S,S) warped alpha.
+        """
+        mc = self.config.min_contrast
+        mean_p = (patch * alpha).sum(dim=(1, 2, 3)) / (3 * alpha.sum(dim=(1, 2, 3)).clamp_min(1.0))  # (N,)
+        covered = torch.bmm(under.flatten(2), pasted.flatten(2).transpose(1, 2))  # (N,3,1) sums under paste
+        mean_u = covered.sum(dim=(1, 2)) / (3 * pasted.sum(dim=(1, 2, 3)).clamp_min(1.0))  # (N,)
+        diff = mean_p - mean_u
         sign = torch.where(diff >= 0, 1.0, -1.0)
-        sign = torch.where(mean_u + sign * self.config.min_contrast > 1.0, -1.0, sign)  # room to move
-        sign = torch.where(mean_u + sign * self.config.min_contrast < 0.0, 1.0, sign)
-        shift = (sign * self.config.min_contrast - diff) * (diff.abs() < self.config.min_contrast)  # (N,)
-        return (colour + shift[:, None, None, None]).clamp(0, 1)
+        sign = torch.where(mean_u + sign * mc > 1.0, -1.0, sign)  # keep room to move inside [0,1]
+        sign = torch.where(mean_u + sign * mc < 0.0, 1.0, sign)
+        shift = (sign * mc - diff) * (diff.abs() < mc)  # (N,)
+        return (patch + shift[:, None, None, None]).clamp(0, 1)

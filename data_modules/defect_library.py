@@ -112,7 +112,7 @@ def make_defect_library(size: int, per_kind: int, generator: torch.Generator) ->
     """Render `per_kind` patches of each kind in `KINDS` on the generator's device.
 
     Returns:
-        patches (K,3,s,s) float [0,1] and alphas (K,1,s,s) float {0,1}, K = 4 * per_kind, kinds in `KINDS` order.
+        patches (K,3,s,s) float [0,1] and alphas (K,1,s,s) float {0,1}; K = 4 * per_kind, in `KINDS` order.
     """
     parts = [fn(per_kind, size, generator) for fn in (_crack, _scratch, _spot, _contamination)]
     patches = torch.cat([p for p, _ in parts], dim=0)  # (K,3,s,s)
@@ -139,7 +139,7 @@ def load_defect_folder(path: str | Path, size: int = 64) -> tuple[Tensor, Tensor
     folder = Path(path)
     files = sorted(folder.rglob("*.png")) if folder.is_dir() else []
     if not files:
-        raise UserError(f"defect folder {folder} is missing or holds no .png crops (set cut_paste.defect_dir)")
+        raise UserError(f"defect folder {folder} is missing or holds no .png crops (cut_paste.defect_dir)")
     patches, alphas = [], []
     for f in files:
         img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)

@@ -73,7 +73,10 @@ def _category_dir(root: str | Path, category: str) -> Path:
     if category not in CATEGORIES:
         raise UserError(f"unknown category '{category}'; valid: {', '.join(CATEGORIES)}")
     root = Path(root)
-    hint = f"download MVTec AD 2 from {DOWNLOAD_URL} and unpack it so that {root}/{category}/train/good/*.png exists"
+    hint = (
+        f"download MVTec AD 2 from {DOWNLOAD_URL} and unpack it so that "
+        f"{root}/{category}/train/good/*.png exists"
+    )
     if not root.is_dir():
         raise UserError(f"data root {root} does not exist: {hint} (layout: {_LAYOUT})")
     if not (root / category).is_dir():
@@ -83,7 +86,7 @@ def _category_dir(root: str | Path, category: str) -> Path:
 
 def _pngs(folder: Path, split: Split) -> list[Path]:
     if not folder.is_dir():
-        raise UserError(f"split folder {folder} is missing (needed for split '{split.value}'; layout: {_LAYOUT})")
+        raise UserError(f"split folder {folder} is missing (split '{split.value}'; layout: {_LAYOUT})")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and p.is_file())
     if not files:
         raise UserError(f"split folder {folder} holds no .png images (split '{split.value}')")
@@ -94,7 +97,7 @@ def list_samples(root: str | Path, category: str, split: Split | str) -> list[Sa
     """Every image of one split, in a sorted, deterministic order (test_public: good first, then bad).
 
     Raises:
-        UserError: missing root/category/split folder, empty split, unknown category or a bad image without mask.
+        UserError: missing root/category/split folder, empty split, unknown category, bad image without mask.
     """
     try:
         split = Split(split)
@@ -116,7 +119,8 @@ def list_samples(root: str | Path, category: str, split: Split | str) -> list[Sa
                 if not mask.is_file():
                     raise UserError(f"bad image {p} has no mask: expected {mask}")
             label = int(kind == "bad")
-            samples.append(Sample(category, split, p, mask, label, _lighting(p.stem), f"{split.value}/{kind}/{p.stem}"))
+            sample_id = f"{split.value}/{kind}/{p.stem}"
+            samples.append(Sample(category, split, p, mask, label, _lighting(p.stem), sample_id))
     return samples
 
 
@@ -165,9 +169,8 @@ def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.nda
     if m is None:
         raise UserError(f"cannot decode mask {path} (unreadable or truncated PNG)")
     if m.shape != image_hw:
-        raise UserError(
-            f"mask {path} is {m.shape[1]}x{m.shape[0]} but its image {image_path} is {image_hw[1]}x{image_hw[0]}"
-        )
+        h, w = image_hw
+        raise UserError(f"mask {path} is {m.shape[1]}x{m.shape[0]} but its image {image_path} is {w}x{h}")
     return (m > 0).astype(np.float32)
 
 
@@ -191,19 +194,23 @@ def check_dataset(root: str | Path, category: str) -> str:
             if ref is None:
                 ref = (s.image_path, h, w)
             elif (h, w) != ref[1:]:
-                raise UserError(f"image {s.image_path} is {w}x{h} but {ref[0]} is {ref[2]}x{ref[1]}; sizes must match")
+                msg = f"image {s.image_path} is {w}x{h} but {ref[0]} is {ref[2]}x{ref[1]}; sizes must match"
+                raise UserError(msg)
             if s.mask_path is not None:
                 mh, mw, _ = png_size(s.mask_path)
                 if (mh, mw) != (h, w):
-                    raise UserError(f"mask {s.mask_path} is {mw}x{mh} but its image {s.image_path} is {w}x{h}")
+                    msg = f"mask {s.mask_path} is {mw}x{mh} but its image {s.image_path} is {w}x{h}"
+                    raise UserError(msg)
         n_bad = sum(s.label == 1 for s in samples)
-        detail = f" ({len(samples) - n_bad} good, {n_bad} bad with masks)" if split == Split.TEST_PUBLIC else ""
+        detail = ""
+        if split == Split.TEST_PUBLIC:
+            detail = f" ({len(samples) - n_bad} good, {n_bad} bad with masks)"
         lines.append(f"  {split.value:<19} {len(samples):5d}{detail}")
     assert ref is not None
     mode = "gray" if channels <= {1, 2} else "RGB"
     expected = "gray" if category in GRAY_CATEGORIES else "RGB"
     note = "" if mode == expected else f" (MVTec AD 2 {category} is {expected})"
-    head = f"{category} at {Path(root) / category}: {ref[2]}x{ref[1]} {mode}{note}, all PNGs complete, masks match"
+    head = f"{category} at {Path(root) / category}: {ref[2]}x{ref[1]} {mode}{note}; PNGs complete, masks fit"
     return "\n".join([head, *lines])
 
 
@@ -232,8 +239,8 @@ class Augment:
             zoom = (1 - cfg.scale, 1 + cfg.scale)
             ops.append(A.Affine(scale=zoom, border_mode=cv2.BORDER_REFLECT_101, p=cfg.probability))
         if cfg.brightness > 0:
-            bright = A.RandomBrightnessContrast(brightness_limit=cfg.brightness, contrast_limit=0.0, p=cfg.probability)
-            ops.append(bright)
+            b, p = cfg.brightness, cfg.probability
+            ops.append(A.RandomBrightnessContrast(brightness_limit=b, contrast_limit=0.0, p=p))
         self.compose = A.Compose(ops, seed=seed) if ops else None
         self.exposure, self.probability = cfg.exposure, cfg.probability
         self.rng = np.random.default_rng(seed)
@@ -300,7 +307,8 @@ class MVTecAD2Dataset(Dataset):
             boxes = train_tile_boxes(h, w, train_levels)
             # (sample index, level index, tile index, box): one epoch = every tile of every image once
             self.triples = [(i, li, ti, box) for i in range(len(samples)) for (li, ti, box) in boxes]
-        self.augment = build_augment(augment, seed) if augment is not None and train_levels is not None else None
+        train = augment is not None and train_levels is not None
+        self.augment = build_augment(augment, seed) if train else None
         self._cache: tuple[int, np.ndarray] | None = None  # last decoded image (consecutive triples share it)
 
     def __len__(self) -> int:
@@ -404,7 +412,8 @@ class MVTecAD2DataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset(Split.TRAIN)
         if len(ds) < self.config.batch_size:
-            raise UserError(f"train split has {len(ds)} tiles, fewer than data.batch_size={self.config.batch_size}")
+            bs = self.config.batch_size
+            raise UserError(f"train split has {len(ds)} tiles, fewer than data.batch_size={bs}")
         return self._loader(ds, self.config.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -414,7 +423,8 @@ class MVTecAD2DataModule(L.LightningDataModule):
         return self._loader(self.dataset(Split.TEST_PUBLIC), self.config.eval_batch_size, train=False)
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.dataset(s), self.config.eval_batch_size, train=False) for s in self.predict_splits]
+        bs = self.config.eval_batch_size
+        return [self._loader(self.dataset(s), bs, train=False) for s in self.predict_splits]
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         if self.trainer is not None and self.trainer.training:
@@ -424,7 +434,8 @@ class MVTecAD2DataModule(L.LightningDataModule):
     def _step_generator(self, device: torch.device) -> torch.Generator:
         """A generator on `device` seeded from (seed, global_step, global_rank)."""
         step, rank = self.trainer.global_step, self.trainer.global_rank
-        return torch.Generator(device=device).manual_seed(((self.seed * 1_000_003 + step) * 1009 + rank) % 2**62)
+        seed = ((self.seed * 1_000_003 + step) * 1009 + rank) % 2**62
+        return torch.Generator(device=device).manual_seed(seed)
 
     def train_transform(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         """Native images + tile boxes -> (B,3,S,S) tiles, then cut-paste (masks and labels follow)."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridad.tiling import TileLevel, level_boxes, tile
+from hybridad.tiling import Box, TileLevel, level_boxes, tile
 from hybridad.types import TileLayout
 
 
@@ -19,9 +19,10 @@ class TilingConfig:
     test_level: TileLevel = field(default_factory=TileLevel)
 
 
-def train_tile_boxes(height: int, width: int, levels: list[TileLevel]) -> list[tuple[int, int, tuple]]:
+def train_tile_boxes(height: int, width: int, levels: list[TileLevel]) -> list[tuple[int, int, Box]]:
     """Every (level index, tile index, box) of the training pyramid for one image size."""
-    return [(li, ti, box) for li, lv in enumerate(levels) for ti, box in enumerate(level_boxes(height, width, lv))]
+    per_level = [level_boxes(height, width, lv) for lv in levels]
+    return [(li, ti, box) for li, boxes in enumerate(per_level) for ti, box in enumerate(boxes)]
 
 
 def _to_unit(x: Tensor) -> Tensor:
@@ -44,7 +45,7 @@ class TrainTiler(nn.Module):
         """(B,3,H,W) uint8 native images + (B,4) long boxes (y0,x0,y1,x1) -> (B,3,S,S) float [0,1]."""
         s = self.input_size
         out = []
-        for img, (y0, x0, y1, x1) in zip(images, tile_box.tolist()):  # a loop over items; crops differ in size
+        for img, (y0, x0, y1, x1) in zip(images, tile_box.tolist()):  # over items: crops differ in size
             crop = _to_unit(img[None, :, y0:y1, x0:x1])  # (1,3,th,tw)
             if crop.shape[-2:] != (s, s):
                 crop = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False, antialias=False)

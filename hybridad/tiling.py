@@ -3,10 +3,11 @@
 They live in `hybridad` (not `data_modules`) so the branches' eval steps can stitch maps without importing the
 data layer. `data_modules/tiling.py` wraps them in the DataModule's device-side modules.
 
-Grid choice: every tile of a level has the same size, and the tile starts are spread evenly so the first tile
-starts at 0 and the last one ends exactly at the border. With `overlap=0` and a size that the grid divides, this
-is the ISVL grid (tile W//C x H//R, no overlap); when it does not divide, neighbours share the remainder
-(at most one pixel each) instead of the last tile growing, so all tiles stay equal and batch without padding.
+Grid choice: every tile of a level has the same size, and the tile starts are spread evenly so the first
+tile starts at 0 and the last one ends exactly at the border. With `overlap=0` and a size that the grid
+divides, this is the ISVL grid (tile W//C x H//R, no overlap); when it does not divide, neighbours share the
+remainder (at most one pixel each) instead of the last tile growing, so all tiles stay equal and batch
+without padding.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def tile(images: Tensor, level: TileLevel, out_size: int | None = None) -> tuple
     tiles = crops.flatten(0, 1)  # (B*n,C,th,tw), image-major
     tiles = tiles.float() if not tiles.is_floating_point() else tiles
     if out_size is not None and tuple(tiles.shape[-2:]) != (out_size, out_size):
-        tiles = F.interpolate(tiles, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=False)
+        size = (out_size, out_size)
+        tiles = F.interpolate(tiles, size=size, mode="bilinear", align_corners=False, antialias=False)
     return tiles, TileLayout(image_size=(h, w), boxes=boxes, num_images=b)
 
 
@@ -98,7 +100,7 @@ def untile(tile_maps: Tensor, layout: TileLayout) -> Tensor:
     for k, (y0, x0, y1, x1) in enumerate(layout.boxes):
         m = maps[:, k]  # (B,C,h,w)
         if tuple(m.shape[-2:]) != (y1 - y0, x1 - x0):
-            m = F.interpolate(m, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False, antialias=False)
+            m = F.interpolate(m, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
         canvas[:, :, y0:y1, x0:x1] += m
         weight[:, :, y0:y1, x0:x1] += 1.0
     return canvas / weight

@@ -219,7 +219,8 @@ def test_decoding_native_rgb_and_gray(tree, tmp_path):
     assert item["image"][:, 0, 0].tolist() == [201, 201, 201]  # pixel (0,0) set on all channels
     ref = cv2.cvtColor(cv2.imread(str(ds.samples[3].image_path)), cv2.COLOR_BGR2RGB)
     assert torch.equal(item["image"].permute(1, 2, 0), torch.from_numpy(ref))  # RGB order
-    assert item["mask"].shape == (1, H, W) and item["mask"][0, 3:7, 3:9].eq(1).all() and item["mask"].sum() == 24
+    assert item["mask"].shape == (1, H, W) and item["mask"].sum() == 24
+    assert item["mask"][0, 3:7, 3:9].eq(1).all()  # bad/001's defect rows 3..6, columns 3..8
     assert ds[0]["mask"].sum() == 0 and ds[0]["label"] == 0  # good image in test_public: zero mask
     gray_root = make_tree(tmp_path / "g", "wallplugs", gray=True)
     img = read_image(list_samples(gray_root, "wallplugs", "train")[1].image_path)
@@ -251,7 +252,8 @@ def test_augment_keeps_size_and_changes_pixels(tree):
 
 
 def _config(root: Path, **kw) -> DataConfig:
-    tiling = TilingConfig(input_size=16, train_levels=[TileLevel(), TileLevel(2, 2, 0.1)], test_level=TileLevel(4, 2))
+    levels = [TileLevel(), TileLevel(2, 2, 0.1)]
+    tiling = TilingConfig(input_size=16, train_levels=levels, test_level=TileLevel(4, 2))
     args = {"root": str(root), "category": "can", "batch_size": 4, "num_workers": 0, "tiling": tiling, **kw}
     return DataConfig(**args)
 
@@ -270,10 +272,13 @@ def test_train_epoch_covers_every_tile_once(tree):
 
 
 def test_train_hook_makes_batch_size_tiles(tree):
-    cp = CutPasteConfig(enabled=True, probability=1.0, scale_min=0.2, scale_max=0.5, library_size=2, patch_size=16)
+    cp = CutPasteConfig(
+        enabled=True, probability=1.0, scale_min=0.2, scale_max=0.5, library_size=2, patch_size=16
+    )
     dm = MVTecAD2DataModule(_config(tree, cut_paste=cp), seed=0)
     raw = next(iter(dm.train_dataloader()))
-    assert raw.image.shape == (4, 3, H, W) and raw.image.dtype == torch.uint8 and raw.tile_box.shape == (4, 2 + 2)
+    assert raw.image.shape == (4, 3, H, W) and raw.image.dtype == torch.uint8
+    assert raw.tile_box.shape == (4, 4)
     native = raw.image.clone()
     batch = dm.train_transform(raw, torch.Generator().manual_seed(0))
     assert batch.image.shape == (4, 3, 16, 16) and batch.image.dtype == torch.float32
@@ -294,7 +299,8 @@ def test_eval_hook_tiles_and_layout_untile_to_native(tree):
     assert untile(batch.tiles[:, :1], batch.layout).shape == (2, 1, H, W)
     loaders = dm.predict_dataloader()
     assert [s.value for s in dm.predict_splits] == ["test_private", "test_private_mixed"]
-    assert [next(iter(ld)).sample_id[0] for ld in loaders] == ["test_private/000_regular", "test_private_mixed/000_mixed"]
+    first = [next(iter(ld)).sample_id[0] for ld in loaders]
+    assert first == ["test_private/000_regular", "test_private_mixed/000_mixed"]
     assert next(iter(dm.val_dataloader())).mask is None
 
 

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from data_modules.tiling import EvalTiler, TrainTiler, train_tile_boxes
 from hybridad.tiling import TileLevel, level_boxes, tile, untile
 
-# the real MVTec AD 2 sizes (W x H) scaled down by 16: sheet_metal, vial, can, fabric/rice/wallplugs/walnuts
-SIZES = [(1056 // 16, 4224 // 16), (1900 // 16, 1400 // 16), (1024 // 16, 2232 // 16), (2048 // 16, 2448 // 16)]
+# the real MVTec AD 2 sizes scaled down by 16: sheet_metal, vial, can, fabric/rice/wallplugs/walnuts
+SIZES = [  # (H, W)
+    (1056 // 16, 4224 // 16), (1900 // 16, 1400 // 16),
+    (1024 // 16, 2232 // 16), (2048 // 16, 2448 // 16),
+]
 GRIDS = [(1, 1), (2, 2), (4, 2), (8, 2), (4, 4)]
 OVERLAPS = [0.0, 0.1, 0.25]
 
