@@ -17,7 +17,13 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from hybridad.errors import UserError
-from hybridad.metrics.functional import NUM_KEYS, f1_max_from_histograms, float16_key_values, float16_keys
+from hybridad.metrics.functional import (
+    NUM_KEYS,
+    f1_max_from_histograms,
+    float16_key_values,
+    float16_keys,
+    key_histogram,
+)
 from hybridad.metrics.segmentation import PixelF1Max
 
 METHODS = ("mean_std", "percentile", "f1_optimal", "fixed")
@@ -64,12 +70,12 @@ class ScoreStats(Metric):
 
     def update(self, maps: Tensor) -> None:
         """Add every value of `maps` (any shape, e.g. (B,1,H,W)); NaN raises ValueError."""
-        keys = float16_keys(maps).reshape(-1)  # (N,)
+        hist = key_histogram(float16_keys(maps))  # raises on NaN
         x = maps.detach().reshape(-1).to(torch.float64)  # (N,)
         self.count += x.numel()
         self.total += x.sum()
-        self.total_sq += (x * x).sum()
-        self.hist += torch.bincount(keys, minlength=NUM_KEYS).to(self.hist)
+        self.total_sq += x.square().sum()
+        self.hist += hist.to(self.hist.device)
 
     def compute(self) -> Tensor:
         """(2,) tensor (mean, std)."""

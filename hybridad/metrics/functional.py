@@ -40,22 +40,24 @@ def float16_keys(x: Tensor) -> Tensor:
         x: any shape, any real dtype.
 
     Returns:
-        int64 tensor of the same shape, values in [0, 65536); `a < b` iff `key(a) < key(b)` for float16 values.
-
-    Raises:
-        ValueError: if `x` contains NaN (a NaN score has no place in a ranking).
+        int32 tensor of the same shape, values in [0, 65536), ordered like the float16 values. Bit order is kept:
+        -0 has key 0x7FFF and +0 key 0x8000, NaN keys lie below -inf's and above +inf's; `key_histogram` folds
+        -0 onto +0 and rejects NaN.
     """
-    h = x.detach().to(torch.float16)
-    if torch.isnan(h).any():
-        raise ValueError("anomaly map contains NaN; fix the model output before evaluating it")
-    h = h + 0.0  # folds -0 onto +0 (IEEE: -0 + 0 = +0); keeps +-inf
-    bits = h.view(torch.int16).to(torch.int32) & 0xFFFF  # unsigned bit pattern in [0, 65535]
-    # non-negative values: 0x0000..0x7C00 -> 0x8000..0xFC00; negative: larger magnitude -> smaller key
-    return torch.where(bits < _SIGN, bits + _SIGN, 0xFFFF - bits).to(torch.int64)
+    b = x.detach().to(torch.float16).view(torch.int16).to(torch.int32)  # signed bit pattern
+    # b >= 0 (sign bit clear): key = b + 0x8000 = b ^ 0x8000; b < 0: key = 0xFFFF - (b + 0x10000) = ~b
+    flip = b >> 31  # 0 or -1
+    flip |= 0x8000
+    b ^= flip
+    return b
+
+
+_NEG_ZERO_KEY, _POS_ZERO_KEY = 0x7FFF, 0x8000
+_NAN_LOW, _NAN_HIGH = 0x3FF, 0xFC01  # keys < _NAN_LOW or >= _NAN_HIGH are NaN bit patterns
 
 
 def float16_key_values(device: torch.device | str | None = None) -> Tensor:
-    """(65536,) float32 value of every key (NaN for the keys of NaN bit patterns, never produced)."""
+    """(65536,) float32 value of every key (NaN for the keys of NaN bit patterns)."""
     keys = torch.arange(NUM_KEYS, dtype=torch.int32, device=device)
     bits = torch.where(keys >= _SIGN, keys - _SIGN, 0xFFFF - keys)  # inverse of float16_keys, in [0, 65535]
     signed = torch.where(bits >= _SIGN, bits - NUM_KEYS, bits).to(torch.int16)  # two's complement int16
@@ -63,9 +65,17 @@ def float16_key_values(device: torch.device | str | None = None) -> Tensor:
 
 
 def key_histogram(keys: Tensor, weights: Tensor | None = None) -> Tensor:
-    """(N,) keys [+ (N,) weights] -> (65536,) float64 per-key count (or weight sum), on the keys' device."""
+    """(N,) keys [+ (N,) weights] -> (65536,) float64 per-key count (or weight sum), on the keys' device.
+
+    -0 is counted as +0 (they are one score). Raises ValueError if a key is a NaN pattern.
+    """
     w = None if weights is None else weights.to(torch.float64)
-    return torch.bincount(keys.reshape(-1), weights=w, minlength=NUM_KEYS).to(torch.float64)
+    hist = torch.bincount(keys.reshape(-1), weights=w, minlength=NUM_KEYS).to(torch.float64)
+    if bool(hist[:_NAN_LOW].any() | hist[_NAN_HIGH:].any()):
+        raise ValueError("anomaly map contains NaN; fix the model output before evaluating it")
+    hist[_POS_ZERO_KEY] += hist[_NEG_ZERO_KEY]
+    hist[_NEG_ZERO_KEY] = 0.0
+    return hist
 
 
 # ----------------------------------------------------------------------------------------------- input handling
@@ -120,28 +130,25 @@ def check_aupro_args(fpr_limit: float, quantize: str | None) -> None:
 # ----------------------------------------------------------------------------------------------- regions
 
 
-def label_regions(mask: Tensor) -> tuple[Tensor, int]:
-    """8-connected components of a (H,W) mask (nonzero = anomalous), labelled on the CPU.
+def label_regions(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """8-connected components of a (H,W) mask (nonzero = anomalous), labelled on the CPU with OpenCV.
 
     Returns:
-        (H,W) int64 labels on the mask's device (0 = normal, 1..R = regions) and R.
+        (H,W) int32 labels on the mask's device (0 = normal, 1..R = regions) and (R+1,) float64 region areas
+        (entry 0 is the normal pixel count).
     """
     m = (mask.detach() != 0).to("cpu", torch.uint8).numpy()
-    if not m.any():
-        return torch.zeros(mask.shape, dtype=torch.int64, device=mask.device), 0
-    n, labels = cv2.connectedComponents(m, connectivity=8, ltype=cv2.CV_32S)
-    return torch.from_numpy(labels).to(mask.device, torch.int64), int(n) - 1
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8, ltype=cv2.CV_32S)
+    areas = torch.from_numpy(stats[:, cv2.CC_STAT_AREA].astype(np.float64)).to(mask.device)
+    return torch.from_numpy(labels).to(mask.device), areas
 
 
 def region_pixel_weights(mask: Tensor) -> tuple[Tensor, int]:
     """(H,W) mask -> (H,W) float64 weight 1/|r| for pixels of region r (0 on normal pixels), and R."""
-    labels, n_regions = label_regions(mask)
-    if n_regions == 0:
-        return torch.zeros(mask.shape, dtype=torch.float64, device=mask.device), 0
-    area = torch.bincount(labels.reshape(-1), minlength=n_regions + 1).to(torch.float64)  # (R+1,)
-    inv = torch.where(area > 0, 1.0 / area.clamp(min=1), torch.zeros_like(area))
+    labels, areas = label_regions(mask)
+    inv = 1.0 / areas
     inv[0] = 0.0
-    return inv[labels], n_regions  # gather: (H,W)
+    return inv[labels.long()], areas.numel() - 1  # gather: (H,W)
 
 
 def pro_histograms(anomaly_map: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -153,14 +160,14 @@ def pro_histograms(anomaly_map: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, i
     """
     keys = float16_keys(anomaly_map).reshape(-1)  # (H*W,)
     counts = key_histogram(keys)
-    weights, n_regions = region_pixel_weights(mask.to(anomaly_map.device))
-    if n_regions == 0:
+    mask = mask.to(anomaly_map.device)
+    idx = (mask != 0).reshape(-1).nonzero().squeeze(1)  # (P,) anomalous pixels, usually few
+    if idx.numel() == 0:
         return counts, torch.zeros_like(counts), 0
-    anomalous = (weights > 0).reshape(-1)  # (H*W,)
-    k_a = keys[anomalous]
-    normal = counts - key_histogram(k_a)
-    region = key_histogram(k_a, weights.reshape(-1)[anomalous])
-    return normal, region, n_regions
+    labels, areas = label_regions(mask)
+    weights = 1.0 / areas[labels.reshape(-1)[idx].long()]  # gather: (P,)
+    k_a = keys[idx]  # gather: (P,)
+    return counts - key_histogram(k_a), key_histogram(k_a, weights), areas.numel() - 1
 
 
 # ----------------------------------------------------------------------------------------------- curves
@@ -302,8 +309,8 @@ def class_f1(
 def pixel_histograms(anomaly_map: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """(..,H,W) map and mask -> (65536,) float64 counts of positive and of negative pixels per float16 key."""
     keys = float16_keys(anomaly_map).reshape(-1)  # (N,)
-    positive = (mask.to(anomaly_map.device) != 0).reshape(-1)  # (N,)
-    pos = key_histogram(keys[positive])
+    idx = (mask.to(anomaly_map.device) != 0).reshape(-1).nonzero().squeeze(1)  # (P,)
+    pos = key_histogram(keys[idx])  # gather: (P,)
     return pos, key_histogram(keys) - pos
 
 
