@@ -52,7 +52,7 @@ def _epoch(dm: MVTecAD2DataModule, hook: bool) -> tuple[int, float, float]:
 
 
 def run(
-    n_images: int = 8, height: int = 512, width: int = 1024, batch_size: int = 16, input_size: int = 448,
+    n_images: int = 16, height: int = 512, width: int = 1024, batch_size: int = 16, input_size: int = 448,
     num_workers: int = 0,
 ) -> list[dict]:  # fmt: skip
     """Measure loader-only and loader+hook throughput with cut-paste off and on; one row per variant."""
@@ -87,7 +87,7 @@ def run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args()
     rows = run(n_images=args.images, num_workers=args.workers)
