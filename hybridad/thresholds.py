@@ -55,6 +55,8 @@ class ScoreStats(Metric):
 
     All states are sum-reduced and persistent, so the accumulator merges (`merge_state`, DDP) and checkpoints
     (`state_dict`). Mean/std use the full-precision scores; percentiles are exact for the float16-cast scores.
+    The `mean`/`std`/`percentile` accessors read the local states: under DDP read them inside
+    `with stats.sync_context():` (as `fit_threshold` does) or use `compute()`.
     """
 
     is_differentiable = False
@@ -166,14 +168,19 @@ def fit_threshold(
     if cfg.method == "f1_optimal":
         if labelled is None:
             raise UserError("threshold.method=f1_optimal needs labelled test_public maps; use mean_std or percentile")
-        thr, _ = f1_optimal_threshold(labelled)
+        if isinstance(labelled, PixelF1Max):
+            with labelled.sync_context():  # sums the histograms over DDP ranks; no-op in one process
+                thr, _ = f1_optimal_threshold(labelled)
+        else:
+            thr, _ = f1_optimal_threshold(labelled)
         return ThresholdResult(thr, "f1_optimal", "test_public (threshold tuned on test)", True)
     if cfg.method not in METHODS:
         raise UserError(f"threshold.method must be one of {METHODS}, got {cfg.method!r}")
     if stats is None:
         raise UserError(f"threshold.method={cfg.method} needs validation scores; none were collected")
-    if cfg.method == "mean_std":
-        value = mean_std_threshold(stats.mean, stats.std, cfg.k)
-    else:
-        value = percentile_threshold(stats, cfg.percentile, cfg.factor, cfg.percentile_method)
+    with stats.sync_context():  # sums the states over DDP ranks; no-op in one process
+        if cfg.method == "mean_std":
+            value = mean_std_threshold(stats.mean, stats.std, cfg.k)
+        else:
+            value = percentile_threshold(stats, cfg.percentile, cfg.factor, cfg.percentile_method)
     return ThresholdResult(float(value), cfg.method, "validation", False)

@@ -231,3 +231,30 @@ def test_metric_state_dict_and_merge() -> None:
     c.load_state_dict(a.state_dict())
     c.merge_state(b)
     assert c.compute().item() == pytest.approx(au_pro(maps, masks), abs=1e-12)
+
+
+def _ddp_worker(rank: int, init_file: str, maps: torch.Tensor, masks: torch.Tensor, out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    metric = AUPRO()
+    metric.update(maps[rank::2], masks[rank::2])  # each rank sees half of the images
+    value = metric.compute().item()  # torchmetrics sums the histogram states over ranks
+    torch.save(value, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_sync_two_ranks(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    rng = np.random.default_rng(4)
+    maps = torch.from_numpy(rng.random((4, 1, 20, 20)).astype(np.float16).astype(np.float32))
+    masks = torch.zeros(4, 1, 20, 20)
+    masks[0, 0, 2:6, 2:6] = masks[1, 0, 10:12, 3:9] = masks[3, 0, 15:, 15:] = 1
+    maps = maps + 0.3 * masks
+    out = str(tmp_path / "value")
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), maps, masks, out), nprocs=2, join=True)
+    expected = au_pro(maps, masks)
+    for rank in range(2):
+        assert torch.load(f"{out}.{rank}") == pytest.approx(expected, abs=1e-12)
