@@ -230,8 +230,8 @@ def test_checkpoint_without_encoder_round_trip(tmp_path) -> None:
     from hybridad.models.inp_former.lightning_model import InpFormer
 
     module = InpFormer(tiny_cfg(encoder_seed=3))
-    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
-    trainer.fit(module, _loader(2))
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(module, _loader(1))
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -250,3 +250,14 @@ def test_missing_weights_is_user_error() -> None:
     cfg = InpFormerConfig(encoder="vit_small_patch14_reg4_dinov2")
     with pytest.raises(UserError, match="inp_former.weights"):
         InpFormer(cfg)
+
+
+@pytest.mark.slow
+def test_bench_gpu_path_runs_on_cpu_with_tiny_override() -> None:
+    from bench.bench_inp_former import run
+
+    rows = run(gpu=True, cfg=tiny_cfg(), input_size=28, batch_size=2, steps=1, device="cpu", bf16=False,
+               image_size=(28, 56), grid=(1, 2))  # fmt: skip
+    names = [r["name"] for r in rows]
+    assert names == ["inp_former_train_step", "inp_former_inference_tiles", "inp_former_inference_native_image"]
+    assert rows[0]["seconds"] > 0 and rows[2]["images_per_s"] > 0 and rows[0]["peak_reserved_gib"] is None
