@@ -7,18 +7,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+from torchmetrics import Metric
 
 from hybridad.metrics import AUPRO, ClassF1, ImageAUROC, PixelAUROC, PixelF1Max, SegF1, group_keys
 from hybridad.run_dir import RunDir
 from hybridad.types import AnomalyOutput, Batch
 
 
-def _group_metrics(with_aupro: bool, fpr_limit: float) -> nn.ModuleDict:
-    metrics: dict[str, nn.Module] = {"seg_f1": SegF1(), "class_f1": ClassF1()}
+def _group_metrics(with_aupro: bool, fpr_limit: float, device: torch.device) -> dict[str, Metric]:
+    metrics: dict[str, Metric] = {"seg_f1": SegF1(), "class_f1": ClassF1()}
     if with_aupro:
         metrics[f"aupro_{fpr_limit:g}"] = AUPRO(fpr_limit=fpr_limit)
-    return nn.ModuleDict(metrics)
+    return {name: m.to(device) for name, m in metrics.items()}
 
 
 class MetricsCallback(L.Callback):
@@ -32,22 +32,18 @@ class MetricsCallback(L.Callback):
         self.run_dir = RunDir(run_dir) if run_dir is not None else None
         self.prefix = prefix
         self.fpr_limit = fpr_limit
-        self.groups: dict[str, nn.ModuleDict] = {}
+        self.groups: dict[str, dict[str, Metric]] = {}
         self.results: dict[str, float] = {}
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.groups = {
-            "all": nn.ModuleDict({
-                **_group_metrics(True, self.fpr_limit),
-                "image_auroc": ImageAUROC(),
-                "pixel_auroc": PixelAUROC(),
-                "pixel_f1_max": PixelF1Max(),
-            }).to(pl_module.device)
-        }
+        device = pl_module.device
+        extra = {"image_auroc": ImageAUROC(), "pixel_auroc": PixelAUROC(), "pixel_f1_max": PixelF1Max()}
+        self.groups = {"all": {**_group_metrics(True, self.fpr_limit, device),
+                               **{name: m.to(device) for name, m in extra.items()}}}
 
-    def _metrics_for(self, key: str, device: torch.device) -> nn.ModuleDict:
+    def _metrics_for(self, key: str, device: torch.device) -> dict[str, Metric]:
         if key not in self.groups:
-            self.groups[key] = _group_metrics(key.startswith("lighting="), self.fpr_limit).to(device)
+            self.groups[key] = _group_metrics(key.startswith("lighting="), self.fpr_limit, device)
         return self.groups[key]
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -74,7 +70,7 @@ class MetricsCallback(L.Callback):
                 if name in ("seg_f1", "class_f1") and not metric.update_called:
                     continue
                 value = metric.compute()
-                value = value[0] if isinstance(value, tuple) else value
+                value = value.reshape(-1)[0]  # PixelF1Max returns (f1_max, threshold)
                 prefix = self.prefix if key == "all" else f"{self.prefix}/{key}"
                 results[f"{prefix}/{name}"] = float(value)
         self.results = results

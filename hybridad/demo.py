@@ -19,7 +19,7 @@ NATIVE_LONG_SIDE = {"can": 2232, "fabric": 2448, "fruit_jelly": 2100, "rice": 24
 DEMO_LONG_SIDE = 256
 
 COMMON = [
-    "inp_former.preset=tiny", "inp_former.weights=", "cpr.preset=tiny", "cpr.weights=",
+    "inp_former.preset=tiny", "inp_former.weights=''", "cpr.preset=tiny", "cpr.weights=''",
     "data.num_workers=0", "logging.wandb=false", "trainer.check_val_every_n_epoch=100000",
     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5",
 ]
