@@ -133,7 +133,7 @@ def local_nn_distance(query: Tensor, refs: Tensor, window: int) -> Tensor:
     for dy in range(window):  # loop over window offsets only (at most 9), each step vectorised over positions
         for dx in range(window):
             shifted = padded[..., dy : dy + h, dx : dx + w]  # (B, K, D, H, W)
-            dist = 1 - torch.einsum("bdhw,bkdhw->bkhw", q, shifted)  # (B, K, H, W)
+            dist = 1 - (q[:, None] * shifted).sum(2)  # (B, K, H, W); einsum here lowers to a slow bmm on CPU
             dist = torch.where(valid[dy : dy + h, dx : dx + w], dist, torch.full_like(dist, OUTSIDE))
             best = torch.minimum(best, dist.min(1, keepdim=True).values)
     return best

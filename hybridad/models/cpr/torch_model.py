@@ -301,8 +301,14 @@ class CprModel(nn.Module):
         total = torch.zeros(x.shape[0], 1, *fine, device=self.device)
         for s, q in enumerate(query):
             bank = self.bank[s]
-            refs = bank[nbrs.to(bank.device)].to(self.device)  # (B, K, D, h_s, w_s)
-            dist = local_nn_distance(q, refs, cfg.region_sizes[s])  # (B, 1, h_s, w_s)
+            per_query = nbrs.shape[1] * q[0].numel() * 4  # float32 bytes of one query's references
+            step = max(1, cfg.match_chunk_bytes // per_query)
+            dist = torch.cat(
+                [
+                    local_nn_distance(q[i : i + step], bank[nb.to(bank.device)].to(self.device), cfg.region_sizes[s])
+                    for i, nb in zip(range(0, len(q), step), nbrs.split(step))
+                ]
+            )  # (B, 1, h_s, w_s); refs gathered per chunk of queries: (b, K, D, h_s, w_s)
             total += F.interpolate(dist, size=fine, mode="bilinear", align_corners=False)
         maps = F.interpolate(total, size=out_size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
         if cfg.foreground:
