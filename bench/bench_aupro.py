@@ -1,7 +1,9 @@
 """AU-PRO time and peak memory: streaming float16 histograms vs the global sort, and one native-size category.
 
 Each variant runs in a fresh subprocess; peak memory is the growth of the process's max RSS (ru_maxrss) over the
-figure taken once its input is in memory, so it counts what the metric itself allocates.
+figure taken once its input is in memory, so it counts what the metric itself allocates. Torch runs on one
+thread by default: on a shared, loaded machine two OpenMP threads spin-wait on each other and the small-map
+variant became 30x slower (28 s vs 0.9 s), which measures the neighbours, not the metric.
 
     python -m bench.bench_aupro
 """
@@ -37,10 +39,11 @@ def _make_pair(i: int, h: int, w: int, gen: torch.Generator) -> tuple[torch.Tens
     return scores.half().float(), mask
 
 
-def _variant(name: str) -> dict:
+def _variant(name: str, threads: int = 1) -> dict:
     from hybridad.metrics import AUPRO
     from hybridad.metrics.functional import au_pro
 
+    torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     if name in ("float16_stream", "global_sort"):
         cfg = SMALL
@@ -80,11 +83,11 @@ def _variant(name: str) -> dict:
     )
 
 
-def run() -> list[dict]:
-    """Run every variant in its own subprocess; returns one row per variant."""
+def run(threads: int = 1) -> list[dict]:
+    """Run every variant in its own subprocess with `threads` torch threads; returns one row per variant."""
     rows = []
     for name in ("float16_stream", "global_sort", "native_category"):
-        cmd = [sys.executable, "-m", "bench.bench_aupro", "--variant", name]
+        cmd = [sys.executable, "-m", "bench.bench_aupro", "--variant", name, "--threads", str(threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     return rows
@@ -93,11 +96,12 @@ def run() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", default=None, help="run one variant in this process and print JSON")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per variant")
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(_variant(args.variant)))
+        print(json.dumps(_variant(args.variant, args.threads)))
         return
-    rows = run()
+    rows = run(args.threads)
     cols = ["variant", "images", "size", "mpixels", "aupro", "seconds", "peak_mib", "threads"]
     print(" | ".join(f"{c:>15}" for c in cols))
     for r in rows:
