@@ -1,7 +1,7 @@
 """AU-PRO time and peak memory: streaming float16 histograms vs the global sort, and one native-size category.
 
-Each variant runs in a fresh subprocess; peak memory is the growth of the process's max RSS (ru_maxrss) over the
-figure taken once its input is in memory, so it counts what the metric itself allocates. Torch runs on one
+Each variant runs in a fresh subprocess; peak memory is the growth of the process's max RSS (ru_maxrss) over
+the figure taken once its input is in memory, so it counts what the metric itself allocates. Torch runs on one
 thread by default: on a shared, loaded machine two OpenMP threads spin-wait on each other and the small-map
 variant became 30x slower (28 s vs 0.9 s), which measures the neighbours, not the metric.
 

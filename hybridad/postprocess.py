@@ -1,8 +1,9 @@
 """Post-processing of anomaly maps (smoothing, normalisation) and of binary masks (threshold + morphology).
 
-Everything runs on the input's device, on (B,1,H,W) tensors. Two steps leave the device for the CPU, because
-connected components have no cheap GPU form in torch: `remove_small` (OpenCV labelling) and, for CPU inputs only,
-`fill_holes` (scipy). The ISVL walnuts HSV k-means foreground mask is not implemented (it needs the RGB image).
+Everything runs on the input's device, on (B,1,H,W) tensors. One step leaves the device for the CPU, because
+connected components have no cheap GPU form in torch: `remove_small` (OpenCV labelling). `fill_holes` uses
+scipy for CPU inputs and an iterative flood fill elsewhere. The ISVL walnuts HSV k-means foreground mask is
+not implemented (it needs the RGB image).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ class PostProcessConfig:
     fill_holes: bool = False
     min_area: int = 0  # remove connected components smaller than this (pixels); 0 = off
     erosion_kernel: int = 0  # square erosion after closing (ISVL fruit_jelly: 15); 0 = off
-    full_mask_guard: float = 0.95  # if closing/filling makes more than this fraction positive, keep the raw mask
+    full_mask_guard: float = 0.95  # if closing/filling makes more than this fraction positive, keep raw mask
 
 
-# ----------------------------------------------------------------------------------------------- continuous maps
+# ------------------------------------------------------------------------------------------ continuous maps
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device: torch.device | None = None) -> Tensor:
@@ -67,7 +68,8 @@ def normalize(anomaly_map: Tensor, low: float, high: float) -> Tensor:
 
 
 def _max_filter(x: Tensor, k: int, outside: float) -> Tensor:
-    """Max over a k x k window at offsets [-(k//2), k-1-k//2] (OpenCV's default anchor), outside = `outside`."""
+    """Max over a k x k window at offsets [-(k//2), k-1-k//2] (OpenCV's default anchor); outside = `outside`.
+    Separable (row max, then column max): O(k) per pixel."""
     a = k // 2
     x = F.pad(x, (a, k - 1 - a, a, k - 1 - a), value=outside)  # (B,1,H+k-1,W+k-1)
     x = F.max_pool2d(x, (1, k), stride=1)  # (B,1,H+k-1,W)
@@ -85,7 +87,7 @@ def erode(mask: Tensor, k: int) -> Tensor:
 
 
 def close(mask: Tensor, k: int) -> Tensor:
-    """Closing (dilate then erode, same k x k window), equal to cv2.morphologyEx(MORPH_CLOSE) with defaults."""
+    """Closing (dilate, then erode with the same window), equal to cv2.morphologyEx(MORPH_CLOSE) defaults."""
     return erode(dilate(mask, k), k)
 
 
@@ -129,7 +131,7 @@ def fill_holes(mask: Tensor, method: str = "auto") -> Tensor:
 
 
 def remove_small(mask: Tensor, min_area: int) -> Tensor:
-    """Drop 8-connected components of fewer than `min_area` pixels from a (B,1,H,W) bool mask (labelled on CPU)."""
+    """Drop 8-connected components under `min_area` pixels from a (B,1,H,W) bool mask (labelled on CPU)."""
     out = []
     for m in mask[:, 0].to("cpu", torch.uint8).numpy():  # (H,W) each
         n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8, ltype=cv2.CV_32S)
@@ -142,8 +144,8 @@ def remove_small(mask: Tensor, min_area: int) -> Tensor:
 def binarize(anomaly_map: Tensor, threshold: float, cfg: PostProcessConfig) -> Tensor:
     """Threshold and clean (B,1,H,W) maps into (B,1,H,W) bool masks, the masks the PNG writer saves.
 
-    Steps: `map >= threshold` (inclusive: ISVL's uint8 rule floor(255 s) > T is s >= (T+1)/255); closing with a
-    `closing_kernel` square; hole filling; the full-mask guard (per image: if closing/filling left more than
+    Steps: `map >= threshold` (inclusive: ISVL's uint8 rule floor(255 s) > T is s >= (T+1)/255); closing with
+    a `closing_kernel` square; hole filling; the full-mask guard (per image: if closing/filling left more than
     `full_mask_guard` of the pixels positive, keep the mask from before closing); erosion with an
     `erosion_kernel` square; removal of 8-connected components under `min_area` pixels. Steps set to 0/False
     are skipped.

@@ -37,7 +37,7 @@ class ThresholdConfig:
     percentile: float = 99.0  # percentile: q-th percentile of validation scores ...
     factor: float = 1.0  # ... times factor
     value: float = 0.0  # fixed
-    percentile_method: str = "linear"  # numpy.percentile method on float16-cast scores: linear|lower|higher|nearest
+    percentile_method: str = "linear"  # numpy.percentile method: linear | lower | higher | nearest
 
 
 @dataclass
@@ -85,7 +85,7 @@ class ScoreStats(Metric):
 
     def _require_data(self) -> None:
         if float(self.count) == 0:
-            raise UserError("no validation scores were collected: check that the validation split is not empty")
+            raise UserError("no validation scores were collected: check that the validation split has images")
 
     @property
     def mean(self) -> float:
@@ -100,12 +100,12 @@ class ScoreStats(Metric):
         return math.sqrt(max(float(self.total_sq / self.count - mean * mean), 0.0))
 
     def percentile(self, q: float, method: str = "linear") -> float:
-        """The q-th percentile (0..100) of the float16-cast scores, as `numpy.percentile(..., method=method)`."""
+        """q-th percentile (0..100) of the float16-cast scores, as `numpy.percentile(..., method=method)`."""
         self._require_data()
         if not 0.0 <= q <= 100.0:
             raise UserError(f"threshold.percentile must be in [0, 100], got {q}")
         if method not in PERCENTILE_METHODS:
-            raise UserError(f"threshold.percentile_method must be one of {PERCENTILE_METHODS}, got {method!r}")
+            raise UserError(f"threshold.percentile_method must be in {PERCENTILE_METHODS}, got {method!r}")
         n = int(self.count)
         h = (n - 1) * (q / 100.0)  # virtual index into the sorted values
         lo, hi = math.floor(h), math.ceil(h)
@@ -167,7 +167,7 @@ def fit_threshold(
         return ThresholdResult(float(cfg.value), "fixed", "config", False)
     if cfg.method == "f1_optimal":
         if labelled is None:
-            raise UserError("threshold.method=f1_optimal needs labelled test_public maps; use mean_std or percentile")
+            raise UserError("threshold.method=f1_optimal needs labelled test_public maps; use mean_std")
         if isinstance(labelled, PixelF1Max):
             with labelled.sync_context():  # sums the histograms over DDP ranks; no-op in one process
                 thr, _ = f1_optimal_threshold(labelled)

@@ -20,11 +20,11 @@ from hybridad.metrics.functional import (
 class AUPRO(Metric):
     """Area under the PRO curve up to `fpr_limit`, divided by the limit, over everything passed to `update`.
 
-    With `quantize="float16"` (default) the state is two (65536,) float64 histograms (normal pixels per float16
-    value; per-value sum of 1/|region| over region pixels) and a region counter, all sum-reduced: memory does not
-    grow with the number of images and DDP sync is a sum. The value is exactly the MVTec AU-PRO of the
-    float16-cast maps, which is what the server reads. `quantize=None` keeps every pixel (list states) and sorts
-    them globally in `compute`; use it for small sets only.
+    With `quantize="float16"` (default) the state is two (65536,) float64 histograms (normal pixels per
+    float16 value; per-value sum of 1/|region| over region pixels) and a region counter, all sum-reduced:
+    memory does not grow with the number of images and DDP sync is a sum. The value is exactly the MVTec
+    AU-PRO of the float16-cast maps, which is what the server reads. `quantize=None` keeps every pixel (list
+    states) and sorts them globally in `compute`; use it for small sets only.
 
     `compute` returns NaN when no anomalous region was seen.
 
@@ -42,7 +42,8 @@ class AUPRO(Metric):
         check_aupro_args(fpr_limit, quantize)
         self.fpr_limit = fpr_limit
         self.quantize = quantize
-        self.add_state("num_regions", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum", persistent=True)
+        n0 = torch.tensor(0, dtype=torch.int64)
+        self.add_state("num_regions", n0, dist_reduce_fx="sum", persistent=True)
         if quantize == "float16":
             zeros = torch.zeros(NUM_KEYS, dtype=torch.float64)
             self.add_state("normal_hist", zeros.clone(), dist_reduce_fx="sum", persistent=True)
@@ -52,7 +53,7 @@ class AUPRO(Metric):
             self.add_state("weights", [], dist_reduce_fx="cat")
 
     def update(self, anomaly_maps: Tensor, masks: Tensor) -> None:
-        """Add a batch: `anomaly_maps` and `masks` (B,1,H,W) or (B,H,W); any nonzero mask pixel is anomalous."""
+        """Add a batch: `anomaly_maps`, `masks` (B,1,H,W) or (B,H,W); any nonzero mask pixel is anomalous."""
         for m, g in iter_pairs(anomaly_maps, masks):
             if self.quantize == "float16":
                 normal, region, k = pro_histograms(m, g)
@@ -68,8 +69,8 @@ class AUPRO(Metric):
         n_regions = int(self.num_regions)
         if self.quantize == "float16":
             return au_pro_from_histograms(self.normal_hist, self.region_hist, n_regions, self.fpr_limit)
-        scores = self.scores if isinstance(self.scores, Tensor) else torch.cat(self.scores) if self.scores else None
-        if scores is None:
+        if isinstance(self.scores, list) and not self.scores:
             return torch.tensor(float("nan"), dtype=torch.float64)
+        scores = self.scores if isinstance(self.scores, Tensor) else torch.cat(self.scores)
         weights = self.weights if isinstance(self.weights, Tensor) else torch.cat(self.weights)
         return au_pro_from_pixels(scores, weights, n_regions, self.fpr_limit)

@@ -2,9 +2,10 @@
 
 Every pixel-level metric here can run in two ways:
 
-- exact on float16 values (default): each map is cast to float16, as the MVTec AD 2 server reads float16 TIFFs,
-  and only per-value histograms over the 65536 float16 bit patterns are kept. The result is exactly what a
-  global sort of the float16-cast maps gives, in O(pixels) time and memory independent of the number of images.
+- exact on float16 values (default): each map is cast to float16, as the MVTec AD 2 server reads float16
+  TIFFs, and only per-value histograms over the 65536 float16 bit patterns are kept. The result is exactly
+  what a global sort of the float16-cast maps gives, in O(pixels) time and memory independent of the number
+  of images.
 - exact on full-precision values (`quantize=None` for AU-PRO): all values are stacked and sorted globally.
 
 Float16 bit patterns are mapped to an *ordering key* in [0, 65536): key order equals value order, -0 is folded
@@ -40,9 +41,9 @@ def float16_keys(x: Tensor) -> Tensor:
         x: any shape, any real dtype.
 
     Returns:
-        int32 tensor of the same shape, values in [0, 65536), ordered like the float16 values. Bit order is kept:
-        -0 has key 0x7FFF and +0 key 0x8000, NaN keys lie below -inf's and above +inf's; `key_histogram` folds
-        -0 onto +0 and rejects NaN.
+        int32 tensor of the same shape, values in [0, 65536), ordered like the float16 values. Bit order is
+        kept: -0 has key 0x7FFF and +0 key 0x8000, NaN keys lie below -inf's and above +inf's;
+        `key_histogram` folds -0 onto +0 and rejects NaN.
     """
     b = x.detach().to(torch.float16).view(torch.int16).to(torch.int32)  # signed bit pattern
     # b >= 0 (sign bit clear): key = b + 0x8000 = b ^ 0x8000; b < 0: key = 0xFFFF - (b + 0x10000) = ~b
@@ -78,7 +79,7 @@ def key_histogram(keys: Tensor, weights: Tensor | None = None) -> Tensor:
     return hist
 
 
-# ----------------------------------------------------------------------------------------------- input handling
+# ------------------------------------------------------------------------------------------- input handling
 
 
 def _as_tensor(x: ArrayLike) -> Tensor:
@@ -232,7 +233,8 @@ def au_pro(
         anomaly_maps: list of (H,W)/(1,H,W) arrays or tensors (sizes may differ), or one (B,H,W)/(B,1,H,W).
         masks: same layout as `anomaly_maps`; any nonzero pixel is anomalous.
         fpr_limit: integration limit in (0, 1].
-        quantize: "float16" (exact for float16-cast maps, bounded memory) or None (full precision, global sort).
+        quantize: "float16" (exact for float16-cast maps, bounded memory) or None (full precision, global
+            sort).
 
     Returns:
         AU-PRO in [0, 1]; NaN when there is no anomalous region (or no normal pixel) at all.

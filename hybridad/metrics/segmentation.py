@@ -35,8 +35,8 @@ from hybridad.metrics.functional import (
 def group_keys(sample_id: str, lighting: str) -> list[str]:
     """Breakdown keys a sample belongs to: `"all"`, `"lighting=<lighting>"` and `"good"`/`"bad"`.
 
-    The good/bad key comes from the `good`/`bad` folder in `sample_id` (`"test_public/bad/000_regular"`); it is
-    left out for private samples, whose ids carry neither.
+    The good/bad key comes from the `good`/`bad` folder in `sample_id` (`"test_public/bad/000_regular"`); it
+    is left out for private samples, whose ids carry neither.
     """
     keys = ["all", f"lighting={lighting}"]
     parts = sample_id.split("/")
@@ -116,7 +116,7 @@ class _PixelHistogram(Metric):
     def update(self, anomaly_maps: Tensor, gt_masks: Tensor) -> None:
         """`anomaly_maps` (B,1,H,W)/(B,H,W) continuous scores, `gt_masks` same shape (nonzero = anomalous)."""
         if anomaly_maps.shape != gt_masks.shape:
-            raise ValueError(f"maps {tuple(anomaly_maps.shape)} and GT {tuple(gt_masks.shape)} differ in shape")
+            raise ValueError(f"maps {tuple(anomaly_maps.shape)} and GT {tuple(gt_masks.shape)} differ")
         pos, neg = pixel_histograms(anomaly_maps, gt_masks)
         self.pos_hist += pos.to(self.pos_hist.device)
         self.neg_hist += neg.to(self.neg_hist.device)

@@ -12,8 +12,8 @@ from hybridad.metrics import AUPRO
 from hybridad.metrics.functional import au_pro, float16_key_values, float16_keys, key_histogram
 
 
-def reference_curve(maps: list[np.ndarray], masks: list[np.ndarray]) -> tuple[list[float], list[float]] | None:
-    """(FPR, PRO) points straight from the definition: one per distinct score, descending (slow, small inputs)."""
+def reference_curve(maps: list[np.ndarray], masks: list[np.ndarray]) -> tuple[list, list] | None:
+    """(FPR, PRO) points straight from the definition: one per distinct score, descending."""
     regions, normal_scores = [], []
     for m, g in zip(maps, masks):
         labels, n = ndi.label(g != 0, structure=np.ones((3, 3)))
