@@ -25,11 +25,12 @@ def random_masks(seed: int, shape: tuple[int, ...] = (3, 1, 40, 52), p: float = 
     return torch.from_numpy(rng.random(shape) < p)
 
 
+@pytest.mark.parametrize("backend", ["torch", "opencv"])
 @pytest.mark.parametrize("k", [3, 4, 10, 15, 80])
-def test_closing_and_erosion_equal_opencv(k: int) -> None:
+def test_closing_and_erosion_equal_opencv(k: int, backend: str) -> None:
     masks = random_masks(k)
     kernel = np.ones((k, k), np.uint8)
-    ours_close, ours_erode = close(masks, k), erode(~masks, k)
+    ours_close, ours_erode = close(masks, k, backend), erode(~masks, k, backend)
     for i, m in enumerate(masks[:, 0].numpy().astype(np.uint8)):
         assert np.array_equal(ours_close[i, 0].numpy(), cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel) > 0)
         assert np.array_equal(ours_erode[i, 0].numpy(), cv2.erode(1 - m, kernel) > 0)
