@@ -136,3 +136,22 @@ def test_load_trunk_weights_torchvision_old_and_new_keys(tmp_path: Path) -> None
         load_trunk_weights(dst.trunk, tmp_path / "nope.pth")
     with pytest.raises(UserError, match="cpr.weights"):
         CprModel(CprConfig(preset="", weights=str(tmp_path / "nope.pth")))
+
+
+def test_official_bn_warmup_moves_running_stats_once() -> None:
+    from hybridad.models.cpr.weights import official_bn_warmup
+
+    a, b = (CprModel(CprConfig(preset="tiny", image_size=32)) for _ in range(2))
+    b.load_state_dict(a.state_dict())
+    before = a.trunk.features.norm0.running_var.clone()
+    for m in (a, b):
+        official_bn_warmup(m.trunk, 32, seed=66)
+    assert int(a.trunk.features.norm0.num_batches_tracked) == 1
+    assert not torch.equal(a.trunk.features.norm0.running_var, before)
+    # running_var: 0.9 * 1 (fresh BN) + 0.1 * unbiased batch variance of the noise-driven activations > 0
+    assert torch.all(a.trunk.features.norm0.running_var > 0.9)
+    assert all(torch.equal(x, y) for x, y in zip(a.trunk.state_dict().values(), b.trunk.state_dict().values()))
+    assert not a.trunk.training and not any(m.training for m in a.trunk.modules())
+    state = torch.random.get_rng_state()
+    official_bn_warmup(a.trunk, 32, seed=66)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched

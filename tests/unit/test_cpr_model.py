@@ -219,7 +219,7 @@ def test_lightning_fit_few_steps() -> None:
         module.fit_references((images * 255).round().to(torch.uint8), ids)
         before = [p.detach().clone() for p in module.model.heads.parameters()]
         trunk_before = [p.detach().clone() for p in module.model.trunk.parameters()]
-        trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+        trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
         trainer.fit(module, DataLoader(list(range(8)), batch_size=4, shuffle=True, collate_fn=collate))
         assert math.isfinite(float(trainer.callback_metrics["train/loss"]))

@@ -64,11 +64,12 @@ class Cpr(AnomalyModule):
         if dm is None or not hasattr(dm, "dataset"):
             raise UserError("CPR needs its training images: call Cpr.fit_references(images) or use a DataModule")
         ds = dm.dataset("train")
-        images, ids = [], []
-        for i in range(len(ds)):
+        images, ids, seen = [], [], set()
+        for i in range(len(ds)):  # items are dataset dicts; CPU augmentations of the train split apply here too
             item = ds[i]
-            if item["sample_id"] in ids:
+            if item["sample_id"] in seen:
                 continue
+            seen.add(item["sample_id"])
             img = item["image"]  # (3, H, W) uint8
             box = item.get("tile_box")
             if box is not None:
