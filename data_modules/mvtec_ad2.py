@@ -21,6 +21,7 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -398,10 +399,18 @@ class MVTecAD2DataModule(L.LightningDataModule):
 
     def _loader(self, ds: MVTecAD2Dataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.config.num_workers
+        sampler = None
+        if not train and self.trainer is not None and self.trainer.world_size > 1:
+            # every eval image exactly once across ranks (Lightning's default sampler pads with repeats,
+            # which would count some images twice in the metrics)
+            sampler = UnrepeatedDistributedSampler(
+                ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
         return DataLoader(
             ds,
             batch_size=batch_size,
             shuffle=train,
+            sampler=sampler,
             drop_last=train,
             num_workers=workers,
             collate_fn=collate_batch,

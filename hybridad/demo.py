@@ -24,8 +24,10 @@ COMMON = [
     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5",
 ]
 BRANCH = {
-    "inp_former": ["data.tiling.input_size=112", "trainer.max_epochs=12", "inp_former.warmup_steps=10"],
-    "cpr": ["data.tiling.input_size=128", "trainer.max_steps=120", "cpr.k_nearest=3", "data.batch_size=8"],
+    "inp_former": ["data.tiling.input_size=112", "data.batch_size=8", "trainer.max_epochs=-1",
+                   "trainer.max_steps=200", "inp_former.warmup_steps=20"],
+    "cpr": ["data.tiling.input_size=128", "cpr.image_size=128", "data.batch_size=8", "trainer.max_epochs=-1",
+            "trainer.max_steps=150", "cpr.k_nearest=3"],
 }
 
 

@@ -13,11 +13,14 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from callbacks.map_writer import MapWriterCallback
 from callbacks.metric_logger import MetricsCallback
+from callbacks.overlay_logger import OverlayLoggerCallback
 from callbacks.threshold_search import ThresholdCallback
-from data_modules.mvtec_ad2 import MVTecAD2DataModule
+from data_modules.mvtec_ad2 import MVTecAD2DataModule, list_samples
 from hybridad.config import RunConfig, to_dict, to_yaml
 from hybridad.models.anomaly_module import AnomalyModule
+from hybridad.errors import UserError
 from hybridad.run_dir import RunDir
+from hybridad.types import Split
 
 
 def build_model(cfg: RunConfig) -> AnomalyModule:
@@ -28,6 +31,9 @@ def build_model(cfg: RunConfig) -> AnomalyModule:
         return InpFormer(cfg.inp_former, postprocess=cfg.postprocess)
     from hybridad.models.cpr.lightning_model import Cpr
 
+    if cfg.cpr.image_size != cfg.data.tiling.input_size:
+        raise UserError(f"cpr.image_size ({cfg.cpr.image_size}) differs from data.tiling.input_size "
+                        f"({cfg.data.tiling.input_size}): set both to the same size")
     return Cpr(cfg.cpr, postprocess=cfg.postprocess)
 
 
@@ -61,6 +67,7 @@ def build_trainer(cfg: RunConfig, run: Path) -> L.Trainer:
         ThresholdCallback(cfg.threshold, run),
         MetricsCallback(run),
         MapWriterCallback(run),
+        OverlayLoggerCallback(run, cfg.logging.num_overlays),
         ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0),
     ]
     return L.Trainer(default_root_dir=run, logger=build_loggers(cfg, run), callbacks=callbacks, **kwargs)
@@ -69,11 +76,12 @@ def build_trainer(cfg: RunConfig, run: Path) -> L.Trainer:
 def train(cfg: RunConfig) -> Path:
     """Run the whole job for one category and return its run directory."""
     L.seed_everything(cfg.seed, workers=True)
+    list_samples(cfg.data.root, cfg.data.category, Split.TRAIN)  # data and weights errors stop before any
+    model = build_model(cfg)  # file is written
     run = make_run_dir(cfg)
     run_dir = RunDir(run)
     run_dir.write_text("config.yaml", to_yaml(cfg))
     datamodule = MVTecAD2DataModule(cfg.data, seed=cfg.seed)
-    model = build_model(cfg)
     trainer = build_trainer(cfg, run)
     for logger in trainer.loggers:
         logger.log_hyperparams(to_dict(cfg))

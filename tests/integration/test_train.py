@@ -70,3 +70,18 @@ def test_evaluate_rescores_cached_maps_and_sweep_command_runs_offline(can_run: P
     # the same maps, so the threshold-free metric matches the run's own
     run_metrics = json.loads((can_run / "metrics.json").read_text())
     assert scored["test_public/aupro_0.05"] == pytest.approx(run_metrics["test_public/aupro_0.05"], abs=1e-6)
+
+
+def test_missing_weights_or_data_stop_before_anything_is_written(synthetic_root: Path, tmp_path: Path) -> None:
+    from hybridad.config import load_config
+    from hybridad.errors import UserError
+
+    runs = tmp_path / "runs"
+    cfg = load_config([f"data.root={synthetic_root}", "data.category=can", f"out_dir={runs}",
+                       f"inp_former.weights={tmp_path / 'nope.pth'}"])
+    with pytest.raises(UserError, match="nope.pth"):
+        train(cfg)
+    cfg = load_config([f"data.root={tmp_path / 'no_data'}", "data.category=vial", f"out_dir={runs}"])
+    with pytest.raises(UserError, match="mvtec-ad-2"):
+        train(cfg)
+    assert not runs.exists()

@@ -1,0 +1,60 @@
+"""`make bench` / `python -m bench [--only data aupro inp_former cpr] [--gpu]`: every benchmark, as tables.
+
+Numbers are measured, never asserted: run on an idle machine and quote them with the machine they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+SUITES = ("data", "aupro", "inp_former", "cpr")
+
+
+def _runner(name: str, gpu: bool) -> Callable[[], list[dict]]:
+    if name == "data":
+        from bench.bench_data import run as run_data
+
+        return run_data
+    if name == "aupro":
+        from bench.bench_aupro import run as run_aupro
+
+        return run_aupro
+    if name == "inp_former":
+        from bench.bench_inp_former import run as run_inp
+
+        return lambda: run_inp(gpu=gpu)
+    from bench.bench_cpr import run as run_cpr
+
+    return lambda: run_cpr(gpu=gpu)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=SUITES, default=list(SUITES))
+    parser.add_argument("--gpu", action="store_true", help="model benchmarks at the winning setup on CUDA")
+    parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    args = parser.parse_args()
+    results: dict[str, list[dict]] = {}
+    for name in args.only:
+        t0 = time.time()
+        print(f"## {name}", flush=True)
+        rows = _runner(name, args.gpu)()
+        results[name] = rows
+        print(markdown_table(rows), f"\n({time.time() - t0:.0f} s)\n", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
