@@ -24,7 +24,7 @@ FAST = ["trainer.max_epochs=1", "trainer.max_steps=3", "trainer.limit_val_batche
 @pytest.fixture(scope="module")
 def can_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
-    return train(demo_config("can", synthetic_root, runs, FAST))
+    return train(demo_config("can", synthetic_root, runs, [*FAST, "logging.wandb=true"]))
 
 
 def _stems(folder: Path) -> list[str]:
@@ -50,6 +50,8 @@ def test_run_directory_holds_every_native_map_and_the_metrics(can_run: Path, syn
     thr = yaml.safe_load((can_run / "thresholds.yaml").read_text())
     assert thr["source"] == "validation" and np.isfinite(thr["value"])
     assert (can_run / "config.yaml").is_file() and (can_run / "checkpoints" / "final.ckpt").is_file()
+    assert list((can_run / "wandb").glob("offline-run-*")), "W&B logs offline by default"
+    assert list((can_run / "overlays" / "test_public").glob("*.png"))
 
 
 def test_evaluate_rescores_cached_maps_and_sweep_command_runs_offline(can_run: Path) -> None:
