@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +64,22 @@ class MetricsCallback(L.Callback):
                     else:
                         metric.update(maps[i : i + 1], masks[i : i + 1])
 
+    def _all_group_keys(self) -> list[str]:
+        """Group keys seen on any rank, sorted, so every rank computes (and syncs) the same metrics."""
+        keys = set(self.groups)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, sorted(keys))
+            keys = {k for part in gathered for k in (part or [])}
+        return sorted(keys)
+
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         results: dict[str, float] = {}
-        for key, metrics in self.groups.items():
-            for name, metric in metrics.items():
-                if name in ("seg_f1", "class_f1") and not metric.update_called:
-                    continue
+        has_masks = math.isfinite(float(getattr(pl_module, "threshold", float("nan"))))
+        for key in self._all_group_keys():
+            for name, metric in self._metrics_for(key, pl_module.device).items():
+                if name in ("seg_f1", "class_f1") and not has_masks:
+                    continue  # no threshold yet: no binary masks
                 value = metric.compute()
                 value = value.reshape(-1)[0]  # PixelF1Max returns (f1_max, threshold)
                 prefix = self.prefix if key == "all" else f"{self.prefix}/{key}"

@@ -96,7 +96,7 @@ def train(cfg: RunConfig) -> Path:
         model.set_threshold(float(run_dir.read_thresholds()["value"]))
     if cfg.predict_private:
         trainer.predict(model, datamodule=datamodule, return_predictions=False)
+    trainer.save_checkpoint(run / "checkpoints" / "final.ckpt")  # every rank (a barrier); rank 0 writes
     if trainer.is_global_zero:
-        trainer.save_checkpoint(run / "checkpoints" / "final.ckpt")
         print(f"run directory: {run}")
     return run

@@ -87,3 +87,23 @@ def test_missing_weights_or_data_stop_before_anything_is_written(synthetic_root:
     with pytest.raises(UserError, match="mvtec-ad-2"):
         train(cfg)
     assert not runs.exists()
+
+
+@pytest.mark.slow
+def test_ddp_training_on_two_cpu_processes_counts_every_test_image_once(synthetic_root: Path, tmp_path: Path) -> None:
+    from hybridad.evaluate import evaluate_run
+
+    args = [f"data.root={synthetic_root}", "data.category=can", f"out_dir={tmp_path}", "name=ddp",
+            "inp_former.preset=tiny", "inp_former.weights=''", "data.tiling.input_size=112", "trainer.max_steps=2",
+            "trainer.max_epochs=1", "data.batch_size=8", "data.num_workers=0", "logging.wandb=false",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    proc = subprocess.run([sys.executable, "-m", "hybridad", "train", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "can" / "ddp"
+    data = synthetic_root / "can"
+    for split in ("test_public/good", "test_public/bad", "test_private", "test_private_mixed"):
+        assert sorted(p.stem for p in (run / "maps" / split).glob("*.tiff")) == _stems(data / split)
+    synced = json.loads((run / "metrics.json").read_text())["test_public/aupro_0.05"]
+    single = evaluate_run(run, [])["test_public/aupro_0.05"]  # one process over the cached maps
+    assert synced == pytest.approx(single, abs=1e-9)

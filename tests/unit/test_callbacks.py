@@ -59,6 +59,7 @@ def test_metrics_callback_matches_the_functional_metrics(tmp_path: Path) -> None
     ids = ["test_public/good/000_regular", "test_public/bad/000_regular",
            "test_public/good/001_regular", "test_public/bad/001_regular"]
     cb, module = MetricsCallback(tmp_path), AnomalyModule()
+    module.set_threshold(0.9)  # the masks below are `maps > 0.9`
     module.log_dict = lambda *a, **k: None  # no trainer attached
     cb.on_test_epoch_start(_trainer(), module)
     for i in (0, 2):  # two batches of two images
