@@ -52,6 +52,8 @@ def test_run_directory_holds_every_native_map_and_the_metrics(can_run: Path, syn
     assert (can_run / "config.yaml").is_file() and (can_run / "checkpoints" / "final.ckpt").is_file()
     assert list((can_run / "wandb").glob("offline-run-*")), "W&B logs offline by default"
     assert list((can_run / "overlays" / "test_public").glob("*.png"))
+    header = (can_run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "val/loss", "val/threshold", "test_public/aupro_0.05"} <= set(header)
 
 
 def test_evaluate_rescores_cached_maps_and_sweep_command_runs_offline(can_run: Path) -> None:

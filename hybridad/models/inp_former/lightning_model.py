@@ -19,7 +19,7 @@ from hybridad.models.inp_former.optim import StableAdamW, warmup_cosine_schedule
 from hybridad.models.inp_former.torch_model import InpFormerModel
 from hybridad.models.inp_former.weights import load_encoder_weights, read_state_dict
 from hybridad.postprocess import PostProcessConfig
-from hybridad.types import Batch
+from hybridad.types import AnomalyOutput, Batch
 
 ENCODER_PREFIX = "model.encoder."
 
@@ -103,6 +103,13 @@ class InpFormer(AnomalyModule):
         self.log("train/cosine", losses["cosine"], batch_size=bs)
         self.log("train/coherence", losses["coherence"], batch_size=bs)
         return losses["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> AnomalyOutput:
+        """Maps for the threshold statistics, plus the training loss on validation/good tiles (`val/loss`)."""
+        assert batch.tiles is not None
+        losses = self.loss_fn(self.model(batch.tiles))
+        self.log("val/loss", losses["loss"], batch_size=batch.tiles.shape[0], sync_dist=True)
+        return self.predict_batch(batch)
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.cfg
