@@ -18,7 +18,7 @@ from hybridad.demo import demo_config
 from hybridad.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["trainer.max_epochs=1", "trainer.max_steps=3", "trainer.limit_val_batches=2"]
+FAST = ["trainer.max_epochs=1", "trainer.max_steps=3", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]
 
 
 @pytest.fixture(scope="module")
