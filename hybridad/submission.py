@@ -66,7 +66,7 @@ def write_submission(run_dirs: list[Path], out: Path, overwrite: bool = False) -
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; remove it or pass overwrite=True")
+        raise UserError(f"{out} exists and is not empty; remove it or pass --overwrite")
 
     jobs: list[tuple[Path, str]] = []  # (source file in a run, path relative to the submission root)
     seen: dict[str, Path] = {}
