@@ -12,12 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_modules.mvtec_ad2 import list_samples
+from data_modules.mvtec_ad2 import list_samples, read_mask
 from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
 from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1
@@ -31,10 +30,7 @@ def _read_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
     """Ground truth (H,W) bool; all-normal for good images."""
     if sample.mask_path is None:
         return np.zeros(shape, dtype=bool)
-    mask = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE)
-    if mask is None or mask.shape != tuple(shape):
-        raise UserError(f"{sample.mask_path}: unreadable or not of its map's size {tuple(shape)}")
-    return mask > 0
+    return read_mask(sample.mask_path, sample.image_path, shape) > 0
 
 
 def _load_map(run: RunDir, sample_id: str, cfg: RunConfig) -> torch.Tensor:
