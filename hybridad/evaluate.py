@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,17 @@ def evaluate_run(run_path: Path, overrides: list[str], write: bool = False) -> d
     run = RunDir(Path(run_path))
     cfg = load_run_config(run.path, overrides)
     samples = list_samples(cfg.data.root, cfg.data.category, Split.TEST_PUBLIC)
-    maps = [_load_map(run, s.sample_id, cfg) for s in tqdm(samples, desc="test_public maps", leave=False)]
-    masks = [torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None] for s, m in zip(samples, maps)]
+
+    def pairs(desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(1,1,H,W) map and GT, one image at a time: a category never sits in memory at once."""
+        for s in tqdm(samples, desc=desc, leave=False):
+            m = _load_map(run, s.sample_id, cfg)
+            yield m, torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]
 
     labelled = None
     if cfg.threshold.method == "f1_optimal":
         labelled = PixelF1Max()
-        for m, g in zip(maps, masks):
+        for m, g in pairs("test_public maps (threshold)"):
             labelled.update(m, g)
         stats = None
     else:
@@ -74,7 +79,7 @@ def evaluate_run(run_path: Path, overrides: list[str], write: bool = False) -> d
     result = fit_threshold(cfg.threshold, stats, labelled=labelled)
 
     aupro, seg_f1, class_f1 = AUPRO(fpr_limit=0.05), SegF1(), ClassF1()
-    for m, g in zip(maps, masks):
+    for m, g in pairs("test_public maps"):
         pred = binarize(m, result.value, cfg.postprocess)
         aupro.update(m, g)
         seg_f1.update(pred, g)

@@ -109,3 +109,18 @@ def test_ddp_training_on_two_cpu_processes_counts_every_test_image_once(syntheti
     synced = json.loads((run / "metrics.json").read_text())["test_public/aupro_0.05"]
     single = evaluate_run(run, [])["test_public/aupro_0.05"]  # one process over the cached maps
     assert synced == pytest.approx(single, abs=1e-9)
+
+
+def test_f1_optimal_threshold_is_fitted_on_test_and_labelled_everywhere(synthetic_root: Path, tmp_path: Path) -> None:
+    from hybridad.report import write_report
+
+    run = train(demo_config("can", synthetic_root, tmp_path, [*FAST, "threshold.method=f1_optimal"]))
+    thr = yaml.safe_load((run / "thresholds.yaml").read_text())
+    assert thr["tuned_on_test"] is True and thr["source"] == "test_public (threshold tuned on test)"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["threshold_source"] == thr["source"] and 0.0 <= metrics["test_public/seg_f1"] <= 1.0
+    # the private masks were binarised with the tuned threshold
+    amap = tifffile.imread(run / "maps" / "test_private" / "000_regular.tiff").astype(np.float32)
+    mask = cv2.imread(str(run / "masks" / "test_private" / "000_regular.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(mask > 0, amap >= np.float32(thr["value"]))
+    assert "threshold tuned on test" in write_report([run], tmp_path / "report")
