@@ -41,13 +41,15 @@ class ThresholdCallback(L.Callback):
         if trainer.sanity_checking or self.cfg.method == "f1_optimal":
             return
         result = fit_threshold(self.cfg, self.stats)
+        with self.stats.sync_context():  # statistics over every rank's validation pixels
+            mean, std = float(self.stats.mean), float(self.stats.std)
         pl_module.set_threshold(result.value)  # type: ignore[operator]
         self.result = {
             "value": float(result.value),
             "method": result.method,
             "source": result.source,
             "tuned_on_test": bool(result.tuned_on_test),
-            "stats": {"mean": float(self.stats.mean), "std": float(self.stats.std)},
+            "stats": {"mean": mean, "std": std},
         }
         pl_module.log("val/threshold", float(result.value), sync_dist=True)
         if self.run_dir is not None and trainer.is_global_zero:
