@@ -21,7 +21,7 @@ from data_modules.mvtec_ad2 import list_samples, read_mask
 from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
 from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1
-from hybridad.postprocess import binarize, smooth
+from hybridad.postprocess import binarize
 from hybridad.run_dir import RunDir
 from hybridad.thresholds import ScoreStats, fit_threshold
 from hybridad.types import Sample, Split
@@ -34,21 +34,20 @@ def _read_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
     return read_mask(sample.mask_path, sample.image_path, shape) > 0
 
 
-def _load_map(run: RunDir, sample_id: str, cfg: RunConfig) -> torch.Tensor:
+def _load_map(run: RunDir, sample_id: str) -> torch.Tensor:
     path = run.map_path(sample_id)
     if not path.is_file():
         raise UserError(f"{path} missing: the run has no cached map for {sample_id} (re-run `hybridad train`)")
-    m = torch.from_numpy(run.read_map(sample_id))[None, None]  # (1,1,H,W)
-    return smooth(m, cfg.postprocess)
+    return torch.from_numpy(run.read_map(sample_id))[None, None]  # (1,1,H,W), already smoothed by the run
 
 
-def _validation_stats(run: RunDir, cfg: RunConfig) -> ScoreStats:
+def _validation_stats(run: RunDir) -> ScoreStats:
     stats = ScoreStats()
     ids = [sid for sid, _ in run.iter_maps(Split.VALIDATION.value)]
     if not ids:
         raise UserError(f"{run.path}/maps/validation is empty: the threshold rule needs the validation maps")
     for sid in tqdm(ids, desc="validation maps", leave=False):
-        stats.update(_load_map(run, sid, cfg))
+        stats.update(_load_map(run, sid))
     return stats
 
 
@@ -60,12 +59,16 @@ def evaluate_run(run_path: Path, overrides: list[str], write: bool = False) -> d
     """
     run = RunDir(Path(run_path))
     cfg = load_run_config(run.path, overrides)
+    cached_sigma = load_run_config(run.path).postprocess.gaussian_sigma
+    if cfg.postprocess.gaussian_sigma != cached_sigma:
+        raise UserError(f"postprocess.gaussian_sigma is applied before the maps are cached (this run: {cached_sigma}); "
+                        "change it with `hybridad train`, not `evaluate`")
     samples = list_samples(cfg.data.root, cfg.data.category, Split.TEST_PUBLIC)
 
     def pairs(desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(1,1,H,W) map and GT, one image at a time: a category never sits in memory at once."""
         for s in tqdm(samples, desc=desc, leave=False):
-            m = _load_map(run, s.sample_id, cfg)
+            m = _load_map(run, s.sample_id)
             yield m, torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]
 
     labelled = None
@@ -75,7 +78,7 @@ def evaluate_run(run_path: Path, overrides: list[str], write: bool = False) -> d
             labelled.update(m, g)
         stats = None
     else:
-        stats = _validation_stats(run, cfg) if cfg.threshold.method != "fixed" else ScoreStats()
+        stats = _validation_stats(run) if cfg.threshold.method != "fixed" else ScoreStats()
     result = fit_threshold(cfg.threshold, stats, labelled=labelled)
 
     aupro, seg_f1, class_f1 = AUPRO(fpr_limit=0.05), SegF1(), ClassF1()

@@ -124,3 +124,11 @@ def test_f1_optimal_threshold_is_fitted_on_test_and_labelled_everywhere(syntheti
     mask = cv2.imread(str(run / "masks" / "test_private" / "000_regular.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(mask > 0, amap >= np.float32(thr["value"]))
     assert "threshold tuned on test" in write_report([run], tmp_path / "report")
+
+
+def test_evaluate_refuses_to_smooth_maps_that_were_cached_smoothed(can_run: Path) -> None:
+    from hybridad.errors import UserError
+    from hybridad.evaluate import evaluate_run
+
+    with pytest.raises(UserError, match="gaussian_sigma"):
+        evaluate_run(can_run, ["postprocess.gaussian_sigma=2.0"])
