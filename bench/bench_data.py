@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from data_modules.cut_paste import CutPasteConfig
-from data_modules.mvtec_ad2 import DataConfig, MVTecAD2DataModule
-from data_modules.tiling import TilingConfig
-from hybridad.tiling import TileLevel
+from data_modules.datamodule import DataConfig, MVTecAD2DataModule
+from data_modules.tilers import TilingConfig
+from hybridad.tile_grid import TileLevel
 
 
 def _write_tree(root: Path, n: int, height: int, width: int) -> None:

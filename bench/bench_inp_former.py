@@ -21,7 +21,7 @@ from hybridad.models.inp_former.config import InpFormerConfig
 from hybridad.models.inp_former.loss import InpFormerLoss
 from hybridad.models.inp_former.optim import StableAdamW
 from hybridad.models.inp_former.torch_model import InpFormerModel
-from hybridad.tiling import TileLevel, tile, untile
+from hybridad.tile_grid import TileLevel, tile, untile
 
 
 def _sync(device: torch.device) -> None:

@@ -39,7 +39,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from data_modules.mvtec_ad2 import check_dataset
+    from data_modules.checks import check_dataset
 
     print(check_dataset(Path(args.root), args.category))
     return 0

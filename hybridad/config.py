@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_modules.mvtec_ad2 import DataConfig
+from data_modules.datamodule import DataConfig
 from hybridad.errors import UserError
 from hybridad.models.cpr.config import CprConfig
 from hybridad.models.inp_former.config import InpFormerConfig

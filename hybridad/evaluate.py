@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_modules.mvtec_ad2 import list_samples, read_mask
+from data_modules.listing import list_samples, read_mask
 from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
 from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1

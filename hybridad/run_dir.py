@@ -2,6 +2,7 @@
 
 ```
 <run>/config.yaml                  resolved config (written by `hybridad train`)
+<run>/state.json                   {"state": "running"|"completed"|"failed", "reason": str|null, "updated": iso time}
 <run>/thresholds.yaml              {value, method, source, tuned_on_test, stats: {...}}
 <run>/metrics.json                 flat {"test_public/aupro_0.05": 0.61, ..., "threshold_source": "..."}
 <run>/maps/<sample_id>.tiff        float16 (H,W) anomaly map at native resolution
@@ -19,6 +20,7 @@ reader never sees a half-written file under its final name.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -38,6 +40,7 @@ from hybridad.types import PRIVATE_SPLITS, Split
 if TYPE_CHECKING:
     from torch import Tensor
 
+RUN_STATES = ("running", "completed", "failed")
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 _SPLITS = {s.value for s in Split}
 _PRIVATE = {s.value for s in PRIVATE_SPLITS}
@@ -171,6 +174,35 @@ class RunDir:
         path = self.path / name
         atomic_write_bytes(path, text.encode("utf-8"))
         return path
+
+    # lifecycle --------------------------------------------------------------------------------------------
+    def write_state(self, state: str, reason: str | None = None) -> Path:
+        """Record the run's state (`running`, `completed` or `failed` with a one-line reason)."""
+        if state not in RUN_STATES:
+            raise ValueError(f"unknown run state '{state}'; valid: {', '.join(RUN_STATES)}")
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record = {"state": state, "reason": reason, "updated": stamp}
+        return self.write_text("state.json", json.dumps(record, indent=2) + "\n")
+
+    def read_state(self) -> dict[str, Any]:
+        """`state.json` as a dict; `{}` when the run has none (not made by `hybridad train`, or very old)."""
+        path = self.path / "state.json"
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def require_completed(self, action: str) -> None:
+        """`UserError` (one line) unless the run finished: `action` says what was refused (e.g. 'evaluate')."""
+        record = self.read_state()
+        state = record.get("state", "unknown (no state.json)")
+        if state != "completed":
+            why = f": {record['reason']}" if record.get("reason") else ""
+            raise UserError(f"{action}: run {self.path} is not complete (state {state}{why}); "
+                            "finish or resume it first (`hybridad train resume=<run dir>`)")
 
     # maps and masks ---------------------------------------------------------------------------------------
     def map_path(self, sample_id: str) -> Path:

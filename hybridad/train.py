@@ -15,7 +15,8 @@ from callbacks.map_writer import MapWriterCallback
 from callbacks.metric_logger import MetricsCallback
 from callbacks.overlay_logger import OverlayLoggerCallback
 from callbacks.threshold_search import ThresholdCallback
-from data_modules.mvtec_ad2 import MVTecAD2DataModule, list_samples
+from data_modules.datamodule import MVTecAD2DataModule
+from data_modules.listing import list_samples
 from hybridad.config import RunConfig, to_dict, to_yaml
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.errors import UserError

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from hybridad.postprocess import PostProcessConfig, binarize, smooth
-from hybridad.tiling import untile
+from hybridad.tile_grid import untile
 from hybridad.types import AnomalyOutput, Batch
 
 

@@ -14,9 +14,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from data_modules.mvtec_ad2 import DataConfig, MVTecAD2DataModule
-from data_modules.tiling import TilingConfig
-from hybridad.tiling import TileLevel
+from data_modules.datamodule import DataConfig, MVTecAD2DataModule
+from data_modules.tilers import TilingConfig
+from hybridad.tile_grid import TileLevel
 from hybridad.types import Batch
 
 INPUT_SIZE = 16

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from hybridad.tiling import TileLevel, level_boxes
+from hybridad.tile_grid import TileLevel, level_boxes
 
 REPO = Path(__file__).resolve().parents[2]
 H, W = 16, 32

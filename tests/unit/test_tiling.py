@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_modules.tiling import EvalTiler, TrainTiler, train_tile_boxes
-from hybridad.tiling import TileLevel, level_boxes, tile, untile
+from data_modules.tilers import EvalTiler, TrainTiler, train_tile_boxes
+from hybridad.tile_grid import TileLevel, level_boxes, tile, untile
 
 # the real MVTec AD 2 sizes scaled down by 16: sheet_metal, vial, can, fabric/rice/wallplugs/walnuts
 SIZES = [  # (H, W)

@@ -13,19 +13,14 @@ import pytest
 import torch
 
 from data_modules.cut_paste import CutPasteConfig
-from data_modules.mvtec_ad2 import (
-    AugmentConfig,
-    DataConfig,
-    MVTecAD2DataModule,
-    MVTecAD2Dataset,
-    check_dataset,
-    collate_batch,
-    list_samples,
-    read_image,
-)
-from data_modules.tiling import TilingConfig
+from data_modules.augment import AugmentConfig
+from data_modules.checks import check_dataset
+from data_modules.datamodule import DataConfig, MVTecAD2DataModule
+from data_modules.dataset import MVTecAD2Dataset, collate_batch
+from data_modules.listing import list_samples, read_image
+from data_modules.tilers import TilingConfig
 from hybridad.errors import UserError
-from hybridad.tiling import TileLevel, level_boxes, untile
+from hybridad.tile_grid import TileLevel, level_boxes, untile
 from hybridad.types import Split
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridad.tiling import Box, TileLevel, level_boxes, tile
+from hybridad.tile_grid import Box, TileLevel, level_boxes, tile
 from hybridad.types import TileLayout
 
 

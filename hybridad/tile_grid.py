@@ -1,7 +1,7 @@
 """Pure tile/untile functions on tensors (any device).
 
 They live in `hybridad` (not `data_modules`) so the branches' eval steps can stitch maps without importing the
-data layer. `data_modules/tiling.py` wraps them in the DataModule's device-side modules.
+data layer. `data_modules/tilers.py` wraps them in the DataModule's device-side modules.
 
 Grid choice: every tile of a level has the same size, and the tile starts are spread evenly so the first
 tile starts at 0 and the last one ends exactly at the border. With `overlap=0` and a size that the grid

@@ -1,0 +1,140 @@
+"""MVTec AD 2 on disk: listing the five splits and decoding images and masks.
+
+Disk layout (one category):
+    <root>/<category>/train/good/*.png, validation/good/*.png, test_public/{good,bad}/*.png,
+    test_public/ground_truth/bad/<stem>_mask.png, test_private/*.png, test_private_mixed/*.png
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from hybridad.errors import UserError
+from hybridad.types import CATEGORIES, PRIVATE_SPLITS, Sample, Split
+
+DOWNLOAD_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad-2"
+_LAYOUT = (
+    "<root>/<category>/{train/good, validation/good, test_public/{good,bad,ground_truth/bad}, "
+    "test_private, test_private_mixed}"
+)
+
+
+
+
+
+
+def _lighting(stem: str) -> str:
+    """`000_regular` -> `regular`, `000_shift_2` -> `shift_2`, `000_mixed` -> `mixed`."""
+    parts = stem.split("_", 1)
+    return parts[1] if len(parts) == 2 and parts[1] else "unknown"
+
+
+def _category_dir(root: str | Path, category: str) -> Path:
+    if category not in CATEGORIES:
+        raise UserError(f"unknown category '{category}'; valid: {', '.join(CATEGORIES)}")
+    root = Path(root)
+    hint = (
+        f"download MVTec AD 2 from {DOWNLOAD_URL} and unpack it so that "
+        f"{root}/{category}/train/good/*.png exists"
+    )
+    if not root.is_dir():
+        raise UserError(f"data root {root} does not exist: {hint} (layout: {_LAYOUT})")
+    if not (root / category).is_dir():
+        raise UserError(f"category folder {root / category} does not exist: {hint} (layout: {_LAYOUT})")
+    return root / category
+
+
+def _pngs(folder: Path, split: Split) -> list[Path]:
+    if not folder.is_dir():
+        raise UserError(f"split folder {folder} is missing (split '{split.value}'; layout: {_LAYOUT})")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    if not files:
+        raise UserError(f"split folder {folder} holds no .png images (split '{split.value}')")
+    return files
+
+
+def list_samples(root: str | Path, category: str, split: Split | str) -> list[Sample]:
+    """Every image of one split, in a sorted, deterministic order (test_public: good first, then bad).
+
+    Raises:
+        UserError: missing root/category/split folder, empty split, unknown category, bad image without mask.
+    """
+    try:
+        split = Split(split)
+    except ValueError:
+        raise UserError(f"unknown split '{split}'; valid: {', '.join(s.value for s in Split)}") from None
+    cat_dir = _category_dir(root, category)
+    if split in PRIVATE_SPLITS:
+        return [
+            Sample(category, split, p, None, -1, _lighting(p.stem), f"{split.value}/{p.stem}")
+            for p in _pngs(cat_dir / split.value, split)
+        ]
+    kinds = ("good", "bad") if split == Split.TEST_PUBLIC else ("good",)
+    samples = []
+    for kind in kinds:
+        for p in _pngs(cat_dir / split.value / kind, split):
+            mask = None
+            if kind == "bad":
+                mask = cat_dir / split.value / "ground_truth" / "bad" / f"{p.stem}_mask.png"
+                if not mask.is_file():
+                    raise UserError(f"bad image {p} has no mask: expected {mask}")
+            label = int(kind == "bad")
+            sample_id = f"{split.value}/{kind}/{p.stem}"
+            samples.append(Sample(category, split, p, mask, label, _lighting(p.stem), sample_id))
+    return samples
+
+
+
+
+
+def png_size(path: Path) -> tuple[int, int, int]:
+    """(height, width, channels) from a PNG's header, without decoding; checks the file is complete (IEND)."""
+    channels_of = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # PNG colour type -> channels (palette counts as RGB)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(29)
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 12))
+            tail = f.read(12)
+    except OSError as err:
+        raise UserError(f"cannot read image {path} ({err.strerror})") from None
+    if len(head) < 29 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise UserError(f"{path} is not a PNG image (unreadable or corrupt)")
+    if tail[4:8] != b"IEND":
+        raise UserError(f"image {path} is truncated (no PNG end marker); re-extract the dataset")
+    width, height = struct.unpack(">II", head[16:24])
+    return height, width, channels_of.get(head[25], 0)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode a PNG at native size -> (H,W,3) uint8 RGB; gray becomes 3 identical channels."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise UserError(f"cannot decode image {path} (unreadable or truncated PNG)")
+    if img.dtype == np.uint16:
+        img = (img // 257).astype(np.uint8)
+    if img.ndim == 2:
+        return np.repeat(img[:, :, None], 3, axis=2)  # (H,W,3)
+    if img.ndim == 3 and img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img.ndim == 3 and img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    raise UserError(f"image {path} has unsupported shape {img.shape} (expected gray or RGB)")
+
+
+def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.ndarray:
+    """Decode a ground-truth mask -> (H,W) float32 {0,1}; checks it matches its image's size."""
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise UserError(f"cannot decode mask {path} (unreadable or truncated PNG)")
+    if m.shape != image_hw:
+        h, w = image_hw
+        raise UserError(f"mask {path} is {m.shape[1]}x{m.shape[0]} but its image {image_path} is {w}x{h}")
+    return (m > 0).astype(np.float32)
+
+
