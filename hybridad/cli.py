@@ -25,16 +25,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from hybridad.evaluate import evaluate_run
+    from hybridad.evaluate import create_evaluation, recreate_best
 
     run_dir, overrides = args.run_dir, list(args.overrides)
-    if run_dir is not None and "=" in run_dir:  # no positional given: the first item is an override
+    if run_dir is not None and "=" in run_dir and not Path(run_dir).is_dir():  # the first item is an override
         overrides.insert(0, run_dir)
         run_dir = None
     run_dir = run_dir or os.environ.get("HYBRIDAD_RUN_DIR")
     if not run_dir:
         raise UserError("evaluate needs a run directory (argument or HYBRIDAD_RUN_DIR)")
-    evaluate_run(Path(run_dir), overrides)
+    if args.best:
+        if overrides:
+            raise UserError("evaluate --best re-creates the best evaluation as it was; drop the overrides "
+                            f"({' '.join(overrides)})")
+        folder = recreate_best(Path(run_dir), args.best)
+    else:
+        folder = create_evaluation(Path(run_dir), overrides, write_masks=args.write_masks)
+    print(folder)  # the last line: scripts take the evaluation directory from here
     return 0
 
 
@@ -48,20 +55,23 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_submission_write(args: argparse.Namespace) -> int:
     from hybridad.submission import write_submission
 
-    write_submission([Path(p) for p in args.run_dirs], Path(args.out), overwrite=args.overwrite)
+    provenance = write_submission([Path(p) for p in args.sources], Path(args.out), overwrite=args.overwrite)
+    print(f"provenance: {provenance}")
+    print(f"wrote {args.out}")
     return 0
 
 
 def _cmd_submission_check(args: argparse.Namespace) -> int:
-    from hybridad.submission import check_submission
+    from hybridad.submission import check_submission, expected_counts
 
-    problems = check_submission(Path(args.dir))
+    counts = expected_counts(args.categories, Path(args.data_root) if args.data_root else None)
+    problems = check_submission(Path(args.dir), counts)
     if problems:
         print(f"{args.dir}: {len(problems)} problem(s):", file=sys.stderr)
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
-    print(f"{args.dir}: submission OK")
+    print(f"{args.dir}: submission OK ({len(counts)} categories: {', '.join(counts)})")
     return 0
 
 
@@ -104,9 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. data.category=can)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="re-score a run's cached maps with other post-processing/thresholds")
+    p = sub.add_parser("evaluate", help="re-score a run's cached maps with other post-processing/thresholds "
+                       "into a new <run>/evaluations/<id>/ (printed last)")
     p.add_argument("run_dir", nargs="?", default=None, help="run directory (default: $HYBRIDAD_RUN_DIR)")
     p.add_argument("overrides", nargs="*", help="postprocess.* / threshold.* overrides")
+    p.add_argument("--write-masks", action="store_true", help="also write the masks of all four splits")
+    p.add_argument("--best", metavar="METRIC", default=None,
+                   help="re-create the run's best evaluation by METRIC (e.g. test_public/seg_f1), with masks")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("data", help="dataset tools")
@@ -118,13 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submission", help="write, check or pack the official server tree")
     ssub = p.add_subparsers(dest="submission_command", required=True)
-    q = ssub.add_parser("write", help="write the server tree from run directories")
-    q.add_argument("run_dirs", nargs="+")
+    q = ssub.add_parser("write", help="write the server tree from run or evaluation directories")
+    q.add_argument("sources", nargs="+", metavar="DIR",
+                   help="one per category: a run directory or <run>/evaluations/<id>")
     q.add_argument("--out", required=True)
     q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     q.set_defaults(func=_cmd_submission_write)
     q = ssub.add_parser("check", help="apply every rule of the official checker")
     q.add_argument("dir")
+    q.add_argument("--categories", nargs="+", default=None, metavar="CAT",
+                   help="check a tree that holds only these categories (default: all 8)")
+    q.add_argument("--data-root", default=None,
+                   help="expect as many files per private split as this dataset root has "
+                   "(default: the official counts)")
     q.set_defaults(func=_cmd_submission_check)
     q = ssub.add_parser("pack", help="pack a checked tree into a .tar.gz")
     q.add_argument("dir")

@@ -1,20 +1,39 @@
-"""`hybridad evaluate RUN_DIR key=value ...`: re-score a run's cached float16 maps without the model.
+"""`hybridad evaluate RUN key=value ...`: re-binarise and re-score a run's cached maps without the model.
 
-Reads `<run>/maps/validation` (threshold statistics) and `<run>/maps/test_public` plus the ground truth from the
-dataset root in the run's config, applies the (overridden) post-processing and threshold rule, and computes the
-same metrics as the test callbacks. W&B sweeps call this command (experiments/sweeps/threshold.yaml).
+Reads the float16 maps a run cached (`<run>/maps/<split>/...`), fits the (overridden) threshold rule of every
+split, binarises with the (overridden) post-processing and scores test_public against the ground truth of the
+run's dataset. Each call writes a NEW evaluation directory; the run's own files stay as training wrote them:
+
+```
+<run>/evaluations/<id>/evaluation.yaml         run, overrides, created, tuned_on_test (and why), W&B sweep id,
+                                               the resolved `threshold` and `postprocess` sections
+<run>/evaluations/<id>/thresholds.yaml         the category's threshold {value, method, source, tuned_on_test}
+                                               + `splits: {<split>: {...}}` (private splits may differ)
+<run>/evaluations/<id>/metrics.json            test_public/* metrics, <split>/threshold, threshold_source, ...
+<run>/evaluations/<id>/masks/<sample_id>.png   with --write-masks: the masks of all four splits, {0,255}
+```
+`<id>` is a counter (`0001`, `0002`, ...) claimed by an atomic rename of the finished directory, so an
+evaluation is complete or absent, and parallel sweep agents never share one. W&B sweeps call this command
+(`experiments/sweeps/threshold.yaml`); `recreate_best` re-creates the best evaluation of a run by a metric, with masks.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
 import json
 import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from data_modules.listing import list_samples, read_mask
@@ -23,8 +42,19 @@ from hybridad.errors import UserError
 from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1
 from hybridad.postprocess import binarize
 from hybridad.run_dir import RunDir
-from hybridad.thresholds import ScoreStats, fit_threshold
+from hybridad.thresholds import (
+    TUNED_ON_TEST,
+    ScoreStats,
+    ThresholdResult,
+    fit_threshold,
+    rule_for_split,
+)
 from hybridad.types import Sample, Split
+
+EVALUATIONS_DIR = "evaluations"
+EVALUATION_FILE = "evaluation.yaml"
+OVERRIDABLE = ("threshold.", "postprocess.")  # what `evaluate` may change: nothing that needs the model
+SPLITS = (Split.VALIDATION, Split.TEST_PUBLIC, Split.TEST_PRIVATE, Split.TEST_PRIVATE_MIXED)
 
 
 def _read_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
@@ -37,7 +67,8 @@ def _read_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
 def _load_map(run: RunDir, sample_id: str) -> torch.Tensor:
     path = run.map_path(sample_id)
     if not path.is_file():
-        raise UserError(f"{path} missing: the run has no cached map for {sample_id} (re-run `hybridad train`)")
+        raise UserError(f"{path} missing: the run has no cached map for {sample_id} "
+                        "(re-run `hybridad train`)")
     return torch.from_numpy(run.read_map(sample_id))[None, None]  # (1,1,H,W), already smoothed by the run
 
 
@@ -51,67 +82,262 @@ def _validation_stats(run: RunDir) -> ScoreStats:
     return stats
 
 
-def evaluate_run(run_path: Path, overrides: list[str], write: bool = False) -> dict[str, float]:
-    """Re-score cached maps; returns `{"test_public/<metric>": value, ...}` and prints a summary.
+def _check_overrides(overrides: list[str]) -> None:
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if "=" in item and not key.startswith(OVERRIDABLE):
+            raise UserError(f"evaluate: '{key}' cannot change without the model; only threshold.* and "
+                            "postprocess.* keys re-score cached maps (retrain for the rest)")
 
-    With `write=True` the metrics replace `<run>/metrics.json` and the threshold `<run>/thresholds.yaml`;
-    otherwise they go to `<run>/evaluations/<overrides>.json` so sweeps never overwrite the run's own result.
-    """
-    run = RunDir(Path(run_path))
+
+def _load_config(run: RunDir, overrides: list[str]) -> RunConfig:
+    _check_overrides(overrides)
     cfg = load_run_config(run.path, overrides)
     cached_sigma = load_run_config(run.path).postprocess.gaussian_sigma
     if cfg.postprocess.gaussian_sigma != cached_sigma:
-        raise UserError(f"postprocess.gaussian_sigma is applied before the maps are cached (this run: {cached_sigma}); "
+        raise UserError("postprocess.gaussian_sigma is applied before the maps are cached "
+                        f"(this run: {cached_sigma}); "
                         "change it with `hybridad train`, not `evaluate`")
-    samples = list_samples(cfg.data.root, cfg.data.category, Split.TEST_PUBLIC)
+    return cfg
 
-    def pairs(desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(1,1,H,W) map and GT, one image at a time: a category never sits in memory at once."""
-        for s in tqdm(samples, desc=desc, leave=False):
-            m = _load_map(run, s.sample_id)
-            yield m, torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]
 
+def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResult]:
+    """The threshold of every split: the category's rule, or a private split's own override.
+
+    Validation maps are read only when a rule needs their statistics; test_public maps with labels only when
+    a rule is `f1_optimal` (tuned on test).
+    """
+    rules = {s.value: rule_for_split(cfg.threshold, s.value) for s in SPLITS}
+    methods = {r.method for r in rules.values()}
+    stats = _validation_stats(run) if methods - {"fixed", "f1_optimal"} else None
     labelled = None
-    if cfg.threshold.method == "f1_optimal":
+    if "f1_optimal" in methods:
         labelled = PixelF1Max()
-        for m, g in pairs("test_public maps (threshold)"):
+        for m, g in _labelled_maps(run, cfg, "test_public maps (threshold)"):
             labelled.update(m, g)
-        stats = None
-    else:
-        stats = _validation_stats(run) if cfg.threshold.method != "fixed" else ScoreStats()
-    result = fit_threshold(cfg.threshold, stats, labelled=labelled)
+    return {split: fit_threshold(rule, stats, labelled=labelled) for split, rule in rules.items()}
 
+
+def _labelled_maps(run: RunDir, cfg: RunConfig, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """((1,1,H,W) map, (1,1,H,W) GT) of test_public, one image at a time."""
+    for s in tqdm(list_samples(cfg.data.root, cfg.data.category, Split.TEST_PUBLIC), desc=desc, leave=False):
+        m = _load_map(run, s.sample_id)
+        yield m, torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]
+
+
+def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult],
+           masks_to: RunDir | None) -> dict[str, float]:
+    """test_public metrics; with `masks_to`, also the masks of every split with cached maps written there."""
+    thr = thresholds[Split.TEST_PUBLIC.value].value
     aupro, seg_f1, class_f1 = AUPRO(fpr_limit=0.05), SegF1(), ClassF1()
-    for m, g in pairs("test_public maps"):
-        pred = binarize(m, result.value, cfg.postprocess)
+    samples = list_samples(cfg.data.root, cfg.data.category, Split.TEST_PUBLIC)
+    for s in tqdm(samples, desc="test_public maps", leave=False):
+        m = _load_map(run, s.sample_id)
+        g = torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]  # (1,1,H,W)
+        pred = binarize(m, thr, cfg.postprocess)
         aupro.update(m, g)
         seg_f1.update(pred, g)
         class_f1.update(pred, g)
+        if masks_to is not None:
+            masks_to.write_mask(s.sample_id, pred[0, 0])
     metrics = {
         "test_public/aupro_0.05": float(aupro.compute()),
         "test_public/seg_f1": float(seg_f1.compute()),
         "test_public/class_f1": float(class_f1.compute()),
-        "test_public/threshold": float(result.value),
     }
-    info: dict[str, Any] = {"threshold_source": result.source, "overrides": overrides}
-    if write:
-        run.write_metrics({**metrics, **info})
-        run.write_thresholds({"value": float(result.value), "method": result.method, "source": result.source,
-                              "tuned_on_test": bool(result.tuned_on_test)})
-    else:
-        name = "_".join(o.replace("/", "-") for o in overrides) or "default"
-        run.write_text(f"evaluations/{name}.json", json.dumps({**metrics, **info}, indent=2))
-    _log_to_wandb(metrics, cfg)
-    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f"  [threshold: {result.source}]")
+    metrics.update({f"{split}/threshold": float(r.value) for split, r in thresholds.items()})
+    if masks_to is not None:
+        for split in (Split.VALIDATION, Split.TEST_PRIVATE, Split.TEST_PRIVATE_MIXED):
+            maps = list(run.iter_maps(split))
+            if not maps:
+                print(f"warning: {run.path}/maps/{split.value} is empty; no {split.value} masks written",
+                      file=sys.stderr)
+            for sid, _ in tqdm(maps, desc=f"{split.value} masks", leave=False):
+                masks_to.write_mask(sid, binarize(_load_map(run, sid), thresholds[split.value].value,
+                                                  cfg.postprocess)[0, 0])
     return metrics
 
 
-def _log_to_wandb(metrics: dict[str, float], cfg: RunConfig) -> None:
-    """Inside a W&B sweep agent (or with WANDB_RUN_ID set) log the metrics to the sweep's run."""
+def _tuned_on_test_reasons(thresholds: dict[str, ThresholdResult], selected_by: dict[str, Any] | None
+                           ) -> list[str]:
+    """Why values of this evaluation were chosen with test_public labels (empty: they were not)."""
+    reasons = [f"{split} threshold fitted by f1_optimal on test_public"
+               for split, r in thresholds.items() if r.tuned_on_test]
+    sweep = os.environ.get("WANDB_SWEEP_ID")
+    if sweep:
+        reasons.append(f"W&B sweep {sweep} searches values by a test_public metric")
+    if selected_by:
+        reasons.append(f"selected as the best {selected_by['metric']} of {selected_by['among']} evaluations")
+    return reasons
+
+
+def _threshold_record(thresholds: dict[str, ThresholdResult], reasons: list[str]) -> dict[str, Any]:
+    """thresholds.yaml: the category's threshold at the top (as train writes it), every split below."""
+    base = thresholds[Split.TEST_PUBLIC.value]
+    source = base.source
+    if reasons and TUNED_ON_TEST not in source:
+        source = f"{source} ({TUNED_ON_TEST}: {'; '.join(reasons)})"
+    record: dict[str, Any] = {"value": float(base.value), "method": base.method, "source": source,
+                              "tuned_on_test": bool(reasons)}
+    if reasons:
+        record["label"] = TUNED_ON_TEST
+    record["splits"] = {split: {"value": float(r.value), "method": r.method, "source": r.source,
+                                "tuned_on_test": bool(r.tuned_on_test or reasons)}
+                        for split, r in thresholds.items()}
+    return record
+
+
+def evaluate_run(run_path: Path, overrides: list[str], write: bool = False,
+                 write_masks: bool = False) -> dict[str, float]:
+    """Re-score cached maps; returns `{"test_public/<metric>": value, ...}` and prints a summary.
+
+    With `write=True` (what `hybridad train` uses for `f1_optimal`) the metrics and thresholds replace the
+    run's own `metrics.json` and `thresholds.yaml`; otherwise a new evaluation directory is written
+    (`create_evaluation`) and the run's files stay untouched.
+    """
+    if not write:
+        return json.loads((create_evaluation(run_path, overrides, write_masks) / "metrics.json").read_text())
+    run = RunDir(Path(run_path))
+    cfg = _load_config(run, overrides)
+    thresholds = fit_split_thresholds(run, cfg)
+    metrics = _score(run, cfg, thresholds, None)
+    record = _threshold_record(thresholds, _tuned_on_test_reasons(thresholds, None))
+    run.write_metrics({**metrics, "threshold_source": record["source"],
+                       "tuned_on_test": record["tuned_on_test"], "overrides": overrides})
+    run.write_thresholds(record)
+    _print_summary(metrics, record)
+    return metrics
+
+
+def create_evaluation(run_path: Path, overrides: list[str], write_masks: bool = False,
+                      selected_by: dict[str, Any] | None = None) -> Path:
+    """Evaluate a completed run with `overrides` into a new `<run>/evaluations/<id>/`; returns that folder.
+
+    Args:
+        run_path: a completed run directory.
+        overrides: `threshold.*` / `postprocess.*` `key=value` items (any number: the folder is a counter).
+        write_masks: also binarise every split's cached maps into `<id>/masks/`.
+        selected_by: `{metric, value, evaluation, among}` when this re-creates a sweep's best evaluation
+            (`best_evaluation`); it marks every value as tuned on test.
+
+    Raises:
+        UserError: the run is incomplete, an override is malformed or not re-scorable, a map is missing.
+    """
+    run = RunDir(Path(run_path))
+    run.require_completed("evaluate")
+    cfg = _load_config(run, overrides)
+    thresholds = fit_split_thresholds(run, cfg)
+    reasons = _tuned_on_test_reasons(thresholds, selected_by)
+    record = _threshold_record(thresholds, reasons)
+
+    root = run.path / EVALUATIONS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        metrics = _score(run, cfg, thresholds, RunDir(tmp) if write_masks else None)
+        info = {"threshold_source": record["source"], "tuned_on_test": record["tuned_on_test"]}
+        if reasons:
+            info["label"] = TUNED_ON_TEST
+        resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        evaluation = {
+            "run": str(run.path.resolve()), "category": cfg.data.category, "overrides": list(overrides),
+            "created": stamp, "masks": write_masks,
+            "tuned_on_test": bool(reasons), "tuned_on_test_because": reasons,
+            "wandb_sweep": os.environ.get("WANDB_SWEEP_ID"), "selected_by": selected_by,
+            "threshold": resolved["threshold"], "postprocess": resolved["postprocess"],  # type: ignore[index]
+        }
+        tmp_dir = RunDir(tmp)
+        tmp_dir.write_text(EVALUATION_FILE, yaml.safe_dump(evaluation, sort_keys=False))
+        tmp_dir.write_thresholds(record)
+        tmp_dir.write_metrics({**metrics, **info})
+        _honour_umask(tmp)
+        final = _claim(root, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log_to_wandb(metrics, info, cfg, final)
+    _print_summary(metrics, record)
+    return final
+
+
+def _honour_umask(folder: Path) -> None:
+    """mkdtemp creates 0700; give the evaluation folders the permissions a plain mkdir would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        path.chmod(0o777 & ~mask)
+
+
+def _claim(root: Path, tmp: Path) -> Path:
+    """Rename the finished `tmp` to the next free counter below `root` (a concurrent claim takes the next)."""
+    for _ in range(1000):
+        taken = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
+        final = root / f"{max(taken, default=0) + 1:04d}"
+        try:
+            os.rename(tmp, final)  # fails when another process already renamed its (non-empty) folder there
+            return final
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    raise UserError(f"{root}: could not claim a new evaluation id (too many concurrent evaluations)")
+
+
+def _print_summary(metrics: dict[str, float], record: dict[str, Any]) -> None:
+    line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    print(f"{line}  [threshold: {record['source']}]", flush=True)
+
+
+def _log_to_wandb(metrics: dict[str, float], info: dict[str, Any], cfg: RunConfig, folder: Path) -> None:
+    """Inside a W&B sweep agent (or with WANDB_RUN_ID set) log the metrics and their label to that run."""
     if not (os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_RUN_ID")):
         return
     import wandb
 
-    run = wandb.init(project=cfg.logging.project)
+    tags = [TUNED_ON_TEST] if info.get("tuned_on_test") else None
+    project = None if os.environ.get("WANDB_SWEEP_ID") else cfg.logging.project  # a sweep sets its own
+    run = wandb.init(project=project, dir=str(folder), tags=tags)
     run.log(metrics)
+    run.summary.update({**info, "evaluation_dir": str(folder)})
     run.finish()
+    sys.stdout.flush()
+
+
+# selecting ------------------------------------------------------------------------------------------------
+def list_evaluations(run_path: Path) -> list[Path]:
+    """Every finished evaluation directory of a run, oldest first."""
+    root = Path(run_path) / EVALUATIONS_DIR
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.name.isdigit() and (p / "metrics.json").is_file()),
+                  key=lambda p: int(p.name))
+
+
+def best_evaluation(run_path: Path, metric: str) -> tuple[Path, float, int]:
+    """The run's evaluation with the highest `metric` (earliest on ties): (folder, value, number compared).
+
+    Raises:
+        UserError: no evaluation of the run has `metric`.
+    """
+    scored = []
+    for folder in list_evaluations(run_path):
+        value = json.loads((folder / "metrics.json").read_text()).get(metric)
+        if isinstance(value, (int, float)) and np.isfinite(value):
+            scored.append((folder, float(value)))
+    if not scored:
+        raise UserError(f"no evaluation under {Path(run_path) / EVALUATIONS_DIR} has metric '{metric}'; "
+                        "run a sweep or `hybridad evaluate RUN key=value ...` first "
+                        "(metrics: test_public/seg_f1, test_public/aupro_0.05, test_public/class_f1)")
+    best = max(scored, key=lambda fv: fv[1])  # max keeps the first of equal values
+    return best[0], best[1], len(scored)
+
+
+def recreate_best(run_path: Path, metric: str) -> Path:
+    """Re-evaluate the run's best evaluation by `metric` with masks, labelled as tuned on test; returns it."""
+    folder, value, among = best_evaluation(run_path, metric)
+    overrides = yaml.safe_load((folder / EVALUATION_FILE).read_text()).get("overrides") or []
+    print(f"best {metric} = {value:.4f}: {folder} (of {among}) with {' '.join(overrides) or 'no overrides'}",
+          flush=True)
+    selected_by = {"metric": metric, "value": value, "evaluation": str(folder.resolve()), "among": among}
+    return create_evaluation(run_path, list(overrides), write_masks=True, selected_by=selected_by)
+

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -30,7 +31,7 @@ import tifffile
 from tqdm import tqdm
 
 from hybridad.errors import UserError
-from hybridad.run_dir import RunDir, encode_mask_png, encode_tiff, to_float16_map
+from hybridad.run_dir import RunDir, atomic_write_bytes, encode_mask_png, encode_tiff, to_float16_map
 from hybridad.types import CATEGORIES, PRIVATE_SPLITS
 
 # files per private split (test_private and test_private_mixed alike), as in MVTec's checker
@@ -51,17 +52,72 @@ _MAX_LISTED = 10  # missing files listed one by one per folder before a summary 
 
 
 # writing --------------------------------------------------------------------------------------------
-def write_submission(run_dirs: list[Path], out: Path, overwrite: bool = False) -> None:
-    """Copy the private-split maps (and masks, if the runs have them) of one run per category into `out`.
+def provenance_path(out: Path) -> Path:
+    """Where `write_submission` records its sources: beside the tree (the checker allows nothing extra)."""
+    out = Path(out)
+    return out.parent / f"{out.name}.provenance.yaml"
 
-    Maps are re-encoded as 2-D float16 TIFFs and masks as {0,255} PNGs at their stored (native) size. The tree
-    is built in `<out>.tmp-XXXX` beside `out` and renamed at the end, so a half-written tree never looks
-    complete.
+
+def _resolve_source(path: Path) -> tuple[RunDir, RunDir | None]:
+    """(run, evaluation or None) for a run directory or an evaluation directory `<run>/evaluations/<id>`."""
+    from hybridad.evaluate import EVALUATION_FILE
+
+    path = Path(path)
+    if (path / EVALUATION_FILE).is_file():
+        return RunDir(path.parent.parent), RunDir(path)
+    if path.parent.name == "evaluations" and path.name.isdigit():
+        raise UserError(f"{path} is not a finished evaluation (no {EVALUATION_FILE}); "
+                        "re-run `hybridad evaluate`")
+    return RunDir(path), None
+
+
+def _provenance(run: RunDir, evaluation: RunDir | None) -> dict[str, Any]:
+    """What the submission records about one category's source."""
+    import yaml
+
+    if evaluation is None:
+        thresholds, metrics, overrides = run.read_thresholds(), run.read_metrics(), []
+        record: dict[str, Any] = {"run": str(run.path.resolve()), "evaluation": None,
+                                  "masks": "written by training"}
+    else:
+        from hybridad.evaluate import EVALUATION_FILE
+
+        thresholds, metrics = evaluation.read_thresholds(), evaluation.read_metrics()
+        record_file = yaml.safe_load((evaluation.path / EVALUATION_FILE).read_text()) or {}
+        overrides = record_file.get("overrides", [])
+        record = {"run": str(run.path.resolve()), "evaluation": str(evaluation.path.resolve()),
+                  "masks": "written by `hybridad evaluate`"}
+    splits = thresholds.get("splits") or {}
+    record.update({
+        "overrides": list(overrides),
+        "tuned_on_test": bool(thresholds.get("tuned_on_test") or metrics.get("tuned_on_test")),
+        "threshold_source": thresholds.get("source") or metrics.get("threshold_source"),
+        "thresholds": {s.value: (splits.get(s.value) or {}).get("value", thresholds.get("value"))
+                       for s in PRIVATE_SPLITS},
+        "test_public": {k.split("/", 1)[1]: v for k, v in metrics.items()
+                        if k.startswith("test_public/") and isinstance(v, (int, float))},
+    })
+    return record
+
+
+def write_submission(sources: list[Path], out: Path, overwrite: bool = False) -> Path:
+    """Write the tree from one run or evaluation directory per category; returns the provenance file.
+
+    A run directory contributes its cached private maps and the masks training wrote; an evaluation
+    directory (`<run>/evaluations/<id>`, made by `hybridad evaluate --write-masks`) contributes its run's maps
+    and its own masks. Maps are re-encoded as 2-D float16 TIFFs and masks as {0,255} PNGs at their stored
+    (native) size. The tree is built in `<out>.tmp-XXXX` beside `out` and renamed at the end, so a
+    half-written tree never looks complete. Which run and evaluation each category came from, its thresholds
+    and whether they were tuned on test go to `<out>.provenance.yaml` beside the tree (the checker allows
+    no extra file).
 
     Raises:
-        UserError: `out` is non-empty (and not `overwrite`), two runs share a category, a run lacks the maps
-            of a private split, or a stored map/mask cannot be converted.
+        UserError: `out` is non-empty (and not `overwrite`), a run is incomplete, two sources share a
+            category, a run lacks the maps of a private split, an evaluation lacks masks, or a map/mask
+            cannot be converted.
     """
+    import yaml
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")
@@ -70,16 +126,18 @@ def write_submission(run_dirs: list[Path], out: Path, overwrite: bool = False) -
 
     jobs: list[tuple[Path, str]] = []  # (source file in a run, path relative to the submission root)
     seen: dict[str, Path] = {}
-    for run_path in run_dirs:
-        run = RunDir(run_path)
+    provenance: dict[str, Any] = {}
+    for source in sources:
+        run, evaluation = _resolve_source(source)
+        run.require_completed("submission write")
         category = run.category
         if category not in CATEGORIES:
             raise UserError(f"{run.path / 'config.yaml'}: data.category '{category}' is not an MVTec AD 2 "
                             "category")
         if category in seen:
-            raise UserError(f"runs {seen[category]} and {run.path} are both '{category}'; "
-                            "pass one run per category")
-        seen[category] = run.path
+            raise UserError(f"{seen[category]} and {source} are both '{category}'; "
+                            "pass one run or evaluation per category")
+        seen[category] = Path(source)
         for split in PRIVATE_SPLITS:
             maps = list(run.iter_maps(split))
             if not maps:
@@ -89,11 +147,16 @@ def write_submission(run_dirs: list[Path], out: Path, overwrite: bool = False) -
                     "(predict_private=true)"
                 )
             jobs += [(p, f"{MAPS_DIR}/{category}/{sid}.tiff") for sid, p in maps]
-            masks = list(run.iter_masks(split))
+            masks = list((evaluation or run).iter_masks(split))
+            if evaluation is not None and [sid for sid, _ in masks] != [sid for sid, _ in maps]:
+                raise UserError(f"evaluation {evaluation.path} has {len(masks)} {split.value} masks for "
+                                f"{len(maps)} maps; make one with masks: `hybridad evaluate {run.path} "
+                                "<its overrides> --write-masks`")
             if not masks:
                 print(f"warning: run {run.path} has no masks for {split.value}; "
                       f"{MASKS_DIR}/{category}/{split.value} will be missing", file=sys.stderr)
             jobs += [(p, f"{MASKS_DIR}/{category}/{sid}.png") for sid, p in masks]
+        provenance[category] = _provenance(run, evaluation)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
@@ -102,10 +165,26 @@ def write_submission(run_dirs: list[Path], out: Path, overwrite: bool = False) -
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(_reencode_map(src) if rel.endswith(".tiff") else _reencode_mask(src))
+        _honour_umask(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    from hybridad.thresholds import TUNED_ON_TEST
+
+    tuned = sorted(c for c, p in provenance.items() if p["tuned_on_test"])
+    record = {"submission": str(out.resolve()), "label": TUNED_ON_TEST if tuned else None,
+              "tuned_on_test": tuned, "categories": provenance}
+    path = provenance_path(out)
+    atomic_write_bytes(path, yaml.safe_dump(record, sort_keys=False).encode("utf-8"))
+    return path
+
+
+def _honour_umask(folder: Path) -> None:
+    """mkdtemp creates the root 0700; give it the permissions a plain mkdir would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
 
 
 def _reencode_map(src: Path) -> bytes:
@@ -139,6 +218,27 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 # checking -------------------------------------------------------------------------------------------
+def expected_counts(categories: list[str] | None = None, data_root: Path | None = None) -> dict[str, int]:
+    """Files per private split for `categories` (default: all 8): the official counts, or `data_root`'s.
+
+    Raises:
+        UserError: an unknown category, or a `data_root` category without a test_private folder.
+    """
+    categories = list(categories or CATEGORIES)
+    unknown = sorted(set(categories) - set(CATEGORIES))
+    if unknown:
+        raise UserError(f"unknown categories {unknown}; valid: {', '.join(CATEGORIES)}")
+    if data_root is None:
+        return {c: OFFICIAL_COUNTS[c] for c in categories}
+    counts = {}
+    for c in categories:
+        folder = Path(data_root) / c / "test_private"
+        if not folder.is_dir():
+            raise UserError(f"--data-root: {folder} not found; pass the dataset root (<root>/<category>/...)")
+        counts[c] = len(list(folder.glob("*.png")))
+    return counts
+
+
 def check_submission(path: Path, expected_counts: dict[str, int] | None = None) -> list[str]:
     """Every problem MVTec's checker would raise on `path` (plus NaN maps and mask/map size mismatches).
 

@@ -3,13 +3,15 @@
 `ScoreStats` streams the validation pixel scores of one category into sums and a float16-value histogram;
 `fit_threshold` turns it (or labelled test histograms, for the oracle rule) into a `ThresholdResult` that says
 where the threshold came from. Predictions use `map >= threshold` (see `hybridad.postprocess.binarize`).
+The private splits may each override the category's rule (`threshold.test_private_mixed.value=0.43`, as the
+winners used a higher level for mixed lighting); `rule_for_split` resolves the rule a split uses.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -28,6 +30,23 @@ from hybridad.metrics.segmentation import PixelF1Max
 
 METHODS = ("mean_std", "percentile", "f1_optimal", "fixed")
 PERCENTILE_METHODS = ("linear", "lower", "higher", "nearest")
+TUNED_ON_TEST = "threshold tuned on test"  # the label of every value chosen with test_public labels
+OVERRIDABLE_SPLITS = ("test_private", "test_private_mixed")
+
+
+@dataclass
+class SplitThresholdConfig:
+    """One private split's override of the category's rule; unset (None) fields inherit it.
+
+    Setting `value` without `method` means a fixed threshold for that split.
+    """
+
+    method: Optional[str] = None
+    k: Optional[float] = None
+    percentile: Optional[float] = None
+    factor: Optional[float] = None
+    value: Optional[float] = None
+    percentile_method: Optional[str] = None
 
 
 @dataclass
@@ -38,6 +57,8 @@ class ThresholdConfig:
     factor: float = 1.0  # ... times factor
     value: float = 0.0  # fixed
     percentile_method: str = "linear"  # numpy.percentile method: linear | lower | higher | nearest
+    test_private: SplitThresholdConfig = field(default_factory=SplitThresholdConfig)
+    test_private_mixed: SplitThresholdConfig = field(default_factory=SplitThresholdConfig)
 
 
 @dataclass
@@ -184,3 +205,19 @@ def fit_threshold(
         else:
             value = percentile_threshold(stats, cfg.percentile, cfg.factor, cfg.percentile_method)
     return ThresholdResult(float(value), cfg.method, "validation", False)
+
+
+def rule_for_split(cfg: ThresholdConfig, split: str) -> ThresholdConfig:
+    """The rule `split` uses: the category's rule with the split's override (if any) on top.
+
+    Validation and test_public always use the category's rule; the returned config has no overrides left.
+    """
+    base = replace(cfg, test_private=SplitThresholdConfig(), test_private_mixed=SplitThresholdConfig())
+    if split not in OVERRIDABLE_SPLITS:
+        return base
+    override = getattr(cfg, split)
+    changes = {f.name: getattr(override, f.name) for f in fields(override)
+               if getattr(override, f.name) is not None}
+    if "value" in changes and "method" not in changes:
+        changes["method"] = "fixed"
+    return replace(base, **changes)

@@ -29,6 +29,7 @@ def make_run(root: Path, category: str, count: int, masks: bool = True,
     """A fake run directory with `count` private maps (and masks) per private split."""
     run = RunDir(root / f"run_{category}")
     run.write_text("config.yaml", f"branch: inp_former\ndata:\n  category: {category}\n")
+    run.write_state("completed")
     rng = np.random.default_rng(len(category))
     for split, tag in (("test_private", "regular"), ("test_private_mixed", "mixed")):
         for i in range(count):
@@ -254,6 +255,7 @@ def _runs_from_synthetic(tmp_path: Path, categories: list[str]) -> list[Path]:
     for category in categories:
         run = RunDir(tmp_path / "runs" / category)
         run.write_text("config.yaml", f"data:\n  category: {category}\n  root: {data}\n")
+        run.write_state("completed")
         for split in ("test_private", "test_private_mixed"):
             for png in sorted((data / category / split).glob("*.png")):
                 h, w = cv2.imread(str(png), cv2.IMREAD_UNCHANGED).shape[:2]
