@@ -14,7 +14,8 @@ run's dataset. Each call writes a NEW evaluation directory; the run's own files 
 ```
 `<id>` is a counter (`0001`, `0002`, ...) claimed by an atomic rename of the finished directory, so an
 evaluation is complete or absent, and parallel sweep agents never share one. W&B sweeps call this command
-(`experiments/sweeps/threshold.yaml`); `recreate_best` re-creates the best evaluation of a run by a metric, with masks.
+(`experiments/sweeps/threshold.yaml`); `recreate_best` re-creates the best evaluation of a run by a metric,
+with masks.
 """
 
 from __future__ import annotations
@@ -191,16 +192,17 @@ def evaluate_run(run_path: Path, overrides: list[str], write: bool = False,
                  write_masks: bool = False) -> dict[str, float]:
     """Re-score cached maps; returns `{"test_public/<metric>": value, ...}` and prints a summary.
 
-    With `write=True` (what `hybridad train` uses for `f1_optimal`) the metrics and thresholds replace the
-    run's own `metrics.json` and `thresholds.yaml`; otherwise a new evaluation directory is written
-    (`create_evaluation`) and the run's files stay untouched.
+    With `write=True` (what `hybridad train` uses for `f1_optimal`, and after predicting when a private split
+    has its own threshold) the metrics and thresholds replace the run's own `metrics.json` and
+    `thresholds.yaml`, and `write_masks` rewrites the run's own masks; otherwise a new evaluation directory is
+    written (`create_evaluation`) and the run's files stay untouched.
     """
     if not write:
         return json.loads((create_evaluation(run_path, overrides, write_masks) / "metrics.json").read_text())
     run = RunDir(Path(run_path))
     cfg = _load_config(run, overrides)
     thresholds = fit_split_thresholds(run, cfg)
-    metrics = _score(run, cfg, thresholds, None)
+    metrics = _score(run, cfg, thresholds, run if write_masks else None)
     record = _threshold_record(thresholds, _tuned_on_test_reasons(thresholds, None))
     run.write_metrics({**metrics, "threshold_source": record["source"],
                        "tuned_on_test": record["tuned_on_test"], "overrides": overrides})

@@ -207,6 +207,11 @@ def fit_threshold(
     return ThresholdResult(float(value), cfg.method, "validation", False)
 
 
+def has_split_overrides(cfg: ThresholdConfig) -> bool:
+    """Whether a private split sets its own threshold rule (the category's threshold is not the only one)."""
+    return any(v is not None for split in OVERRIDABLE_SPLITS for v in vars(getattr(cfg, split)).values())
+
+
 def rule_for_split(cfg: ThresholdConfig, split: str) -> ThresholdConfig:
     """The rule `split` uses: the category's rule with the split's override (if any) on top.
 

@@ -291,10 +291,19 @@ def test_best_evaluation_becomes_a_submission_labelled_tuned_on_test(
 
 def test_train_path_still_updates_the_runs_own_files(synthetic_root: Path, tmp_path: Path) -> None:
     run = make_run(tmp_path / "runs", synthetic_root, state="running")  # train calls it before completion
+    before = snapshot(run / "masks")
     metrics = evaluate_run(run, ["threshold.method=f1_optimal"], write=True)
+    assert snapshot(run / "masks") == before  # masks only with write_masks
     thresholds = RunDir(run).read_thresholds()
     assert thresholds["tuned_on_test"] is True
     assert thresholds["source"] == "test_public (threshold tuned on test)"
     assert thresholds["value"] == pytest.approx(metrics["test_public/threshold"])
     assert RunDir(run).read_metrics()["test_public/seg_f1"] == metrics["test_public/seg_f1"]
     assert not (run / "evaluations").exists()
+    # train, after predicting, when a private split has its own rule: the run's own masks are rewritten
+    split_rules = ["threshold.method=fixed", "threshold.value=0.4", "threshold.test_private_mixed.value=0.3"]
+    evaluate_run(run, split_rules, write=True, write_masks=True)
+    for sid, thr in (("test_private_mixed/000_mixed", 0.3), ("test_private/000_regular", 0.4)):
+        expected = RunDir(run).read_map(sid) >= np.float32(thr)
+        assert expected.any() and not np.array_equal(expected, RunDir(run).read_map(sid) > 0.9)
+        np.testing.assert_array_equal(RunDir(run).read_mask(sid), expected)

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+import yaml
 
 import hybridad.submission as submission
 from hybridad.errors import UserError
@@ -183,7 +184,29 @@ def test_write_refuses_non_empty_out_unless_overwrite(tmp_path: Path) -> None:
     (out / "stale.txt").write_text("old")
     write_submission([run], out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["anomaly_images", "anomaly_images_thresholded"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_can", "sub"]  # no temp or backup left
+    # no temporary tree or backup left; the provenance sits beside the tree
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_can", "sub", "sub.provenance.yaml"]
+
+
+def test_write_refuses_incomplete_runs_and_records_run_provenance(tmp_path: Path) -> None:
+    runs = [make_run(tmp_path / "runs", c, 1) for c in ("can", "vial")]
+    RunDir(runs[0]).write_thresholds({"value": 0.25, "method": "f1_optimal", "tuned_on_test": True,
+                                      "source": "test_public (threshold tuned on test)"})
+    RunDir(runs[1]).write_thresholds({"value": 0.5, "method": "mean_std", "source": "validation",
+                                      "tuned_on_test": False})
+    RunDir(runs[1]).write_metrics({"test_public/seg_f1": 0.4, "threshold_source": "validation"})
+    provenance = yaml.safe_load(write_submission(runs, tmp_path / "sub").read_text())
+    assert provenance["tuned_on_test"] == ["can"] and provenance["label"] == "threshold tuned on test"
+    vial = provenance["categories"]["vial"]
+    assert vial == {"run": str(runs[1].resolve()), "evaluation": None, "masks": "written by training",
+                    "overrides": [], "tuned_on_test": False, "threshold_source": "validation",
+                    "thresholds": {"test_private": 0.5, "test_private_mixed": 0.5},
+                    "test_public": {"seg_f1": 0.4}}
+    RunDir(runs[1]).write_state("failed", "CUDA out of memory")
+    with pytest.raises(UserError, match=f"submission write: run {runs[1]} is not complete "
+                                        r"\(state failed: CUDA out of memory\)"):
+        write_submission(runs, tmp_path / "sub2")
+    assert not (tmp_path / "sub2").exists() and not (tmp_path / "sub2.provenance.yaml").exists()
 
 
 def test_write_failure_midway_leaves_no_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
