@@ -186,11 +186,13 @@ def test_long_override_lists_get_a_short_id(hand_run: Path, capsys: pytest.Captu
                  "postprocess.min_area=0", "postprocess.erosion_kernel=0", "postprocess.full_mask_guard=0.95",
                  f"threshold.test_private.k=3.{'0' * 60}1", "threshold.test_private_mixed.method=percentile"]
     assert len("_".join(overrides)) > 255  # the old file name built from the overrides
-    code, out, _ = run_cli(["evaluate", str(hand_run), *overrides], capsys)
+    argv = ["evaluate", str(hand_run), *overrides[:3], "--write-masks", *overrides[3:]]  # a flag in between
+    code, out, _ = run_cli(argv, capsys)
     assert code == 0
     folder = Path(out[-1])
     assert folder.parent == hand_run / "evaluations" and folder.name.isdigit() and len(folder.name) == 4
     assert yaml.safe_load((folder / "evaluation.yaml").read_text())["overrides"] == overrides
+    assert (folder / "masks/test_private_mixed").is_dir()
     splits = yaml.safe_load((folder / "thresholds.yaml").read_text())["splits"]
     assert splits["test_private_mixed"]["method"] == "percentile"
     assert splits["test_public"]["method"] == "mean_std"
@@ -283,6 +285,8 @@ def test_best_evaluation_becomes_a_submission_labelled_tuned_on_test(
     assert metrics["test_public/seg_f1"] == scores[best] and metrics["label"] == "threshold tuned on test"
     provenance = yaml.safe_load(write_submission([chosen], tmp_path / "sub").read_text())
     assert provenance["label"] == "threshold tuned on test" and provenance["tuned_on_test"] == ["can"]
+    code, _, err = run_cli(["evaluate", str(run), "--best", "test_public/seg_f1", "threshold.k=3"], capsys)
+    assert code == 2 and "drop the overrides (threshold.k=3)" in err
     with pytest.raises(UserError, match="no evaluation .* has metric 'test_public/nope'"):
         from hybridad.evaluate import best_evaluation
 
