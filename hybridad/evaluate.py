@@ -97,8 +97,7 @@ def _load_config(run: RunDir, overrides: list[str]) -> RunConfig:
     cached_sigma = load_run_config(run.path).postprocess.gaussian_sigma
     if cfg.postprocess.gaussian_sigma != cached_sigma:
         raise UserError("postprocess.gaussian_sigma is applied before the maps are cached "
-                        f"(this run: {cached_sigma}); "
-                        "change it with `hybridad train`, not `evaluate`")
+                        f"(this run: {cached_sigma}); change it with `hybridad train`, not `evaluate`")
     return cfg
 
 
@@ -114,16 +113,17 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResu
     labelled = None
     if "f1_optimal" in methods:
         labelled = PixelF1Max()
-        for m, g in _labelled_maps(run, cfg, "test_public maps (threshold)"):
+        for _, m, g in _labelled_maps(run, cfg, "test_public maps (threshold)"):
             labelled.update(m, g)
     return {split: fit_threshold(rule, stats, labelled=labelled) for split, rule in rules.items()}
 
 
-def _labelled_maps(run: RunDir, cfg: RunConfig, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """((1,1,H,W) map, (1,1,H,W) GT) of test_public, one image at a time."""
+def _labelled_maps(run: RunDir, cfg: RunConfig, desc: str
+                   ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(sample id, (1,1,H,W) map, (1,1,H,W) GT) of test_public, one image at a time."""
     for s in tqdm(list_samples(cfg.data.root, cfg.data.category, Split.TEST_PUBLIC), desc=desc, leave=False):
         m = _load_map(run, s.sample_id)
-        yield m, torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]
+        yield s.sample_id, m, torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]
 
 
 def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult],
@@ -131,16 +131,13 @@ def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult],
     """test_public metrics; with `masks_to`, also the masks of every split with cached maps written there."""
     thr = thresholds[Split.TEST_PUBLIC.value].value
     aupro, seg_f1, class_f1 = AUPRO(fpr_limit=0.05), SegF1(), ClassF1()
-    samples = list_samples(cfg.data.root, cfg.data.category, Split.TEST_PUBLIC)
-    for s in tqdm(samples, desc="test_public maps", leave=False):
-        m = _load_map(run, s.sample_id)
-        g = torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]  # (1,1,H,W)
-        pred = binarize(m, thr, cfg.postprocess)
+    for sample_id, m, g in _labelled_maps(run, cfg, "test_public maps"):
+        pred = binarize(m, thr, cfg.postprocess)  # (1,1,H,W) bool
         aupro.update(m, g)
         seg_f1.update(pred, g)
         class_f1.update(pred, g)
         if masks_to is not None:
-            masks_to.write_mask(s.sample_id, pred[0, 0])
+            masks_to.write_mask(sample_id, pred[0, 0])
     metrics = {
         "test_public/aupro_0.05": float(aupro.compute()),
         "test_public/seg_f1": float(seg_f1.compute()),
