@@ -225,4 +225,6 @@ def rule_for_split(cfg: ThresholdConfig, split: str) -> ThresholdConfig:
                if getattr(override, f.name) is not None}
     if "value" in changes and "method" not in changes:
         changes["method"] = "fixed"
+    if changes.get("method", METHODS[0]) not in METHODS:
+        raise UserError(f"threshold.{split}.method must be one of {METHODS}, got {changes['method']!r}")
     return replace(base, **changes)

@@ -29,6 +29,8 @@ def test_split_rule_inherits_the_category_rule_and_value_means_fixed() -> None:
     assert has_split_overrides(cfg) and not has_split_overrides(ThresholdConfig(k=5.0))
     explicit = ThresholdConfig(test_private_mixed=SplitThresholdConfig(method="percentile", value=0.43))
     assert rule_for_split(explicit, "test_private_mixed").method == "percentile"  # an explicit method wins
+    with pytest.raises(UserError, match="threshold.test_private.method must be one of"):
+        rule_for_split(ThresholdConfig(test_private=SplitThresholdConfig(method="otsu")), "test_private")
 
 
 def test_split_thresholds_through_the_config_schema() -> None:
