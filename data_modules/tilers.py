@@ -1,9 +1,9 @@
 """Pyramid tiling on the batch's device: the DataModule's train and eval tilers.
 
-Downscaling is antialiased by default (`F.interpolate(..., antialias=True)`, which follows PIL's bilinear filter
-to within one grey level): the winners' INP-Former tiles go through torchvision's PIL `Resize(448)`. CPR's
-official input is `cv2.resize` (bilinear, no antialias), so `cpr.yaml` turns it off. Upscaling is plain bilinear
-either way.
+Downscaling is antialiased by default (`F.interpolate(..., antialias=True)`, which follows PIL's bilinear
+filter to within one grey level): the winners' INP-Former tiles go through torchvision's PIL `Resize(448)`.
+CPR's official input is `cv2.resize` (bilinear, no antialias), so `cpr.yaml` turns it off. Upscaling is plain
+bilinear either way.
 """
 
 from __future__ import annotations

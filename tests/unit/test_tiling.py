@@ -122,7 +122,7 @@ def test_train_tiler_matches_resize_of_each_box():
         assert 0 <= out.min() and out.max() <= 1
         for i, (y0, x0, y1, x1) in enumerate(pick.tolist()):
             crop = images[i : i + 1, :, y0:y1, x0:x1].float() / 255
-            ref = F.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False, antialias=antialias)
+            ref = F.interpolate(crop, size=(16, 16), mode="bilinear", antialias=antialias)
             torch.testing.assert_close(out[i : i + 1], ref)
 
 
@@ -136,7 +136,7 @@ def _textured(h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 def _pil_resize(img: torch.Tensor, size: int) -> torch.Tensor:
-    """(3,h,w) uint8 -> (3,S,S) float grey levels, PIL's bilinear (antialiased) resize (torchvision's Resize)."""
+    """(3,h,w) uint8 -> (3,S,S) float grey levels by PIL's bilinear resize (antialiased; torchvision's)."""
     arr = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
     out = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR))
     return torch.from_numpy(out.astype(np.float32)).permute(2, 0, 1)
@@ -167,8 +167,9 @@ def test_eval_tiler_tiles_like_pil_per_tile():
 
 
 def test_upscaling_is_plain_bilinear():
-    images = torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    ref = F.interpolate(images.float() / 255, size=(32, 32), mode="bilinear", align_corners=False, antialias=False)
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8, generator=g)
+    ref = F.interpolate(images.float() / 255, size=(32, 32), mode="bilinear", antialias=False)
     torch.testing.assert_close(EvalTiler(TileLevel(), 32)(images)[0], ref, atol=0, rtol=0)
     boxes = torch.tensor([[0, 0, 20, 24]] * 2)
     torch.testing.assert_close(TrainTiler(32)(images, boxes), ref, atol=0, rtol=0)
