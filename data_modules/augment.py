@@ -18,6 +18,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
+from torch import Tensor
 
 from hybridad.errors import UserError
 
@@ -69,6 +71,38 @@ def hls_lightness(img: np.ndarray, factor: float) -> np.ndarray:
     hls = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2HLS).astype(np.float64)
     hls[..., 1] *= factor
     return cv2.cvtColor(np.clip(hls, 0, 255).astype(np.uint8), cv2.COLOR_HLS2RGB)
+
+
+def hls_lightness_tensor(images: Tensor, factor: Tensor) -> Tensor:
+    """CPR's lightness jitter on the device in float (no 8-bit HLS): L times `factor`, H and S kept.
+
+    Args:
+        images: (N,3,H,W) float RGB in [0,1].
+        factor: (N,) lightness factors.
+
+    Returns:
+        (N,3,H,W) float in [0,1]: within 1 grey level of `hls_lightness` on grey pixels, 6 on random colours
+        (mean 0.7; OpenCV quantises H, L and S to 8 bits).
+    """
+    mx, mn = images.amax(1, keepdim=True), images.amin(1, keepdim=True)  # (N,1,H,W)
+    spread, light = mx - mn, (mx + mn) / 2
+    denom = torch.where(light < 0.5, mx + mn, 2 - mx - mn).clamp_min(1e-12)
+    sat = torch.where(spread > 0, spread / denom, torch.zeros_like(spread))
+    light = (light * factor[:, None, None, None]).clamp(0, 1)
+    top = torch.where(light < 0.5, light * (1 + sat), light + sat - light * sat)  # the largest channel
+    bottom = 2 * light - top  # the smallest channel
+    position = torch.where(spread > 0, (images - mn) / spread.clamp_min(1e-12), torch.zeros_like(images))
+    return (bottom + (top - bottom) * position).clamp(0, 1)  # channels keep their place between min and max
+
+
+def random_hls_lightness(
+    images: Tensor, prob: float = 0.3, ratio: float = 0.1, generator: torch.Generator | None = None
+) -> Tensor:
+    """CPR's batch augmentation: with probability `prob` per image, lightness x U(1 - ratio, 1 + ratio)."""
+    n, dev = images.shape[0], images.device
+    apply = torch.rand(n, generator=generator, device=dev) < prob
+    factor = 1 + ratio * (2 * torch.rand(n, generator=generator, device=dev) - 1)
+    return hls_lightness_tensor(images, torch.where(apply, factor, torch.ones_like(factor)))
 
 
 def draw_rectangles(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageEnhance
 
 from data_modules.augment import (
@@ -12,10 +13,13 @@ from data_modules.augment import (
     build_augment,
     draw_rectangles,
     hls_lightness,
+    hls_lightness_tensor,
+    random_hls_lightness,
     scale_brightness,
     scale_halves,
     scale_rectangles,
 )
+from hybridad.config import load_config
 from hybridad.errors import UserError
 
 
@@ -140,3 +144,44 @@ def test_build_augment_and_bad_values():
         Augment(AugmentConfig(lighting=1.5))
     with pytest.raises(UserError, match="hls_lightness_ratio"):
         Augment(AugmentConfig(hls_lightness=0.3, hls_lightness_ratio=1.0))
+
+
+def test_hls_lightness_on_the_device_hand_computed_and_near_opencv():
+    # (200,100,50) x1.1 in float: L 0.5392, S 0.6 -> q 0.8157 (208), p 0.2627 (67), G p + (q - p) / 3 (114)
+    x = torch.tensor([200.0, 100.0, 50.0]).reshape(1, 3, 1, 1) / 255
+    out = hls_lightness_tensor(x, torch.tensor([1.1])).flatten() * 255
+    torch.testing.assert_close(out, torch.tensor([208.0, 114.0, 67.0]), atol=2e-3, rtol=0)
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    grey = np.repeat(colour[..., :1], 3, axis=2)
+    for img, tol in ((colour, 6.0), (grey, 1.0)):
+        for f in (0.9, 1.1):
+            ref = torch.from_numpy(hls_lightness(img, f)).permute(2, 0, 1).float()
+            t = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+            assert (hls_lightness_tensor(t, torch.tensor([f]))[0] * 255 - ref).abs().max() <= tol
+
+
+def test_random_hls_lightness_probability_and_generator():
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(random_hls_lightness(x, prob=0.0), x, atol=1e-6, rtol=0)
+    a = random_hls_lightness(x, 0.3, 0.1, torch.Generator().manual_seed(1))
+    b = random_hls_lightness(x, 0.3, 0.1, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    changed = ((a - x).abs().flatten(1).amax(1) > 1e-5).float().mean()
+    assert 0.12 < changed < 0.5
+
+
+@pytest.mark.parametrize(
+    "category", ["can", "fabric", "rice", "sheet_metal", "wallplugs", "walnuts", "fruit_jelly", "vial"]
+)
+def test_category_configs_use_the_winners_variants(category):
+    data = load_config([f"data.category={category}"]).data
+    winners_lighting = category in ("can", "fabric", "rice")
+    assert data.augment.lighting == (0.5 if winners_lighting else 0.0)
+    assert (data.augment.hflip, data.augment.vflip) == ((0.5, 0.5) if winners_lighting else (0.0, 0.0))
+    assert data.augment.brightness == 0.0  # the additive jitter is not the winners'
+    cpr = category in ("fruit_jelly", "vial")
+    assert data.tiling.antialias == (not cpr)  # PIL resize for INP-Former, cv2 (no antialias) for CPR
+    if cpr:
+        cp = data.cut_paste
+        assert cp.enabled and cp.foreground == "otsu" and cp.max_patches == 1 and not cp.colour_jitter
