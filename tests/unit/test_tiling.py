@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -156,6 +157,16 @@ def test_tilers_downscale_like_pil_within_one_grey_level(hw, size):
     assert (train - ref).abs().max() <= 1.0 and (evaluated - ref).abs().max() <= 1.0
     plain = TrainTiler(size, antialias=False)(images, torch.tensor([[0, 0, *hw]]))[0] * 255
     assert (plain - ref).abs().max() > 10  # without antialiasing the same tile is far from PIL's
+
+
+@pytest.mark.parametrize("hw", [(1900, 1400), (1520, 2100)])  # vial, fruit_jelly
+def test_cpr_tiles_without_antialias_match_opencv_resize(hw):
+    # official CPR input: cv2.resize(img, (320, 320)) with its default bilinear mode, no antialiasing
+    images = _textured(*hw)
+    arr = np.ascontiguousarray(images[0].permute(1, 2, 0).numpy())
+    ref = torch.from_numpy(cv2.resize(arr, (320, 320)).astype(np.float32)).permute(2, 0, 1)
+    out = TrainTiler(320, antialias=False)(images, torch.tensor([[0, 0, *hw]]))[0] * 255
+    assert (out - ref).abs().max() <= 1.0
 
 
 def test_eval_tiler_tiles_like_pil_per_tile():
