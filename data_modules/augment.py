@@ -1,4 +1,5 @@
-"""CPU training augmentations of one native image or tile crop, before the device resize.
+"""Training augmentations: CPU ones on one native image or tile crop (before the device resize), and CPR's
+lightness jitter as a batched device function (`random_hls_lightness`).
 
 Two families, each behind its own keys:
 - the winners' (ISVL, VAND 2025) `RandomLightingAugmentation` for can, fabric and rice (`lighting`): with
