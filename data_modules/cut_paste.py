@@ -49,9 +49,40 @@ class CutPasteConfig:
     library_seed: int = 0  # seed of the procedural library
 
 
+def fill_holes(mask: Tensor) -> Tensor:
+    """(N,1,H,W) bool -> the mask plus every background region not connected to the image border.
+
+    A flood fill from the border by repeated 3x3 dilation inside the background, on the mask's device.
+    """
+    background = ~mask
+    reach = torch.zeros_like(mask)
+    reach[..., 0, :], reach[..., -1, :], reach[..., :, 0], reach[..., :, -1] = True, True, True, True
+    reach &= background
+    while True:  # the reached set only grows: unchanged after 8 steps means stable
+        before = reach
+        for _ in range(8):  # between checks, which synchronise the device
+            reach = F.max_pool2d(reach.float(), 3, stride=1, padding=1).bool() & background
+        if torch.equal(reach, before):
+            return ~reach
+
+
+def otsu_threshold(levels: Tensor) -> Tensor:
+    """(N,P) long grey levels in [0,255] -> (N,1) Otsu threshold per row (the first level that maximises the
+    between-class variance of `<= t` vs `> t`, as OpenCV's THRESH_OTSU)."""
+    n = levels.shape[0]
+    hist = torch.zeros(n, 256, device=levels.device, dtype=torch.float64)
+    hist.scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float64))  # (N,256) exact counts
+    w0 = hist.cumsum(1)  # pixels at or below each level
+    m0 = (hist * torch.arange(256, device=levels.device, dtype=torch.float64)).cumsum(1)
+    total, mt = float(levels.shape[1]), m0[:, -1:]
+    between = (mt * w0 / total - m0) ** 2 / (w0 * (total - w0)).clamp_min(1.0)  # between-class variance
+    between = torch.where((w0 > 0) & (w0 < total), between, torch.full_like(between, -1.0))
+    return between.argmax(1, keepdim=True)  # (N,1)
+
+
 def otsu_foreground(images: Tensor, border: float = 3 / 80) -> Tensor:
     """Object mask of each tile: Otsu's threshold on its grey level, the class covering most of the border
-    being background (CPR's foreground assumption). An empty result means the whole tile.
+    being background (CPR's foreground assumption), holes filled. An empty result means the whole tile.
 
     Args:
         images: (N,3,H,W) float [0,1].
@@ -62,20 +93,12 @@ def otsu_foreground(images: Tensor, border: float = 3 / 80) -> Tensor:
     """
     n, _, h, w = images.shape
     levels = (images.mean(1) * 255).round().clamp(0, 255).long().flatten(1)  # (N,H*W) grey levels
-    hist = torch.zeros(n, 256, device=images.device, dtype=torch.float64)
-    hist.scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float64))  # (N,256) exact counts
-    w0 = hist.cumsum(1)  # pixels at or below each level
-    m0 = (hist * torch.arange(256, device=images.device, dtype=torch.float64)).cumsum(1)
-    total, mt = float(h * w), m0[:, -1:]
-    between = (mt * w0 / total - m0) ** 2 / (w0 * (total - w0)).clamp_min(1.0)  # between-class variance
-    between = torch.where((w0 > 0) & (w0 < total), between, torch.full_like(between, -1.0))
-    t = between.argmax(1, keepdim=True)  # (N,1) the first maximising level
-    upper = (levels > t).reshape(n, 1, h, w)  # (N,1,H,W)
+    upper = (levels > otsu_threshold(levels)).reshape(n, 1, h, w)  # (N,1,H,W)
     b = max(1, round(min(h, w) * border))
     band = torch.ones(h, w, dtype=torch.bool, device=images.device)
     band[b : h - b, b : w - b] = False
     upper_on_border = (upper & band).flatten(1).sum(1) * 2 > band.sum()  # (N,)
-    fg = upper ^ upper_on_border[:, None, None, None]
+    fg = fill_holes(upper ^ upper_on_border[:, None, None, None])  # highlights inside the object count
     empty = fg.flatten(1).sum(1) == 0  # (N,)
     return (fg | empty[:, None, None, None]).to(images.dtype)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_modules.cut_paste import CutPaste, CutPasteConfig, otsu_foreground
+from data_modules.cut_paste import CutPaste, CutPasteConfig, fill_holes, otsu_foreground, otsu_threshold
 from data_modules.defect_library import KINDS, DefectLibrary, load_defect_folder, make_defect_library
 from hybridad.errors import UserError
 
@@ -166,7 +166,7 @@ def test_cuda_matches_mask_rule():
 # ------------------------------------------------------------------ the winners' pseudo-anomalies
 
 
-def _square_library(colours: list[tuple], kinds: list[int], names: tuple, side: float = 32.0) -> DefectLibrary:
+def _square_library(colours: list[tuple], kinds: list[int], names: tuple, side: float = 32) -> DefectLibrary:
     """Fully opaque square patches of one colour each (so a pasted patch's area and colour are known)."""
     k = len(colours)
     patches = torch.tensor(colours, dtype=torch.float32)[:, :, None, None].expand(k, 3, 16, 16).clone()
@@ -191,12 +191,13 @@ def _disc_tiles(n: int, s: int, radius: float, inside: float = 0.8, outside: flo
 def test_otsu_threshold_equals_opencv(seed):
     rng = np.random.default_rng(seed)
     s = 48
-    grey = _disc_tiles(1, s, 14, 0.7, 0.3)[0, 0].numpy() * 255 + rng.normal(0, 25, (s, s))
+    grey = _disc_tiles(1, s, 14, 0.7, 0.3)[0, 0].numpy() * 255 + rng.normal(0, 25 + 10 * seed, (s, s))
     levels = np.clip(np.round(grey), 0, 255).astype(np.uint8)  # (S,S)
     t, _ = cv2.threshold(levels, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    assert otsu_threshold(torch.from_numpy(levels).long().reshape(1, -1)).item() == t
     x = torch.from_numpy(levels).float().div(255).expand(1, 3, s, s)
-    fg = otsu_foreground(x)[0, 0]
-    assert torch.equal(fg.bool(), torch.from_numpy(levels > t))  # bright object: the upper class
+    fg = otsu_foreground(x)[0, 0].bool()
+    assert torch.equal(fg, fill_holes(torch.from_numpy(levels > t)[None, None])[0, 0])  # bright object: upper
 
 
 def test_otsu_takes_the_class_off_the_border_as_object():
@@ -290,3 +291,20 @@ def test_winners_folder_layout_and_type_scales(tmp_path):
         CutPaste(_winners(defect_dir=str(tmp_path), type_scales={"tubes": [0.1, 0.2]}))
     with pytest.raises(UserError, match="size_reference"):
         CutPaste(_winners(size_reference="image"))
+
+
+def test_fill_holes_keeps_regions_open_to_the_border():
+    mask = torch.zeros(1, 1, 9, 12, dtype=torch.bool)
+    mask[0, 0, 1:8, 1:6] = True  # a ring with a hole at (3:5, 2:4) ...
+    mask[0, 0, 3:5, 2:4] = False
+    mask[0, 0, 2:7, 7:12] = True  # ... and a U open to the right border
+    mask[0, 0, 3:6, 8:12] = False
+    expected = mask.clone()
+    expected[0, 0, 3:5, 2:4] = True  # only the enclosed hole is filled
+    assert torch.equal(fill_holes(mask), expected)
+
+
+def test_otsu_object_includes_enclosed_highlights():
+    x = _disc_tiles(1, 48, 16, inside=0.3, outside=0.9)  # dark object on a bright background
+    x[:, :, 20:26, 20:26] = 0.95  # a specular highlight inside it
+    assert torch.equal(otsu_foreground(x)[0, 0].bool(), (_disc_tiles(1, 48, 16)[0, 0] > 0.5))
