@@ -308,3 +308,19 @@ def test_otsu_object_includes_enclosed_highlights():
     x = _disc_tiles(1, 48, 16, inside=0.3, outside=0.9)  # dark object on a bright background
     x[:, :, 20:26, 20:26] = 0.95  # a specular highlight inside it
     assert torch.equal(otsu_foreground(x)[0, 0].bool(), (_disc_tiles(1, 48, 16)[0, 0] > 0.5))
+
+
+def test_cpr_config_pastes_grey_patches_on_the_vial_object_only(synthetic_root):
+    from data_modules.dataset import collate_batch
+    from data_modules.datamodule import MVTecAD2DataModule
+    from hybridad.config import load_config
+
+    over = ["data.category=vial", f"data.root={synthetic_root}", "data.tiling.input_size=96"]
+    dm = MVTecAD2DataModule(load_config(over).data, seed=0)
+    ds = dm.dataset("train")
+    batch = collate_batch([ds[i % len(ds)] for i in range(8)])
+    clean = dm.train_tiler(batch.image, batch.tile_box)  # (8,3,96,96) before pasting
+    out = dm.train_transform(batch, _gen(0))
+    assert torch.equal(out.mask, (out.image != clean).any(1, keepdim=True).float())
+    assert out.mask.sum() > 0 and torch.all(out.mask[otsu_foreground(clean) == 0] == 0)
+    assert torch.equal(out.image[:, 0], out.image[:, 1]) and torch.equal(out.image[:, 1], out.image[:, 2])
