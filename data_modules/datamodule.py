@@ -54,8 +54,9 @@ class MVTecAD2DataModule(L.LightningDataModule):
         super().__init__()
         self.config = config
         self.seed = seed
-        self.train_tiler = TrainTiler(config.tiling.input_size)
-        self.eval_tiler = EvalTiler(config.tiling.test_level, config.tiling.input_size)
+        tl = config.tiling
+        self.train_tiler = TrainTiler(tl.input_size, tl.antialias)
+        self.eval_tiler = EvalTiler(tl.test_level, tl.input_size, tl.antialias)
         self.cut_paste = CutPaste(config.cut_paste) if config.cut_paste.enabled else None
 
     def dataset(self, split: Split | str) -> MVTecAD2Dataset:

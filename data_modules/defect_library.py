@@ -1,13 +1,16 @@
 """Defect patches for cut-paste: a procedural library rendered in torch, or a folder of user crops.
 
-Both return `(patches (K,3,s,s) float [0,1], alphas (K,1,s,s) float {0,1})`. Procedural shapes are drawn with
-distance fields on a coordinate grid, so a whole kind is rendered in a few batched tensor ops.
+Both return a `DefectLibrary`. Procedural shapes are drawn with distance fields on a coordinate grid, so a
+whole kind is rendered in a few batched tensor ops. A crop folder follows the winners' layout
+(`data/anomaly/<category>/<type>/*.png`, RGBA or grey+alpha): point `cut_paste.defect_dir` at the category
+folder; each first-level sub-folder is one defect type.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -18,6 +21,16 @@ from torch import Tensor
 from hybridad.errors import UserError
 
 KINDS: tuple[str, ...] = ("crack", "scratch", "spot", "contamination")
+
+
+class DefectLibrary(NamedTuple):
+    """Defect patches resized to one square side s, with what the winners' sampling needs."""
+
+    patches: Tensor  # (K,3,s,s) float [0,1]
+    alphas: Tensor  # (K,1,s,s) float {0,1}
+    sides: Tensor  # (K,) float: side in pixels of each patch's square before resizing to s
+    kinds: Tensor  # (K,) long: index of each patch's type in `kind_names`
+    kind_names: tuple[str, ...]
 
 
 def _uniform(shape: tuple[int, ...], lo: float, hi: float, g: torch.Generator) -> Tensor:
@@ -108,16 +121,15 @@ def _contamination(k: int, size: int, g: torch.Generator) -> tuple[Tensor, Tenso
     return (tex + speckle).clamp(0, 1), alpha.float().reshape(k, 1, size, size)
 
 
-def make_defect_library(size: int, per_kind: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Render `per_kind` patches of each kind in `KINDS` on the generator's device.
-
-    Returns:
-        patches (K,3,s,s) float [0,1] and alphas (K,1,s,s) float {0,1}; K = 4 * per_kind, in `KINDS` order.
-    """
+def make_defect_library(size: int, per_kind: int, generator: torch.Generator) -> DefectLibrary:
+    """Render `per_kind` patches of each kind in `KINDS` on the generator's device (K = 4 * per_kind)."""
     parts = [fn(per_kind, size, generator) for fn in (_crack, _scratch, _spot, _contamination)]
     patches = torch.cat([p for p, _ in parts], dim=0)  # (K,3,s,s)
     alphas = torch.cat([a for _, a in parts], dim=0)  # (K,1,s,s)
-    return patches, alphas
+    dev = patches.device
+    kinds = torch.arange(len(KINDS), device=dev).repeat_interleave(per_kind)  # (K,) in KINDS order
+    sides = torch.full((patches.shape[0],), float(size), device=dev)
+    return DefectLibrary(patches, alphas, sides, kinds, KINDS)
 
 
 def _square(rgba: np.ndarray) -> np.ndarray:
@@ -130,32 +142,42 @@ def _square(rgba: np.ndarray) -> np.ndarray:
     return out
 
 
-def load_defect_folder(path: str | Path, size: int = 64) -> tuple[Tensor, Tensor]:
-    """Read every RGBA or gray+alpha PNG in `path` (recursively), pad to square and resize to `size`.
+def _read_crop(f: Path) -> np.ndarray:
+    """(h,w,4) uint8 RGBA from an RGBA or grey+alpha PNG."""
+    img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise UserError(f"cannot read defect crop {f}")
+    if img.dtype == np.uint16:
+        img = (img // 257).astype(np.uint8)
+    if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha
+        return np.dstack([img[..., 0]] * 3 + [img[..., 1]])
+    if img.ndim == 3 and img.shape[2] == 4:  # BGRA
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+    raise UserError(f"defect crop {f} has no alpha channel (need RGBA or gray+alpha PNG)")
 
-    Returns:
-        patches (K,3,s,s) float [0,1] and alphas (K,1,s,s) float {0,1} (alpha > 0).
+
+def load_defect_folder(path: str | Path, size: int = 64) -> DefectLibrary:
+    """Read every RGBA or gray+alpha PNG under `path`, pad to square and resize to `size`.
+
+    The type of a crop is its first-level sub-folder (`<path>/<type>/.../*.png`); crops directly in `path`
+    have the type "". `sides` keeps each crop's padded side in pixels (the winners scale a crop by its own
+    size).
     """
     folder = Path(path)
     files = sorted(folder.rglob("*.png")) if folder.is_dir() else []
     if not files:
         raise UserError(f"defect folder {folder} is missing or holds no .png crops (cut_paste.defect_dir)")
-    patches, alphas = [], []
-    for f in files:
-        img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise UserError(f"cannot read defect crop {f}")
-        if img.dtype == np.uint16:
-            img = (img // 257).astype(np.uint8)
-        if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha
-            img = np.dstack([img[..., 0]] * 3 + [img[..., 1]])
-        elif img.ndim == 3 and img.shape[2] == 4:  # BGRA
-            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
-        else:
-            raise UserError(f"defect crop {f} has no alpha channel (need RGBA or gray+alpha PNG)")
-        sq = _square(img)
+    types = [f.relative_to(folder).parts[0] if len(f.relative_to(folder).parts) > 1 else "" for f in files]
+    names = sorted(set(types))
+    patches, alphas, sides, kinds = [], [], [], []
+    for f, kind in zip(files, types):
+        sq = _square(_read_crop(f))
         rgb = cv2.resize(np.ascontiguousarray(sq[..., :3]), (size, size), interpolation=cv2.INTER_AREA)
         alpha = cv2.resize(np.ascontiguousarray(sq[..., 3]), (size, size), interpolation=cv2.INTER_NEAREST)
         patches.append(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0)  # (3,s,s)
         alphas.append(torch.from_numpy((alpha > 0).astype(np.float32))[None])  # (1,s,s)
-    return torch.stack(patches), torch.stack(alphas)
+        sides.append(float(sq.shape[0]))
+        kinds.append(names.index(kind))
+    return DefectLibrary(
+        torch.stack(patches), torch.stack(alphas), torch.tensor(sides), torch.tensor(kinds), tuple(names)
+    )

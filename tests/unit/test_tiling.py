@@ -1,10 +1,13 @@
-"""Tiling: boxes cover the image, tile -> untile round trips, the DataModule's tilers agree with `tile`."""
+"""Tiling: boxes cover the image, tile -> untile round trips, the DataModule's tilers downscale like PIL."""
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from data_modules.tilers import EvalTiler, TrainTiler, train_tile_boxes
 from hybridad.tile_grid import TileLevel, level_boxes, tile, untile
@@ -107,20 +110,80 @@ def test_bad_level_raises():
         level_boxes(10, 10, TileLevel(2, 2, 0.6))
 
 
-def test_train_tiler_matches_tile_of_each_box():
+def test_train_tiler_matches_resize_of_each_box():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (3, 3, 32, 64), dtype=torch.uint8, generator=g)
     levels = [TileLevel(), TileLevel(2, 2, 0.1)]
     boxes = train_tile_boxes(32, 64, levels)
     assert [(li, ti) for li, ti, _ in boxes] == [(0, 0)] + [(1, t) for t in range(4)]
     pick = torch.tensor([boxes[0][2], boxes[3][2], boxes[4][2]])  # (3,4)
-    out = TrainTiler(16)(images, pick)
-    assert out.shape == (3, 3, 16, 16) and out.dtype == torch.float32
-    assert 0 <= out.min() and out.max() <= 1
-    for i, (y0, x0, y1, x1) in enumerate(pick.tolist()):
-        crop = images[i : i + 1, :, y0:y1, x0:x1].float() / 255
-        ref = F.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False)
-        torch.testing.assert_close(out[i : i + 1], ref)
+    for antialias in (True, False):
+        out = TrainTiler(16, antialias)(images, pick)
+        assert out.shape == (3, 3, 16, 16) and out.dtype == torch.float32
+        assert 0 <= out.min() and out.max() <= 1
+        for i, (y0, x0, y1, x1) in enumerate(pick.tolist()):
+            crop = images[i : i + 1, :, y0:y1, x0:x1].float() / 255
+            ref = F.interpolate(crop, size=(16, 16), mode="bilinear", antialias=antialias)
+            torch.testing.assert_close(out[i : i + 1], ref)
+
+
+def _textured(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """(1,3,h,w) uint8: smooth shading, a checkerboard of edges and pixel noise (a realistic worst case)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    base = 128 + 60 * torch.sin(xx / 37) * torch.cos(yy / 23) + 40 * ((xx // 97 + yy // 61) % 2)
+    img = base[None] + 12 * torch.randn(3, h, w, generator=g)
+    return img.clamp(0, 255).to(torch.uint8)[None]
+
+
+def _pil_resize(img: torch.Tensor, size: int) -> torch.Tensor:
+    """(3,h,w) uint8 -> (3,S,S) float grey levels by PIL's bilinear resize (antialiased; torchvision's)."""
+    arr = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+    out = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR))
+    return torch.from_numpy(out.astype(np.float32)).permute(2, 0, 1)
+
+
+# native tile (h, w) -> input side: wallplugs 2448x2048 -> 448 (5.5x, 4.6x), fabric/walnuts full image at a
+# quarter of the size (same factors), can's 558x512 test tile and CPR's full vial at 320 (4.4x, 5.9x)
+PIL_CASES = [((2048, 2448), 448), ((512, 612), 112), ((512, 558), 448), ((1900, 1400), 320)]
+
+
+@pytest.mark.parametrize(("hw", "size"), PIL_CASES)
+def test_tilers_downscale_like_pil_within_one_grey_level(hw, size):
+    images = _textured(*hw)
+    ref = _pil_resize(images[0], size)  # (3,S,S) in grey levels
+    train = TrainTiler(size)(images, torch.tensor([[0, 0, *hw]]))[0] * 255
+    evaluated = EvalTiler(TileLevel(), size)(images)[0][0] * 255
+    assert (train - ref).abs().max() <= 1.0 and (evaluated - ref).abs().max() <= 1.0
+    plain = TrainTiler(size, antialias=False)(images, torch.tensor([[0, 0, *hw]]))[0] * 255
+    assert (plain - ref).abs().max() > 10  # without antialiasing the same tile is far from PIL's
+
+
+@pytest.mark.parametrize("hw", [(1900, 1400), (1520, 2100)])  # vial, fruit_jelly
+def test_cpr_tiles_without_antialias_match_opencv_resize(hw):
+    # official CPR input: cv2.resize(img, (320, 320)) with its default bilinear mode, no antialiasing
+    images = _textured(*hw)
+    arr = np.ascontiguousarray(images[0].permute(1, 2, 0).numpy())
+    ref = torch.from_numpy(cv2.resize(arr, (320, 320)).astype(np.float32)).permute(2, 0, 1)
+    out = TrainTiler(320, antialias=False)(images, torch.tensor([[0, 0, *hw]]))[0] * 255
+    assert (out - ref).abs().max() <= 1.0
+
+
+def test_eval_tiler_tiles_like_pil_per_tile():
+    images = _textured(256, 448, seed=1)
+    tiles, layout = EvalTiler(TileLevel(2, 2), 56)(images)  # 224x128 tiles -> 56 (4x, 2.3x)
+    for k, (y0, x0, y1, x1) in enumerate(layout.boxes):
+        ref = _pil_resize(images[0, :, y0:y1, x0:x1], 56)
+        assert (tiles[k] * 255 - ref).abs().max() <= 1.0
+
+
+def test_upscaling_is_plain_bilinear():
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8, generator=g)
+    ref = F.interpolate(images.float() / 255, size=(32, 32), mode="bilinear", antialias=False)
+    torch.testing.assert_close(EvalTiler(TileLevel(), 32)(images)[0], ref, atol=0, rtol=0)
+    boxes = torch.tensor([[0, 0, 20, 24]] * 2)
+    torch.testing.assert_close(TrainTiler(32)(images, boxes), ref, atol=0, rtol=0)
 
 
 def test_eval_tiler_tiles_and_layout():
