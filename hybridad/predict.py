@@ -31,7 +31,9 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from data_modules.datamodule import MVTecAD2DataModule
 from data_modules.listing import png_size, read_image
@@ -256,6 +258,16 @@ class PredictionFiles:
         return path
 
 
+def add_outputs(files: PredictionFiles, images: Tensor, names: list[str], output: AnomalyOutput) -> None:
+    """Write a predicted batch: `images` (B,3,H,W) uint8 RGB, `output` with native maps and masks."""
+    assert output.pred_mask is not None, "predict needs a threshold"
+    rgb = images.permute(0, 2, 3, 1).cpu().numpy()  # (B,3,H,W) -> (B,H,W,3) uint8
+    maps = output.anomaly_map.float().cpu().numpy()  # (B,1,H,W)
+    masks = output.pred_mask.cpu().numpy()  # (B,1,H,W) bool
+    for i, name in enumerate(names):
+        files.add(name, rgb[i], maps[i, 0], float(output.image_score[i]), masks[i, 0])
+
+
 class PredictionWriterCallback(L.Callback):
     """Hands every predicted image to `PredictionFiles`."""
 
@@ -264,12 +276,8 @@ class PredictionWriterCallback(L.Callback):
 
     def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
-        assert isinstance(outputs, AnomalyOutput) and isinstance(batch, Batch) and outputs.pred_mask is not None
-        images = batch.image.permute(0, 2, 3, 1).cpu().numpy()  # (B,3,H,W) -> (B,H,W,3) uint8 RGB
-        maps = outputs.anomaly_map.float().cpu().numpy()  # (B,1,H,W)
-        masks = outputs.pred_mask.cpu().numpy()  # (B,1,H,W) bool
-        for i, name in enumerate(batch.sample_id):
-            self.files.add(name, images[i], maps[i, 0], float(outputs.image_score[i]), masks[i, 0])
+        assert isinstance(outputs, AnomalyOutput) and isinstance(batch, Batch)
+        add_outputs(self.files, batch.image, batch.sample_id, outputs)
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -280,7 +288,7 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
     """Predict new images with a completed run; returns the path of `scores.csv`.
 
     Args:
-        run_path: the run directory (state completed).
+        run_path: the run directory (state completed), or a `.pt2` from `hybridad export`.
         inputs: image files, folders or glob patterns.
         out: output folder (created).
         device: `cpu`, `cuda`, `cuda:N` or `auto`.
@@ -289,6 +297,10 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
         overlays: write `overlays/<name>.png`.
         precision: Lightning precision (default: the run's `trainer.precision`).
     """
+    if Path(run_path).suffix == ".pt2":
+        if evaluation is not None:
+            raise UserError("predict: --evaluation applies to run directories; an export carries its threshold")
+        return predict_exported(Path(run_path), inputs, out, device, batch_size or 1, overlays)
     run = RunDir(run_path)
     run.read_config()  # "not a run directory" before anything else
     run.require_completed("predict")
@@ -311,6 +323,36 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
     provenance = {"run": str(run.path.resolve()), "checkpoint": str(CHECKPOINT), "category": cfg.data.category,
                   "branch": cfg.branch, "threshold": decision.threshold, "threshold_from": decision.source,
                   "postprocess": asdict(decision.postprocess), "images": len(paths)}
+    path = files.close(provenance)
+    print(f"predicted {len(paths)} image(s): {path}")
+    return path
+
+
+def predict_exported(artefact: Path, inputs: list[str], out: Path, device: str = "auto", batch_size: int = 1,
+                     overlays: bool = True) -> Path:
+    """`predict` with an exported `.pt2` through `hybridad.export_runtime` (no Lightning, no model code)."""
+    from data_modules.dataset import collate_batch
+    from hybridad.export_runtime import ExportedDetector
+
+    if not artefact.is_file():
+        raise UserError(f"predict: {artefact} not found (write it with `hybridad export RUN --out {artefact}`)")
+    paths = collect_images(inputs)
+    names = output_names(paths)
+    images = NewImages(paths, names)
+    batches = SameSizeBatches([image_size(p) for p in paths], batch_size)
+    try:
+        detector = ExportedDetector(artefact, None if device == "auto" else device)
+    except (ValueError, RuntimeError) as err:
+        raise UserError(f"predict: cannot load {artefact} ({str(err).splitlines()[0]})") from None
+    files = PredictionFiles(out, overlays)
+    for index in tqdm(batches, desc="predict", unit="batch"):
+        batch = collate_batch([images[i] for i in index])
+        add_outputs(files, batch.image, batch.sample_id, detector(batch.image))
+    meta = detector.meta
+    provenance = {"export": str(artefact.resolve()), "run": meta["run"], "category": meta["category"],
+                  "branch": meta["branch"], "threshold": meta["threshold"]["value"],
+                  "threshold_from": meta["threshold"]["source"], "postprocess": meta["postprocess"],
+                  "images": len(paths)}
     path = files.close(provenance)
     print(f"predicted {len(paths)} image(s): {path}")
     return path
