@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("predict", help="maps, masks, overlays and scores.csv of new images with a trained run")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="run directory, or a .pt2 written by `hybridad export`")
     p.add_argument("images", nargs="+", help="image files, folders (their images) or glob patterns")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

@@ -48,6 +48,7 @@ from hybridad.types import AnomalyOutput, Batch
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SCORE_COLUMNS = ("file", "image_score", "decision", "anomalous_area_px")
 CHECKPOINT = Path("checkpoints") / "final.ckpt"
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -198,8 +199,11 @@ def load_module(run: RunDir, cfg: RunConfig, decision: Decision | None = None) -
     from hybridad.train import build_model
 
     ckpt = run.path / CHECKPOINT
+    if not ckpt.is_file() and (run.path / LAST_CHECKPOINT).is_file():
+        ckpt = run.path / LAST_CHECKPOINT  # a completed run's last checkpoint is its final one
     if not ckpt.is_file():
-        raise UserError(f"{ckpt} not found: the run has no final checkpoint (finish it with `hybridad train`)")
+        raise UserError(f"{run.path / CHECKPOINT} not found: the run has no final checkpoint "
+                        "(finish it with `hybridad train`)")
     module = build_model(cfg)
     # a run's own checkpoint (hyperparameters may hold config dataclasses): trusted, as the run directory is
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]

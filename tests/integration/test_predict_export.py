@@ -151,6 +151,21 @@ def test_predict_tiles_an_image_of_another_size_with_the_runs_test_grid(inp_run:
         np.testing.assert_allclose(amap[y0:y1, x0:x1][alone], expected[alone], rtol=2**-10, atol=1e-5)
 
 
+def test_predict_takes_threshold_and_postprocessing_from_an_evaluation(inp_run: Path, tmp_path: Path) -> None:
+    image = Path(load_run_config(inp_run).data.root) / "can" / "test_public" / "bad" / "000_regular.png"
+    h, w = read_image(image).shape[:2]
+    low = tmp_path / "eval_low"  # every pixel above the threshold
+    RunDir(low).write_thresholds({"value": -1.0e9, "method": "fixed", "source": "fixed"})
+    predict(inp_run, [str(image)], tmp_path / "low", evaluation=low)
+    assert _read_csv(tmp_path / "low" / "scores.csv")[0]["anomalous_area_px"] == str(h * w)
+    tidy = tmp_path / "eval_tidy"  # the same threshold, then every component removed by min_area
+    RunDir(tidy).write_thresholds({"value": -1.0e9, "method": "fixed", "source": "fixed"})
+    RunDir(tidy).write_text("overrides.yaml", f"- postprocess.min_area={h * w + 1}\n- threshold.method=fixed\n")
+    predict(inp_run, [str(image)], tmp_path / "tidy", evaluation=tidy)
+    row = _read_csv(tmp_path / "tidy" / "scores.csv")[0]
+    assert row["anomalous_area_px"] == "0" and row["decision"] == "good"
+
+
 def test_predict_refuses_bad_inputs_with_one_line(inp_run: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UserError, match="no images matched"):
