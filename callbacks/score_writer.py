@@ -21,10 +21,10 @@ SCORE_COLUMNS = ("sample_id", "label", "lighting", "image_score", "anomalous_pix
 class ScoreWriterCallback(L.Callback):
     """Per-image scores of validation, test and predict runs, one CSV per split, sorted by sample id.
 
-    Columns: `sample_id`, `label` (0 good, 1 bad, empty where unknown), `lighting`, `image_score` (the branch's
-    image score of the smoothed native map), `anomalous_pixels` (positive pixels of the predicted mask, empty
-    before a threshold exists). In-training validation epochs are skipped, like the map cache; a split
-    evaluated again replaces its file. Under DDP the rows of every rank are gathered and rank 0 writes.
+    Columns: `sample_id`, `label` (0 good, 1 bad, empty where unknown), `lighting`, `image_score` (the
+    branch's image score of the smoothed native map), `anomalous_pixels` (positive pixels of the predicted
+    mask, empty before a threshold exists). In-training validation epochs are skipped, like the map cache; a
+    split evaluated again replaces its file. Under DDP the rows of every rank are gathered and rank 0 writes.
     """
 
     def __init__(self, run_dir: Path) -> None:
@@ -37,8 +37,8 @@ class ScoreWriterCallback(L.Callback):
         scores = outputs.image_score.detach().float().cpu().tolist()  # (B,)
         areas = (outputs.pred_mask.flatten(1).sum(1).cpu().tolist()  # (B,1,H,W) -> (B,)
                  if outputs.pred_mask is not None else [None] * len(scores))
-        for sid, label, light, score, area in zip(batch.sample_id, batch.label.tolist(), batch.lighting, scores,
-                                                  areas):
+        labels = batch.label.tolist()
+        for sid, label, light, score, area in zip(batch.sample_id, labels, batch.lighting, scores, areas):
             row = (sid, label if label >= 0 else None, light, score, None if area is None else int(area))
             self.rows[sid.split("/", 1)[0]].append(row)
 
@@ -62,8 +62,8 @@ class ScoreWriterCallback(L.Callback):
                                  "" if area is None else area])
             atomic_write_bytes(self.folder / f"{split}.csv", buf.getvalue().encode("utf-8"))
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:  # the stand-alone validate() after fit
             self._collect(outputs, batch)
 

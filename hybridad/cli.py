@@ -157,17 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("predict", help="maps, masks, overlays and scores.csv of new images with a trained run")
+    p = sub.add_parser("predict", help="maps, masks, overlays and scores.csv of new images")
     p.add_argument("run_dir", help="run directory, or a .pt2 written by `hybridad export`")
     p.add_argument("images", nargs="+", help="image files, folders (their images) or glob patterns")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: data.eval_batch_size)")
-    p.add_argument("--evaluation", default=None, help="use this evaluation directory's threshold/post-processing")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default: data.eval_batch_size)")
+    p.add_argument("--evaluation", default=None,
+                   help="take threshold and post-processing from this evaluation directory")
     p.add_argument("--no-overlays", action="store_true", help="skip overlays/<name>.png")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="one self-contained .pt2 (torch.export) per category, see export_runtime")
+    p = sub.add_parser("export", help="one self-contained .pt2 (torch.export) of a run's category")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output file (.pt2)")
     p.add_argument("--device", default="cpu", help="device the exported program runs on (cpu or cuda)")

@@ -6,12 +6,13 @@ windowed nearest-neighbour search, with the memory bank folded in as constants. 
 `torch.export.load` alone, runs in Python without the model code, and can be compiled ahead of time
 (AOTInductor) for a line PC. ONNX would need an extra package and an opset for CPR's top-k / gather retrieval.
 
-What is in the graph and what is not: the graph maps (N,3,S,S) tiles to (N,1,S,S) tile maps; tiling, untiling,
-smoothing, image score, threshold and mask post-processing (OpenCV / scipy morphology, connected components) are
-the thin runtime `hybridad.export_runtime`, driven by the metadata stored beside the program in the same file.
-INP-Former takes any number of tiles per call; CPR's program is traced for one tile per call (its retrieval
-chunks queries by a byte budget, which fixes the batch size at trace time), so the runtime feeds it one tile at
-a time. The program is specific to the device it was exported on (`--device`, recorded in the metadata).
+What is in the graph and what is not: the graph maps (N,3,S,S) tiles to (N,1,S,S) tile maps. Tiling,
+untiling, smoothing, image score, threshold and mask post-processing (OpenCV / scipy morphology, connected
+components) are the thin runtime `hybridad.export_runtime`, driven by the metadata stored beside the program
+in the same file. INP-Former takes any number of tiles per call; CPR's program is traced for one tile per
+call (its retrieval chunks queries by a byte budget, which fixes the batch size at trace time), so the runtime
+feeds it one tile at a time. The program is specific to the device it was exported on (`--device`, recorded
+in the metadata).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class TileNet(nn.Module):
 def freeze_flags(model: nn.Module) -> nn.Module:
     """Turn 0-d bool buffers (`fitted` flags the eval path branches on) into Python bools on `model`.
 
-    `torch.export` treats buffers as inputs, so `if not bool(self.fitted)` would be data-dependent; frozen, the
-    graph keeps the branch the trained model takes. Apply to a copy: the flags can no longer be refitted.
+    `torch.export` treats buffers as inputs, so `if not bool(self.fitted)` would be data-dependent; frozen,
+    the graph keeps the branch the trained model takes. Apply to a copy: the flags can no longer be refitted.
     """
     for module in model.modules():
         for name, buf in list(module._buffers.items()):
@@ -68,7 +69,8 @@ def build_cpr_bank(module: AnomalyModule, cfg: RunConfig) -> None:
     """Rebuild CPR's memory bank from the training images, as `Cpr.on_predict_start` does under a Trainer."""
     from data_modules.datamodule import MVTecAD2DataModule
 
-    module._trainer = SimpleNamespace(datamodule=MVTecAD2DataModule(cfg.data, seed=cfg.seed))  # what Cpr reads
+    datamodule = MVTecAD2DataModule(cfg.data, seed=cfg.seed)
+    module._trainer = SimpleNamespace(datamodule=datamodule)  # all Cpr reads from its trainer
     try:
         module.on_predict_start()
     finally:
@@ -100,7 +102,8 @@ def export_run(run_path: Path, out: Path, device: str = "cpu") -> Path:
     s = cfg.data.tiling.input_size
     if cfg.branch == "cpr":
         build_cpr_bank(module, cfg)
-        net, example, dynamic = TileNet(freeze_flags(copy.deepcopy(module.model))), torch.rand(1, 3, s, s), None
+        net = TileNet(freeze_flags(copy.deepcopy(module.model)))
+        example, dynamic = torch.rand(1, 3, s, s), None
     else:
         net = TileNet(module)
         example = torch.rand(2, 3, s, s)

@@ -9,9 +9,9 @@ Needs torch, numpy, OpenCV and scipy, plus three small pure modules of this repo
 - `hybridad.json` (an extra file of the archive): category, branch, input size, the test level's grid, the
   threshold and mask post-processing, the image-score rule, and where it came from.
 
-`ExportedDetector(path)(images)` repeats the run's eval path: the test level's grid applied to each image's size,
-tiles resized to the input, maps stitched back at native size (overlaps averaged), Gaussian smoothing, image
-score, threshold and post-processing. A sketch for one file::
+`ExportedDetector(path)(images)` repeats the run's eval path: the test level's grid applied to each image's
+size, tiles resized to the input, maps stitched back at native size (overlaps averaged), Gaussian smoothing,
+image score, threshold and post-processing. A sketch for one file::
 
     detector = ExportedDetector("can.pt2")
     rgb = cv2.cvtColor(cv2.imread("x.png"), cv2.COLOR_BGR2RGB)                   # (H,W,3) uint8
@@ -58,7 +58,7 @@ def top_ratio_mean(maps: Tensor, ratio: float) -> Tensor:
 
 
 def blurred_top_t_sum(maps: Tensor, size: int, t: int, kernel: int, sigma: float, blurred: bool) -> Tensor:
-    """(B,1,H,W) -> (B,) CPR's image score: resize to size x size, Gaussian blur (unless `blurred`), top-t sum."""
+    """(B,1,H,W) -> (B,) CPR's image score: resize to size x size, blur (unless `blurred`), top-t sum."""
     x = maps.float()
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
@@ -109,7 +109,7 @@ class ExportedDetector:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> AnomalyOutput:
-        """(B,3,H,W) uint8 RGB images of one size -> native maps (B,1,H,W), scores (B,), masks (B,1,H,W) bool."""
+        """(B,3,H,W) uint8 RGB images of one size -> maps (B,1,H,W), scores (B,), masks (B,1,H,W) bool."""
         tiles, layout = self.tiler(images.to(self.device))  # (B*n,3,S,S) float [0,1]
         step = self.tile_batch or tiles.shape[0]
         tile_maps = torch.cat([self.net(chunk) for chunk in tiles.split(step)]).float()  # (B*n,1,S,S)

@@ -1,14 +1,15 @@
 """`hybridad predict RUN IMAGES... --out DIR`: a trained category on new images of any size.
 
-The run's model is rebuilt from `config.yaml` and `checkpoints/final.ckpt` (INP-Former's frozen encoder comes from
-`inp_former.weights`, or from `inp_former.encoder_seed` for the tiny preset; CPR rebuilds its memory bank from the
-training images at `data.root`, as training did). Images go through the run's own eval path: the test level's grid
-applied to each image's size, every tile resized to the model input, maps stitched back at native size, the run's
-smoothing, image score, threshold and post-processing. Images of one size are batched together
-(`--batch-size` images per step, the run's `data.eval_batch_size` by default), so memory is bounded by the batch.
+The run's model is rebuilt from `config.yaml` and `checkpoints/final.ckpt` (INP-Former's frozen encoder comes
+from `inp_former.weights`, or from `inp_former.encoder_seed` for the tiny preset; CPR rebuilds its memory bank
+from the training images at `data.root`, as training did). Images go through the run's own eval path: the test
+level's grid applied to each image's size, every tile resized to the model input, maps stitched back at native
+size, the run's smoothing, image score, threshold and post-processing. Images of one size are batched together
+(`--batch-size` images per step, the run's `data.eval_batch_size` by default): memory is bounded by the batch.
 
-Output (`--out`): `maps/<name>.tiff` (float16), `masks/<name>.png` (0/255), `overlays/<name>.png`, `scores.csv`
-(`file, image_score, decision, anomalous_area_px`) and `prediction.yaml` (run, threshold and post-processing used).
+Output (`--out`): `maps/<name>.tiff` (float16), `masks/<name>.png` (0/255), `overlays/<name>.png`,
+`scores.csv` (`file, image_score, decision, anomalous_area_px`) and `prediction.yaml` (run, threshold and
+post-processing used).
 `<name>` is the image's path relative to the deepest folder holding every input, without its suffix.
 """
 
@@ -96,7 +97,7 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 class NewImages(Dataset):
-    """Decoded images as eval items (`image` (3,H,W) uint8 RGB, no mask, label -1, `sample_id` = output name)."""
+    """Decoded images as eval items: `image` (3,H,W) uint8 RGB, no mask, label -1, `sample_id` = name."""
 
     def __init__(self, paths: list[Path], names: list[str]) -> None:
         self.paths, self.names = paths, names
@@ -159,6 +160,8 @@ def _evaluation_overrides(evaluation: Path) -> list[str]:
         path = evaluation / name
         if path.is_file():
             items = yaml.safe_load(path.read_text()) or []
+            if not isinstance(items, list):
+                raise UserError(f"{path}: expected a list of key=value overrides")
             return [str(o) for o in items if str(o).startswith("postprocess.")]
     return []
 
@@ -173,19 +176,21 @@ def read_decision(run: RunDir, evaluation: Path | None = None) -> Decision:
     source = RunDir(evaluation) if evaluation is not None else run
     thr_file = source.path / "thresholds.yaml"
     if not thr_file.is_file():
-        hint = "give a directory written by `hybridad evaluate`" if evaluation else "re-run `hybridad evaluate`"
-        raise UserError(f"predict: {thr_file} not found ({hint})")
+        hint = ("give a directory written by `hybridad evaluate`" if evaluation
+                else "re-run `hybridad evaluate`")
+        raise UserError(f"{thr_file} not found ({hint})")
     thresholds = source.read_thresholds()
     value = thresholds.get("value")
     if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise UserError(f"predict: {thr_file} has no finite 'value'")
+        raise UserError(f"{thr_file} has no finite threshold 'value'")
     postprocess = cfg.postprocess
     if evaluation is not None:
         overrides = _evaluation_overrides(evaluation)
         if overrides:
             postprocess = load_run_config(run.path, overrides).postprocess
         elif isinstance(thresholds.get("postprocess"), dict):
-            postprocess = PostProcessConfig(**{**asdict(cfg.postprocess), **thresholds["postprocess"]})
+            items = [f"postprocess.{k}={v}" for k, v in thresholds["postprocess"].items()]
+            postprocess = load_run_config(run.path, items).postprocess  # unknown keys: one-line UserError
     what = thresholds.get("source") or thresholds.get("method") or "?"
     return Decision(float(value), postprocess, f"{thr_file} ({what})")
 
@@ -238,7 +243,8 @@ class PredictionFiles:
         self.out, self.overlays = Path(out), overlays
         self.rows: list[tuple[str, float, str, int]] = []
 
-    def add(self, name: str, image: np.ndarray, anomaly_map: np.ndarray, score: float, mask: np.ndarray) -> None:
+    def add(self, name: str, image: np.ndarray, anomaly_map: np.ndarray, score: float, mask: np.ndarray
+            ) -> None:
         """One image: (H,W,3) uint8 RGB, (H,W) float map, image score, (H,W) bool mask."""
         atomic_write_bytes(self.out / "maps" / f"{name}.tiff", encode_tiff(to_float16_map(anomaly_map)))
         atomic_write_bytes(self.out / "masks" / f"{name}.png", encode_mask_png(mask))
@@ -297,13 +303,13 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
         out: output folder (created).
         device: `cpu`, `cuda`, `cuda:N` or `auto`.
         batch_size: images per step (default: the run's `data.eval_batch_size`).
-        evaluation: take the threshold and post-processing from this evaluation directory instead of the run's.
+        evaluation: take the threshold and post-processing from this evaluation directory, not the run's.
         overlays: write `overlays/<name>.png`.
         precision: Lightning precision (default: the run's `trainer.precision`).
     """
     if Path(run_path).suffix == ".pt2":
         if evaluation is not None:
-            raise UserError("predict: --evaluation applies to run directories; an export carries its threshold")
+            raise UserError("predict: --evaluation applies to run directories; an export has its threshold")
         return predict_exported(Path(run_path), inputs, out, device, batch_size or 1, overlays)
     run = RunDir(run_path)
     run.read_config()  # "not a run directory" before anything else
@@ -324,7 +330,7 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*custom batch sampler.*")  # ours returns every index
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    provenance = {"run": str(run.path.resolve()), "checkpoint": str(CHECKPOINT), "category": cfg.data.category,
+    provenance = {"run": str(run.path.resolve()), "category": cfg.data.category,
                   "branch": cfg.branch, "threshold": decision.threshold, "threshold_from": decision.source,
                   "postprocess": asdict(decision.postprocess), "images": len(paths)}
     path = files.close(provenance)
@@ -339,7 +345,7 @@ def predict_exported(artefact: Path, inputs: list[str], out: Path, device: str =
     from hybridad.export_runtime import ExportedDetector
 
     if not artefact.is_file():
-        raise UserError(f"predict: {artefact} not found (write it with `hybridad export RUN --out {artefact}`)")
+        raise UserError(f"predict: {artefact} not found (write it with `hybridad export RUN --out FILE.pt2`)")
     paths = collect_images(inputs)
     names = output_names(paths)
     images = NewImages(paths, names)

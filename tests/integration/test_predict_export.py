@@ -1,4 +1,4 @@
-"""Predict on new images, per-split score files, and the exported artefact, against a tiny run's own outputs."""
+"""Predict on new images, per-split score files and the exported artefact, against a tiny run's outputs."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from hybridad.train import train
 from hybridad.types import Batch, Sample, Split
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["trainer.max_epochs=1", "trainer.max_steps=2", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false"]
+FAST = ["trainer.max_epochs=1", "trainer.max_steps=2", "trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false"]
 
 
 def _train(category: str, root: Path, runs: Path, extra: list[str]) -> Path:
@@ -89,7 +90,8 @@ def test_score_files_hold_every_image_of_every_split(inp_run: Path) -> None:
     assert [r["sample_id"] for r in rows] == sorted(s.sample_id for s in samples)
     by_id = {s.sample_id: s for s in samples}
     for r in rows:
-        assert int(r["label"]) == by_id[r["sample_id"]].label and r["lighting"] == by_id[r["sample_id"]].lighting
+        sample = by_id[r["sample_id"]]
+        assert int(r["label"]) == sample.label and r["lighting"] == sample.lighting
         amap = run.read_map(r["sample_id"])  # float16 values of the map the score was computed from
         k = math.ceil(amap.size * 0.01)  # INP-Former's image score: mean of the top 1 % pixels
         assert float(r["image_score"]) == pytest.approx(np.sort(amap.ravel())[-k:].mean(), rel=2e-3)
@@ -123,7 +125,8 @@ def test_predict_reproduces_the_runs_test_maps_masks_and_scores(inp_run: Path, t
         assert overlay.shape[:2] == (mask.shape[0], 2 * mask.shape[1])
 
 
-def test_predict_tiles_an_image_of_another_size_with_the_runs_test_grid(inp_run: Path, tmp_path: Path) -> None:
+def test_predict_tiles_an_image_of_another_size_with_the_runs_test_grid(inp_run: Path, tmp_path: Path
+                                                                         ) -> None:
     cfg = load_run_config(inp_run)
     src = read_image(Path(cfg.data.root) / "can" / "test_public" / "bad" / "000_regular.png")
     image = cv2.resize(src, (150, 70), interpolation=cv2.INTER_AREA)  # (70,150,3), not the category's size
@@ -160,7 +163,8 @@ def test_predict_takes_threshold_and_postprocessing_from_an_evaluation(inp_run: 
     assert _read_csv(tmp_path / "low" / "scores.csv")[0]["anomalous_area_px"] == str(h * w)
     tidy = tmp_path / "eval_tidy"  # the same threshold, then every component removed by min_area
     RunDir(tidy).write_thresholds({"value": -1.0e9, "method": "fixed", "source": "fixed"})
-    RunDir(tidy).write_text("overrides.yaml", f"- postprocess.min_area={h * w + 1}\n- threshold.method=fixed\n")
+    overrides = f"- postprocess.min_area={h * w + 1}\n- threshold.method=fixed\n"
+    RunDir(tidy).write_text("overrides.yaml", overrides)
     predict(inp_run, [str(image)], tmp_path / "tidy", evaluation=tidy)
     row = _read_csv(tmp_path / "tidy" / "scores.csv")[0]
     assert row["anomalous_area_px"] == "0" and row["decision"] == "good"
@@ -185,7 +189,7 @@ def test_predict_refuses_bad_inputs_with_one_line(inp_run: Path, tmp_path: Path,
 
 
 def _check_export(run: Path, tmp_path: Path) -> float:
-    """Export, run the artefact on test_public, compare with the run; returns max |map - run's float32 map|."""
+    """Export, run the artefact on test_public, compare with the run; returns max |map - run's map|."""
     artefact = export_run(run, tmp_path / "model.pt2")
     meta = read_metadata(artefact)
     assert meta["category"] == RunDir(run).category
@@ -221,8 +225,8 @@ def test_exported_cpr_gives_the_runs_maps_and_masks(cpr_run: Path, tmp_path: Pat
 
 
 def test_runtime_imports_no_training_code() -> None:
-    code = ("import sys, hybridad.export_runtime; "
-            "print(sorted(m for m in ('lightning', 'timm', 'hybridad.models', 'hybridad.train') if m in sys.modules))")
+    heavy = "('lightning', 'timm', 'hybridad.models', 'hybridad.train')"
+    code = f"import sys, hybridad.export_runtime; print(sorted(m for m in {heavy} if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
