@@ -185,6 +185,10 @@ def test_predict_refuses_bad_inputs_with_one_line(inp_run: Path, tmp_path: Path,
         main(["predict", str(unfinished), str(tmp_path / "broken.png"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and "not complete" in err
+    with pytest.raises(UserError, match="export: run .* is not complete"):
+        export_run(unfinished, tmp_path / "out" / "model.pt2")
+    with pytest.raises(UserError, match=r"\.pt2"):
+        export_run(inp_run, tmp_path / "out" / "model.onnx")
     assert not (tmp_path / "out").exists()
 
 
