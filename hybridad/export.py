@@ -126,7 +126,7 @@ def export_run(run_path: Path, out: Path, device: str = "cpu") -> Path:
         "torch": torch.__version__,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".tmp.pt2", dir=out.parent)
     os.close(fd)
     try:  # torch.export.save writes the archive itself (the bank can be large): temp file, then rename
         torch.export.save(program, tmp, extra_files={META_NAME: json.dumps(meta, indent=2)})
