@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from data_modules.datamodule import MVTecAD2DataModule
+from data_modules.dataset import collate_batch
 from data_modules.listing import png_size, read_image
 from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
@@ -138,8 +139,6 @@ class NewImagesDataModule(MVTecAD2DataModule):
         self.batches = SameSizeBatches([image_size(p) for p in paths], batch_size)
 
     def predict_dataloader(self) -> DataLoader:  # type: ignore[override]
-        from data_modules.dataset import collate_batch
-
         return DataLoader(self.images, batch_sampler=self.batches, num_workers=0, collate_fn=collate_batch)
 
 
@@ -341,7 +340,6 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
 def predict_exported(artefact: Path, inputs: list[str], out: Path, device: str = "auto", batch_size: int = 1,
                      overlays: bool = True) -> Path:
     """`predict` with an exported `.pt2` through `hybridad.export_runtime` (no Lightning, no model code)."""
-    from data_modules.dataset import collate_batch
     from hybridad.export_runtime import ExportedDetector
 
     if not artefact.is_file():
