@@ -3,8 +3,9 @@
 Format: `torch.export` (`.pt2`). Both tile networks trace to one graph with no graph break: timm's DINOv2 ViT
 (the official position-embedding resampling included) and CPR's DenseNet trunk, heads, global retrieval and
 windowed nearest-neighbour search, with the memory bank folded in as constants. The file loads with
-`torch.export.load` alone, runs in Python without the model code, and can be compiled ahead of time
-(AOTInductor) for a line PC. ONNX would need an extra package and an opset for CPR's top-k / gather retrieval.
+`torch.export.load` alone, runs in Python without the model code, and is the input AOTInductor compiles
+ahead of time for a C++ deployment (not tried here). ONNX is not installed: it would add a dependency and a
+second runtime for the same graph.
 
 What is in the graph and what is not: the graph maps (N,3,S,S) tiles to (N,1,S,S) tile maps. Tiling,
 untiling, smoothing, image score, threshold and mask post-processing (OpenCV / scipy morphology, connected
