@@ -154,24 +154,30 @@ class Decision:
     source: str
 
 
-def _evaluation_overrides(evaluation: Path) -> list[str]:
-    for name in ("overrides.yaml", "overrides.json"):
-        path = evaluation / name
-        if path.is_file():
-            items = yaml.safe_load(path.read_text()) or []
-            if not isinstance(items, list):
-                raise UserError(f"{path}: expected a list of key=value overrides")
-            return [str(o) for o in items if str(o).startswith("postprocess.")]
-    return []
+EVALUATION_FILE = "evaluation.yaml"  # written by `hybridad evaluate` into <run>/evaluations/<id>/
+
+
+def _evaluation_postprocess(evaluation: Path) -> list[str]:
+    """`postprocess.*` overrides of an evaluation: its resolved `postprocess` section, else its `overrides`."""
+    path = evaluation / EVALUATION_FILE
+    if not path.is_file():
+        raise UserError(f"{evaluation} is not a finished evaluation (no {EVALUATION_FILE}); "
+                        "give a directory written by `hybridad evaluate`")
+    record = yaml.safe_load(path.read_text()) or {}
+    if isinstance(record.get("postprocess"), dict):
+        return [f"postprocess.{k}={v}" for k, v in record["postprocess"].items()]
+    return [str(o) for o in record.get("overrides") or [] if str(o).startswith("postprocess.")]
 
 
 def read_decision(run: RunDir, evaluation: Path | None = None) -> Decision:
     """The run's threshold (`thresholds.yaml`) and post-processing (`config.yaml`), or an evaluation's.
 
-    An evaluation directory supplies `thresholds.yaml` (`value`) and its `postprocess.*` overrides
-    (`overrides.yaml`/`overrides.json`: a list of `key=value`, or a `postprocess` mapping in thresholds.yaml).
+    An evaluation directory (`<run>/evaluations/<id>`) supplies its `thresholds.yaml` top-level `value` (the
+    category's threshold; per-split private values are not used for new images) and the post-processing of its
+    `evaluation.yaml` (the resolved `postprocess` section, else the `postprocess.*` items of `overrides`).
     """
     cfg = load_run_config(run.path)
+    overrides = _evaluation_postprocess(evaluation) if evaluation is not None else []
     source = RunDir(evaluation) if evaluation is not None else run
     thr_file = source.path / "thresholds.yaml"
     if not thr_file.is_file():
@@ -182,14 +188,7 @@ def read_decision(run: RunDir, evaluation: Path | None = None) -> Decision:
     value = thresholds.get("value")
     if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise UserError(f"{thr_file} has no finite threshold 'value'")
-    postprocess = cfg.postprocess
-    if evaluation is not None:
-        overrides = _evaluation_overrides(evaluation)
-        if overrides:
-            postprocess = load_run_config(run.path, overrides).postprocess
-        elif isinstance(thresholds.get("postprocess"), dict):
-            items = [f"postprocess.{k}={v}" for k, v in thresholds["postprocess"].items()]
-            postprocess = load_run_config(run.path, items).postprocess  # unknown keys: one-line UserError
+    postprocess = load_run_config(run.path, overrides).postprocess if overrides else cfg.postprocess
     what = thresholds.get("source") or thresholds.get("method") or "?"
     return Decision(float(value), postprocess, f"{thr_file} ({what})")
 
