@@ -99,6 +99,21 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from hybridad.predict import predict
+
+    predict(Path(args.run_dir), args.images, Path(args.out), device=args.device, batch_size=args.batch_size,
+            evaluation=Path(args.evaluation) if args.evaluation else None, overlays=not args.no_overlays)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from hybridad.export import export_run
+
+    print(f"wrote {export_run(Path(args.run_dir), Path(args.out), device=args.device)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from hybridad.demo import run_demo
 
@@ -161,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("predict", help="maps, masks, overlays and scores.csv of new images")
+    p.add_argument("run_dir", help="run directory, or a .pt2 written by `hybridad export`")
+    p.add_argument("images", nargs="+", help="image files, folders (their images) or glob patterns")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default: data.eval_batch_size)")
+    p.add_argument("--evaluation", default=None,
+                   help="take threshold and post-processing from this evaluation directory")
+    p.add_argument("--no-overlays", action="store_true", help="skip overlays/<name>.png")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="one self-contained .pt2 (torch.export) of a run's category")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="output file (.pt2)")
+    p.add_argument("--device", default="cpu", help="device the exported program runs on (cpu or cuda)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="synthetic data -> tiny models -> evaluation -> submission -> report")
     p.add_argument("--out", default="demo_out")

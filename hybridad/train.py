@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from callbacks.map_writer import MapWriterCallback
 from callbacks.metric_logger import MetricsCallback
 from callbacks.overlay_logger import OverlayLoggerCallback
+from callbacks.score_writer import ScoreWriterCallback
 from callbacks.threshold_search import ThresholdCallback
 from data_modules.datamodule import MVTecAD2DataModule
 from data_modules.listing import list_samples
@@ -68,6 +69,7 @@ def build_trainer(cfg: RunConfig, run: Path) -> L.Trainer:
         ThresholdCallback(cfg.threshold, run),
         MetricsCallback(run),
         MapWriterCallback(run),
+        ScoreWriterCallback(run),
         OverlayLoggerCallback(run, cfg.logging.num_overlays),
         ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0),
     ]

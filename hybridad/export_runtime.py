@@ -1,0 +1,117 @@
+"""Run a category exported by `hybridad export` (a `.pt2` file) without the training code.
+
+Needs torch, numpy, OpenCV and scipy, plus three small pure modules of this repository (`hybridad.tile_grid`,
+`hybridad.postprocess`, `data_modules.tilers`); no Lightning, no timm, no model code. The `.pt2` holds:
+
+- the tile network as a `torch.export` program: (N,3,S,S) float tiles in [0,1] -> (N,1,S,S) float32 maps
+  (INP-Former: DINOv2 encoder + INP decoder; CPR: DenseNet trunk, heads, retrieval and its memory bank as
+  constants). `tile_batch` says how many tiles one call takes (null: any number);
+- `hybridad.json` (an extra file of the archive): category, branch, input size, the test level's grid, the
+  threshold and mask post-processing, the image-score rule, and where it came from.
+
+`ExportedDetector(path)(images)` repeats the run's eval path: the test level's grid applied to each image's
+size, tiles resized to the input, maps stitched back at native size (overlaps averaged), Gaussian smoothing,
+image score, threshold and post-processing. A sketch for one file::
+
+    detector = ExportedDetector("can.pt2")
+    rgb = cv2.cvtColor(cv2.imread("x.png"), cv2.COLOR_BGR2RGB)                   # (H,W,3) uint8
+    out = detector(torch.from_numpy(rgb).permute(2, 0, 1)[None])                 # (1,3,H,W) uint8
+    out.anomaly_map[0, 0], out.image_score[0], out.pred_mask[0, 0]               # (H,W), (), (H,W) bool
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from data_modules.tilers import EvalTiler
+from hybridad.postprocess import PostProcessConfig, binarize, smooth
+from hybridad.tile_grid import TileLevel, untile
+from hybridad.types import AnomalyOutput
+
+FORMAT = "hybridad-export/1"
+META_NAME = "hybridad.json"
+
+
+def read_metadata(path: Path | str) -> dict[str, Any]:
+    """The `hybridad.json` stored in an exported `.pt2` (without loading the program)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        name = next((n for n in archive.namelist() if n.endswith(f"extra/{META_NAME}")), None)
+        if name is None:
+            raise ValueError(f"{path} is not a hybridad export (no extra/{META_NAME})")
+        return json.loads(archive.read(name))
+
+
+def top_ratio_mean(maps: Tensor, ratio: float) -> Tensor:
+    """(B,1,H,W) -> (B,) mean of the top `ratio` fraction of pixels (INP-Former's image score)."""
+    flat = maps.flatten(1)  # (B,H*W)
+    k = max(1, int(math.ceil(flat.shape[1] * ratio)))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def blurred_top_t_sum(maps: Tensor, size: int, t: int, kernel: int, sigma: float, blurred: bool) -> Tensor:
+    """(B,1,H,W) -> (B,) CPR's image score: resize to size x size, blur (unless `blurred`), top-t sum."""
+    x = maps.float()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    if not blurred:  # one 2-D kernel with mirror padding, as CPR's own blur
+        r = kernel // 2
+        g = torch.arange(-r, r + 1, dtype=torch.float64, device=x.device)
+        k1 = torch.exp(-(g**2) / (2 * sigma**2))
+        k1 = k1 / k1.sum()
+        k2 = (k1[:, None] * k1[None, :]).to(x.dtype)  # (k,k)
+        x = F.conv2d(F.pad(x, (r, r, r, r), mode="reflect" if min(x.shape[-2:]) > r else "replicate"),
+                     k2[None, None])
+    flat = x.flatten(1)  # (B,size*size)
+    return flat.topk(min(t, flat.shape[1]), dim=1).values.sum(1)
+
+
+class ExportedDetector:
+    """An exported category: tile network + untiling + threshold + post-processing.
+
+    Args:
+        path: the `.pt2` written by `hybridad export`.
+        device: where to run; default the device it was exported for (recorded in its metadata).
+    """
+
+    def __init__(self, path: Path | str, device: str | None = None) -> None:
+        extra = {META_NAME: ""}
+        program = torch.export.load(str(path), extra_files=extra)
+        if not extra[META_NAME]:
+            raise ValueError(f"{path} is not a hybridad export (no {META_NAME})")
+        self.meta: dict[str, Any] = json.loads(extra[META_NAME])
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {self.meta.get('format')!r}, this runtime reads {FORMAT!r}")
+        self.device = torch.device(device or self.meta["device"])
+        self.net = program.module().to(self.device)
+        self.tiler = EvalTiler(TileLevel(**self.meta["test_level"]), int(self.meta["input_size"]))
+        self.postprocess = PostProcessConfig(**self.meta["postprocess"])
+        self.threshold = float(self.meta["threshold"]["value"])
+        self.tile_batch: int | None = self.meta["tile_batch"]
+
+    def image_score(self, maps: Tensor) -> Tensor:
+        """(B,1,H,W) smoothed native maps -> (B,) with the run's rule."""
+        rule = self.meta["image_score"]
+        if rule["rule"] == "top_ratio_mean":
+            return top_ratio_mean(maps, rule["top_ratio"])
+        if rule["rule"] == "blurred_top_t_sum":
+            return blurred_top_t_sum(maps, rule["size"], rule["top_t"], rule["kernel"], rule["sigma"],
+                                     rule["blurred"])
+        raise ValueError(f"unknown image score rule {rule['rule']!r}")
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> AnomalyOutput:
+        """(B,3,H,W) uint8 RGB images of one size -> maps (B,1,H,W), scores (B,), masks (B,1,H,W) bool."""
+        tiles, layout = self.tiler(images.to(self.device))  # (B*n,3,S,S) float [0,1]
+        step = self.tile_batch or tiles.shape[0]
+        tile_maps = torch.cat([self.net(chunk) for chunk in tiles.split(step)]).float()  # (B*n,1,S,S)
+        maps = smooth(untile(tile_maps, layout), self.postprocess)  # (B,1,H,W)
+        return AnomalyOutput(maps, self.image_score(maps), binarize(maps, self.threshold, self.postprocess))
