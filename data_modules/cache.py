@@ -24,9 +24,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,16 +56,20 @@ def _fs_error(err: OSError, path: Path) -> UserError:
     )
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on `path` (created if missing)."""
+def _acquire_lock(path: Path) -> int:
+    """Block until this process holds an exclusive fcntl lock on `path` (created if missing); its fd."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def _release_lock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 def _file_list(samples: list[Sample]) -> list[list]:
@@ -131,11 +133,14 @@ class DecodedCache:
         """(H,W,3) uint8 RGB copy of one decoded image (gray expanded to 3 channels)."""
         return self.crop(index, (0, 0, self.shape[1], self.shape[2]))
 
-    def crop(self, index: int, box: tuple[int, int, int, int]) -> np.ndarray:
-        """(y1-y0, x1-x0, 3) uint8 RGB copy of box (y0, x0, y1, x1) of image `index`; reads only that box."""
+    def crop(self, index: int, box: tuple[int, int, int, int], rgb: bool = True) -> np.ndarray:
+        """(y1-y0, x1-x0, C) uint8 copy of box (y0, x0, y1, x1) of image `index`; reads only that box.
+
+        C = 3 (gray expanded) when `rgb`, else the stored channels (1 for gray categories).
+        """
         y0, x0, y1, x1 = box
         view = self.array[index, y0:y1, x0:x1]  # (th,tw,C) memmap view
-        if view.shape[2] == 1:
+        if view.shape[2] == 1 and rgb:
             return np.repeat(view, 3, axis=2)  # (th,tw,1) -> (th,tw,3), a copy
         return np.array(view)  # (th,tw,3) copy out of the page cache
 
@@ -156,22 +161,28 @@ class DecodedCache:
         entry = cache_root / f"{category}-{key}"
         data, index = entry / f"{split}.npy", entry / f"{split}.json"
         files = _file_list(samples)
-        try:
-            entry.mkdir(parents=True, exist_ok=True)
-            (entry / "source.txt").write_text(str(cat_dir) + "\n")
-        except OSError as err:
-            raise _fs_error(err, entry) from None
         shape = cls._valid_shape(data, index, files)
         if shape is not None:
-            return cls(data, shape)
-        with _locked(entry / f"{split}.lock"):
+            return cls(data, shape)  # valid: nothing is written (a read-only, pre-built cache works)
+        try:
+            entry.mkdir(parents=True, exist_ok=True)
+            lock = _acquire_lock(entry / f"{split}.lock")
+        except OSError as err:
+            raise _fs_error(err, entry) from None
+        try:
             shape = cls._valid_shape(data, index, files)  # another rank may have built it meanwhile
             if shape is not None:
                 return cls(data, shape)
+            try:
+                (entry / "source.txt").write_text(str(cat_dir) + "\n")
+            except OSError as err:
+                raise _fs_error(err, entry) from None
             _prune_stale(cache_root, keep=entry)
             t0 = time.perf_counter()
             shape = cls._build(data, index, files, samples, f"{category}/{split}", progress, threads)
             cache = cls(data, shape, time.perf_counter() - t0)
+        finally:
+            _release_lock(lock)
         if progress:
             print(f"decoded-image cache {data}: {shape[0]} images, {cache.nbytes / 2**30:.2f} GiB, built in "
                   f"{cache.built_seconds:.0f} s", file=sys.stderr, flush=True)  # fmt: skip

@@ -63,27 +63,27 @@ class MVTecAD2DataModule(L.LightningDataModule):
         self.eval_tiler = EvalTiler(config.tiling.test_level, config.tiling.input_size)
         self.cut_paste = CutPaste(config.cut_paste) if config.cut_paste.enabled else None
 
-    def decoded_cache(self, split: Split | str = Split.TRAIN) -> DecodedCache:
+    def decoded_cache(self, split: Split | str = Split.TRAIN, progress: bool = True) -> DecodedCache:
         """The split's decoded-image cache, built (once, under a lock) when missing or stale."""
         split = Split(split)
         cfg = self.config
         samples = list_samples(cfg.root, cfg.category, split)
         root = cfg.cache_dir or default_cache_root()
-        return DecodedCache.open_or_build(root, cfg.root, cfg.category, split.value, samples)
+        return DecodedCache.open_or_build(root, cfg.root, cfg.category, split.value, samples, progress)
 
     def prepare_data(self) -> None:
         """Build the training cache once per node before the ranks' loaders open it (Lightning hook)."""
         if self.config.cache:
             self.decoded_cache(Split.TRAIN)
 
-    def dataset(self, split: Split | str) -> MVTecAD2Dataset:
-        """The dataset of one split (training triples of tile crops for `train`)."""
+    def dataset(self, split: Split | str, keep_gray: bool = False) -> MVTecAD2Dataset:
+        """The dataset of one split (training triples of tile crops for `train`; see its `keep_gray`)."""
         split = Split(split)
         samples = list_samples(self.config.root, self.config.category, split)
         if split == Split.TRAIN:
             cache = self.decoded_cache(split) if self.config.cache else None
             levels, augment = self.config.tiling.train_levels, self.config.augment
-            return MVTecAD2Dataset(samples, levels, augment, self.seed, cache=cache)
+            return MVTecAD2Dataset(samples, levels, augment, self.seed, cache=cache, keep_gray=keep_gray)
         return MVTecAD2Dataset(samples)
 
     def _loader(self, ds: MVTecAD2Dataset, batch_size: int, train: bool) -> DataLoader:
@@ -110,7 +110,7 @@ class MVTecAD2DataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = self.dataset(Split.TRAIN)
+        ds = self.dataset(Split.TRAIN, keep_gray=True)  # gray crops expanded to RGB on the device
         if len(ds) < self.config.batch_size:
             bs = self.config.batch_size
             raise UserError(f"train split has {len(ds)} tiles, fewer than data.batch_size={bs}")
@@ -157,12 +157,13 @@ class MVTecAD2DataModule(L.LightningDataModule):
         """Run the train tiler on crops of equal size together; output in item order, (B,3,S,S)."""
         if isinstance(images, torch.Tensor):
             return self.train_tiler(images, boxes)  # whole native images, cut at the boxes
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}
         for i, crop in enumerate(images):
-            groups.setdefault(tuple(crop.shape[-2:]), []).append(i)
+            groups.setdefault(tuple(crop.shape), []).append(i)
         out: list[torch.Tensor | None] = [None] * len(images)
-        for (h, w), idx in groups.items():
-            stack = torch.stack([images[i] for i in idx])  # (n,3,h,w) uint8
+        for (_, h, w), idx in groups.items():
+            stack = torch.stack([images[i] for i in idx])  # (n,C,h,w) uint8, C = 1 (gray) or 3
+            stack = stack.expand(-1, 3, -1, -1)  # (n,3,h,w): a view for gray
             local = torch.tensor([[0, 0, h, w]] * len(idx), dtype=torch.long)  # (n,4) box of the whole crop
             for i, tile in zip(idx, self.train_tiler(stack, local)):
                 out[i] = tile  # (3,S,S)

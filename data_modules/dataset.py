@@ -35,10 +35,12 @@ class MVTecAD2Dataset(Dataset):
         seed: seed of the augmentation pipeline.
         cache: the split's decoded images (`DecodedCache`); items then slice only their box out of it
             instead of decoding the PNG. Without it every item decodes its PNG.
+        keep_gray: training crops of a gray category stay 1-channel, (1,h,w), when no CPU augmentation runs
+            (a third of the bytes to ship; the device hook expands them to 3 channels). Needs `cache`.
 
-    Items are dicts: `image` (3,h,w) uint8 (training: the tile's native crop, h,w = box size; eval: the whole
-    image), `mask` (1,H,W) float or None, `label`, `sample_id`, `lighting`, `tile_box` (4,) long native
-    (y0,x0,y1,x1) (training) or None.
+    Items are dicts: `image` (3,h,w) uint8 (training: the tile's native crop, h,w = box size, (1,h,w) with
+    `keep_gray`; eval: the whole image), `mask` (1,H,W) float or None, `label`, `sample_id`, `lighting`,
+    `tile_box` (4,) long native (y0,x0,y1,x1) (training) or None.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class MVTecAD2Dataset(Dataset):
         augment: AugmentConfig | None = None,
         seed: int | None = None,
         cache: DecodedCache | None = None,
+        keep_gray: bool = False,
     ) -> None:
         if not samples:
             raise ValueError("no samples")
@@ -68,6 +71,7 @@ class MVTecAD2Dataset(Dataset):
             self.triples = [(i, li, ti, box) for i in range(len(samples)) for (li, ti, box) in boxes]
         train = augment is not None and train_levels is not None
         self.augment = build_augment(augment, seed) if train else None
+        self.keep_gray = keep_gray and self.augment is None and cache is not None and cache.shape[3] == 1
         self._last: tuple[int, np.ndarray] | None = None  # last decoded image (uncached path)
 
     def __len__(self) -> int:
@@ -91,7 +95,7 @@ class MVTecAD2Dataset(Dataset):
     def _pixels(self, index: int, box: tuple[int, int, int, int] | None) -> np.ndarray:
         """(h,w,3) uint8: the box of image `index` (whole image for None), from the cache or the PNG."""
         if self.cache is not None:
-            return self.cache.image(index) if box is None else self.cache.crop(index, box)
+            return self.cache.image(index) if box is None else self.cache.crop(index, box, not self.keep_gray)
         img = self._decode(index)
         if box is None:
             return img
@@ -112,7 +116,7 @@ class MVTecAD2Dataset(Dataset):
             mask_np = read_mask(s.mask_path, s.image_path, hw) if s.mask_path else np.zeros(hw, np.float32)
             mask = torch.from_numpy(mask_np)[None]  # (1,H,W)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1),  # (h,w,3) -> (3,h,w) uint8
+            "image": torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1),  # (h,w,C) -> (C,h,w) uint8
             "mask": mask,
             "label": s.label,
             "sample_id": s.sample_id,
@@ -125,8 +129,8 @@ def collate_batch(items: list[dict[str, Any]]) -> Batch:
     """Dataset items -> `Batch`.
 
     Eval items: `image` (B,3,H,W) uint8, `mask` (B,1,H,W) or None. Training items (with `tile_box`): `image`
-    is the list of the B tile crops, each (3,h_i,w_i) uint8 at native size, so only tile-sized data is pinned
-    and sent to the device; `tile_box` (B,4).
+    is the list of the B tile crops, each (3,h_i,w_i) (or (1,h_i,w_i), see `keep_gray`) uint8 at native size,
+    so only tile-sized data is pinned and sent to the device; `tile_box` (B,4).
     """
     masks = [it["mask"] for it in items]
     boxes = [it["tile_box"] for it in items]

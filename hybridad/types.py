@@ -80,7 +80,8 @@ class Batch:
 
     As collated: eval `image` (B,3,H,W) uint8 at native size, `mask` (B,1,H,W) float {0,1} or None;
       train `image` a list of B tile crops, (3,h_i,w_i) uint8 at native size (box `tile_box[i]` cut out and
-      augmented on the CPU; crops of different pyramid levels differ in size), `mask` None.
+      augmented on the CPU; crops of different pyramid levels differ in size; (1,h_i,w_i) for gray categories
+      without CPU augmentation), `mask` None.
     After `on_after_batch_transfer`:
       train: `image` (N,3,S,S) float [0,1] tiles (N = tiles per step), `mask` (N,1,S,S) cut-paste masks
              (zeros where nothing was pasted), `label` (N,) 1 where a tile got a pseudo-anomaly.

@@ -1,7 +1,8 @@
-"""The decoded-image cache: content, tile slices, invalidation, killed builds, concurrent builders, workers."""
+"""Decoded-image cache: content, tile slices, invalidation, killed builds, concurrent builders, workers."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import shutil
@@ -155,8 +156,23 @@ def test_loader_with_two_workers_reads_the_cache(tmp_path):
 def test_cache_off_decodes_pngs(tmp_path):
     root = make_tree(tmp_path / "data")
     tiling = TilingConfig(input_size=16, train_levels=[TileLevel(2, 1)])
-    cfg = DataConfig(root=str(root), category="can", cache=False, cache_dir=str(tmp_path / "c"), tiling=tiling)
+    cfg = DataConfig(root=str(root), category="can", cache=False, cache_dir=str(tmp_path / "c"),
+                     tiling=tiling)  # fmt: skip
     ds = MVTecAD2DataModule(cfg).dataset("train")
     assert ds.cache is None and not (tmp_path / "c").exists()
     right_half = read_image(ds.samples[0].image_path)[:, W // 2 :]  # (H,W/2,3): tile 1 of the 2x1 level
     assert torch.equal(ds[1]["image"], torch.from_numpy(right_half).permute(2, 0, 1))
+
+
+def test_gray_crops_ship_one_channel_and_become_rgb_on_the_device(tmp_path):
+    root = make_tree(tmp_path / "data", "sheet_metal", gray=True)
+    tiling = TilingConfig(input_size=16, train_levels=[TileLevel(), TileLevel(4, 1)])
+    cfg = DataConfig(root=str(root), category="sheet_metal", batch_size=15, num_workers=0, tiling=tiling,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    dm = MVTecAD2DataModule(cfg, seed=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert {tuple(c.shape[:1]) for c in batch.image} == {(1,)}  # a third of the bytes of RGB crops
+    rgb = [c.expand(3, -1, -1) for c in batch.image]
+    reference = dm.train_transform(dataclasses.replace(batch, image=rgb)).image  # (15,3,16,16)
+    assert torch.equal(dm.train_transform(batch).image, reference)
+    assert dm.dataset("train")[0]["image"].shape == (3, H, W)  # direct items (e.g. CPR's references) stay RGB

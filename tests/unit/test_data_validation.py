@@ -1,4 +1,4 @@
-"""Deep validation (`validate_category`, `data check`) and mask decoding on bad inputs: one line naming the file."""
+"""`validate_category`, `data check` and `read_mask` on bad inputs: one line naming the file, or the value."""
 
 from __future__ import annotations
 
@@ -102,7 +102,10 @@ def test_mask_with_non_binary_values_is_an_error(tree):
     assert str(e.value) == expected
 
 
-@pytest.mark.parametrize(("fg", "dtype"), [(1, np.uint16), (65535, np.uint16), (1, np.uint8), (255, np.uint8)])
+BINARY = [(1, np.uint16), (65535, np.uint16), (1, np.uint8), (255, np.uint8)]
+
+
+@pytest.mark.parametrize(("fg", "dtype"), BINARY)
 def test_binary_masks_read_correctly_in_8_and_16_bit(tree, fg, dtype):
     m = np.zeros((H, W), dtype)
     m[5:9, 10:20] = fg
@@ -117,13 +120,15 @@ def test_16_bit_mask_with_two_foreground_values_is_an_error(tree):
     m = np.zeros((H, W), np.uint16)
     m[0, 0], m[1, 1] = 1, 65535
     cv2.imwrite(str(tree / MASK), m)
-    assert "is not binary: 16-bit values {0,1,65535}; expected 0 and one of 1, 255 or 65535" in _one_line_error(tree)
+    expected = "is not binary: 16-bit values {0,1,65535}; expected 0 and one of 1, 255 or 65535"
+    assert expected in _one_line_error(tree)
 
 
 def test_truncated_mask(tree):
     data = (tree / MASK).read_bytes()
     (tree / MASK).write_bytes(data[:40])
-    assert _one_line_error(tree) == f"mask {tree / MASK} is truncated (no PNG end marker); re-extract the dataset"
+    expected = f"mask {tree / MASK} is truncated (no PNG end marker); re-extract the dataset"
+    assert _one_line_error(tree) == expected
 
 
 def test_only_listed_splits_are_checked(tree):
