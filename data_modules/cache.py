@@ -133,6 +133,12 @@ class DecodedCache:
         """(H,W,3) uint8 RGB copy of one decoded image (gray expanded to 3 channels)."""
         return self.crop(index, (0, 0, self.shape[1], self.shape[2]))
 
+    def view(self, index: int, box: tuple[int, int, int, int], rgb: bool = True) -> np.ndarray:
+        """Like `crop`, but a read-only memmap view (no copy) unless gray is expanded to RGB."""
+        y0, x0, y1, x1 = box
+        view = self.array[index, y0:y1, x0:x1]  # (th,tw,C) memmap view
+        return np.repeat(view, 3, axis=2) if view.shape[2] == 1 and rgb else view
+
     def crop(self, index: int, box: tuple[int, int, int, int], rgb: bool = True) -> np.ndarray:
         """(y1-y0, x1-x0, C) uint8 copy of box (y0, x0, y1, x1) of image `index`; reads only that box.
 

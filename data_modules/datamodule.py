@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from data_modules.augment import AugmentConfig
@@ -72,8 +73,9 @@ class MVTecAD2DataModule(L.LightningDataModule):
         return DecodedCache.open_or_build(root, cfg.root, cfg.category, split.value, samples, progress)
 
     def prepare_data(self) -> None:
-        """Build the training cache once per node before the ranks' loaders open it (Lightning hook)."""
-        if self.config.cache:
+        """Build the training cache once per node before the ranks open it (Lightning hook; fit only)."""
+        fitting = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING
+        if self.config.cache and fitting:
             self.decoded_cache(Split.TRAIN)
 
     def dataset(self, split: Split | str, keep_gray: bool = False) -> MVTecAD2Dataset:

@@ -16,6 +16,20 @@ from hybridad.errors import UserError
 from hybridad.types import Batch, Sample, Split
 
 
+def _chw_tensor(img: np.ndarray) -> torch.Tensor:
+    """(h,w,C) uint8 -> (C,h,w) uint8 tensor (a permuted view), copied once.
+
+    In a DataLoader worker the copy lands directly in shared memory, so sending the batch to the main process
+    copies nothing more (the default path would copy into shared memory a second time).
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (h,w,C) -> (C,h,w)
+    storage = torch.UntypedStorage._new_shared(img.nbytes)  # what torch's default_collate does in workers
+    out = torch.empty(0, dtype=torch.uint8).set_(storage).view(img.shape)  # (h,w,C)
+    np.copyto(out.numpy(), img)
+    return out.permute(2, 0, 1)  # (h,w,C) -> (C,h,w)
+
+
 def _seed_worker(worker_id: int) -> None:
     """Give each DataLoader worker its own augmentation stream (torch seeds workers differently)."""
     info = torch.utils.data.get_worker_info()
@@ -93,9 +107,14 @@ class MVTecAD2Dataset(Dataset):
         return img
 
     def _pixels(self, index: int, box: tuple[int, int, int, int] | None) -> np.ndarray:
-        """(h,w,3) uint8: the box of image `index` (whole image for None), from the cache or the PNG."""
+        """(h,w,3) uint8 (or (h,w,1), see `keep_gray`): the box of image `index` (whole image for None), from
+        the cache or the PNG. May be a read-only view: copy before writing."""
         if self.cache is not None:
-            return self.cache.image(index) if box is None else self.cache.crop(index, box, not self.keep_gray)
+            if box is None:
+                return self.cache.image(index)
+            if self.augment is None:  # no copy here: `_chw_tensor` makes the only one
+                return self.cache.view(index, box, not self.keep_gray)
+            return self.cache.crop(index, box)
         img = self._decode(index)
         if box is None:
             return img
@@ -109,14 +128,14 @@ class MVTecAD2Dataset(Dataset):
         s = self.samples[idx]
         img = self._pixels(idx, box)
         if self.augment is not None:
-            img = self.augment(np.ascontiguousarray(img))  # per tile
+            img = self.augment(np.array(img))  # per tile, on a writable copy
         mask = None
         if self.with_masks:
             hw = self.image_size
             mask_np = read_mask(s.mask_path, s.image_path, hw) if s.mask_path else np.zeros(hw, np.float32)
             mask = torch.from_numpy(mask_np)[None]  # (1,H,W)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1),  # (h,w,C) -> (C,h,w) uint8
+            "image": _chw_tensor(img),  # (C,h,w) uint8
             "mask": mask,
             "label": s.label,
             "sample_id": s.sample_id,
