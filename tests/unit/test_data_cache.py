@@ -176,3 +176,22 @@ def test_gray_crops_ship_one_channel_and_become_rgb_on_the_device(tmp_path):
     reference = dm.train_transform(dataclasses.replace(batch, image=rgb)).image  # (15,3,16,16)
     assert torch.equal(dm.train_transform(batch).image, reference)
     assert dm.dataset("train")[0]["image"].shape == (3, H, W)  # direct items (e.g. CPR's references) stay RGB
+
+
+def test_batch_pin_memory_pins_every_crop(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "data")
+    tiling = TilingConfig(input_size=16, train_levels=[TileLevel(), TileLevel(2, 2)])
+    cfg = DataConfig(root=str(root), category="can", batch_size=5, num_workers=0, tiling=tiling,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    batch = next(iter(MVTecAD2DataModule(cfg).train_dataloader()))
+    pinned: list[int] = []
+
+    def fake_pin(t: torch.Tensor) -> torch.Tensor:  # no CUDA here: record the call, return a copy
+        pinned.append(t.numel())
+        return t.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    out = batch.pin_memory()
+    assert len(pinned) == 5 + 2  # five crops, label, tile_box (mask and tiles are None)
+    assert all(torch.equal(a, b) and a is not b for a, b in zip(out.image, batch.image))
+    assert out.sample_id == batch.sample_id and torch.equal(out.tile_box, batch.tile_box)
