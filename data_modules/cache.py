@@ -237,10 +237,17 @@ class DecodedCache:
         tmp = data.with_name(f"{data.name}.tmp-{os.getpid()}")
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            fd = os.open(tmp, os.O_RDWR)
+            try:  # allocate every block now: a full disk is an OSError here, not a SIGBUS while writing
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
 
             def fill(i: int) -> None:
                 img = decode_image(samples[i].image_path)  # (H,W,1|3)
-                out[i] = img if img.shape[2] == channels else np.repeat(img, channels, axis=2)
+                if img.shape[2] != channels:  # gray into an RGB cache, or gray+alpha decoded as RGB
+                    img = img[:, :, :1] if channels == 1 else np.repeat(img, 3, axis=2)
+                out[i] = img
 
             with ThreadPoolExecutor(max_workers=threads or min(16, os.cpu_count() or 1)) as pool:
                 jobs = pool.map(fill, range(len(samples)))
