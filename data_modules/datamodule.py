@@ -1,8 +1,10 @@
 """`MVTecAD2DataModule`: loaders for one category plus the device-side tiling and cut-paste.
 
-The dataset decodes PNGs on the CPU (gray categories become 3 identical channels) and, for training,
-enumerates (image, pyramid level, tile) triples so one epoch sees every tile once and `data.batch_size` counts
-tiles. Tiling, resizing and cut-paste run in `on_after_batch_transfer` on the batch's device.
+Training reads the split's decoded-image cache (`data_modules/cache.py`, built once on first use; each PNG is
+decoded once, not once per tile) and enumerates (image, pyramid level, tile) triples so one epoch sees every
+tile once and `data.batch_size` counts tiles. Workers slice each tile's native box out of the cache and
+augment it; only these crops (pinned on CUDA) cross to the device, where resizing and cut-paste run in
+`on_after_batch_transfer`. Evaluation decodes each image once per pass and batches whole native images.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from data_modules.augment import AugmentConfig
+from data_modules.cache import DecodedCache, default_cache_root
 from data_modules.cut_paste import CutPaste, CutPasteConfig
 from data_modules.dataset import MVTecAD2Dataset, _seed_worker, collate_batch
 from data_modules.listing import list_samples
@@ -30,6 +34,8 @@ class DataConfig:
     batch_size: int = 16  # tiles per training step
     eval_batch_size: int = 1  # native images per eval step
     num_workers: int = 2
+    cache: bool = True  # training reads a decoded uint8 cache (each PNG decoded once), not the PNGs
+    cache_dir: str = ""  # "" = $HYBRIDAD_CACHE_DIR, $XDG_CACHE_HOME/hybridad or ~/.cache/hybridad
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     cut_paste: CutPasteConfig = field(default_factory=CutPasteConfig)
@@ -59,12 +65,28 @@ class MVTecAD2DataModule(L.LightningDataModule):
         self.eval_tiler = EvalTiler(tl.test_level, tl.input_size, tl.antialias)
         self.cut_paste = CutPaste(config.cut_paste) if config.cut_paste.enabled else None
 
-    def dataset(self, split: Split | str) -> MVTecAD2Dataset:
-        """The dataset of one split (training triples for `train`)."""
+    def decoded_cache(self, split: Split | str = Split.TRAIN, progress: bool = True) -> DecodedCache:
+        """The split's decoded-image cache, built (once, under a lock) when missing or stale."""
+        split = Split(split)
+        cfg = self.config
+        samples = list_samples(cfg.root, cfg.category, split)
+        root = cfg.cache_dir or default_cache_root()
+        return DecodedCache.open_or_build(root, cfg.root, cfg.category, split.value, samples, progress)
+
+    def prepare_data(self) -> None:
+        """Build the training cache once per node before the ranks open it (Lightning hook; fit only)."""
+        fitting = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING
+        if self.config.cache and fitting:
+            self.decoded_cache(Split.TRAIN)
+
+    def dataset(self, split: Split | str, keep_gray: bool = False) -> MVTecAD2Dataset:
+        """The dataset of one split (training triples of tile crops for `train`; see its `keep_gray`)."""
         split = Split(split)
         samples = list_samples(self.config.root, self.config.category, split)
         if split == Split.TRAIN:
-            return MVTecAD2Dataset(samples, self.config.tiling.train_levels, self.config.augment, self.seed)
+            cache = self.decoded_cache(split) if self.config.cache else None
+            levels, augment = self.config.tiling.train_levels, self.config.augment
+            return MVTecAD2Dataset(samples, levels, augment, self.seed, cache=cache, keep_gray=keep_gray)
         return MVTecAD2Dataset(samples)
 
     def _loader(self, ds: MVTecAD2Dataset, batch_size: int, train: bool) -> DataLoader:
@@ -76,6 +98,7 @@ class MVTecAD2DataModule(L.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             ds,
             batch_size=batch_size,
@@ -85,11 +108,12 @@ class MVTecAD2DataModule(L.LightningDataModule):
             num_workers=workers,
             collate_fn=collate_batch,
             persistent_workers=workers > 0,
+            pin_memory=pin,  # Batch.pin_memory pins the tile crops
             worker_init_fn=_seed_worker if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = self.dataset(Split.TRAIN)
+        ds = self.dataset(Split.TRAIN, keep_gray=True)  # gray crops expanded to RGB on the device
         if len(ds) < self.config.batch_size:
             bs = self.config.batch_size
             raise UserError(f"train split has {len(ds)} tiles, fewer than data.batch_size={bs}")
@@ -107,7 +131,8 @@ class MVTecAD2DataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         if self.trainer is not None and self.trainer.training:
-            return self.train_transform(batch, self._step_generator(batch.image.device))
+            device = batch.image[0].device if isinstance(batch.image, list) else batch.image.device
+            return self.train_transform(batch, self._step_generator(device))
         return self.eval_transform(batch)
 
     def _step_generator(self, device: torch.device) -> torch.Generator:
@@ -117,9 +142,12 @@ class MVTecAD2DataModule(L.LightningDataModule):
         return torch.Generator(device=device).manual_seed(seed)
 
     def train_transform(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
-        """Native images + tile boxes -> (B,3,S,S) tiles, then cut-paste (masks and labels follow)."""
+        """Tile crops (list of (3,h,w) uint8) + boxes -> (B,3,S,S) tiles, then cut-paste (masks, labels too).
+
+        A (B,3,H,W) tensor of whole native images is accepted too (each item cut at its box).
+        """
         assert batch.tile_box is not None, "training batches carry tile_box"
-        tiles = self.train_tiler(batch.image, batch.tile_box)  # (B,3,S,S) float [0,1]
+        tiles = self._resize_crops(batch.image, batch.tile_box)  # (B,3,S,S) float [0,1]
         if self.cut_paste is None:
             masks = tiles.new_zeros((tiles.shape[0], 1, *tiles.shape[-2:]))  # (B,1,S,S)
         else:
@@ -127,6 +155,22 @@ class MVTecAD2DataModule(L.LightningDataModule):
         batch.image, batch.mask = tiles, masks
         batch.label = masks.flatten(1).amax(dim=1).long()  # (B,) 1 where a patch changed pixels
         return batch
+
+    def _resize_crops(self, images: torch.Tensor | list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """Run the train tiler on crops of equal size together; output in item order, (B,3,S,S)."""
+        if isinstance(images, torch.Tensor):
+            return self.train_tiler(images, boxes)  # whole native images, cut at the boxes
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, crop in enumerate(images):
+            groups.setdefault(tuple(crop.shape), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for (_, h, w), idx in groups.items():
+            stack = torch.stack([images[i] for i in idx])  # (n,C,h,w) uint8, C = 1 (gray) or 3
+            stack = stack.expand(-1, 3, -1, -1)  # (n,3,h,w): a view for gray
+            local = torch.tensor([[0, 0, h, w]] * len(idx), dtype=torch.long)  # (n,4) box of the whole crop
+            for i, tile in zip(idx, self.train_tiler(stack, local)):
+                out[i] = tile  # (3,S,S)
+        return torch.stack(out)  # type: ignore[arg-type]  # (B,3,S,S)
 
     def eval_transform(self, batch: Batch) -> Batch:
         """Tile every native image with the test level into `batch.tiles` and `batch.layout`."""

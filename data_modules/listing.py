@@ -22,11 +22,6 @@ _LAYOUT = (
     "test_private, test_private_mixed}"
 )
 
-
-
-
-
-
 def _lighting(stem: str) -> str:
     """`000_regular` -> `regular`, `000_shift_2` -> `shift_2`, `000_mixed` -> `mixed`."""
     parts = stem.split("_", 1)
@@ -91,7 +86,7 @@ def list_samples(root: str | Path, category: str, split: Split | str) -> list[Sa
 
 
 
-def png_size(path: Path) -> tuple[int, int, int]:
+def png_size(path: Path, kind: str = "image") -> tuple[int, int, int]:
     """(height, width, channels) from a PNG's header, without decoding; checks the file is complete (IEND)."""
     channels_of = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # PNG colour type -> channels (palette counts as RGB)
     try:
@@ -102,24 +97,29 @@ def png_size(path: Path) -> tuple[int, int, int]:
             f.seek(max(0, size - 12))
             tail = f.read(12)
     except OSError as err:
-        raise UserError(f"cannot read image {path} ({err.strerror})") from None
+        raise UserError(f"cannot read {kind} {path} ({err.strerror})") from None
     if len(head) < 29 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         raise UserError(f"{path} is not a PNG image (unreadable or corrupt)")
     if tail[4:8] != b"IEND":
-        raise UserError(f"image {path} is truncated (no PNG end marker); re-extract the dataset")
+        raise UserError(f"{kind} {path} is truncated (no PNG end marker); re-extract the dataset")
     width, height = struct.unpack(">II", head[16:24])
     return height, width, channels_of.get(head[25], 0)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode a PNG at native size -> (H,W,3) uint8 RGB; gray becomes 3 identical channels."""
+def decode_image(path: Path) -> np.ndarray:
+    """Decode a PNG at native size -> (H,W,1) gray or (H,W,3) RGB uint8 (16-bit scaled down, alpha dropped).
+
+    The whole pixel stream is decoded, so a truncated or corrupt PNG fails here (UserError naming the file).
+    """
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise UserError(f"cannot decode image {path} (unreadable or truncated PNG)")
+        raise UserError(f"cannot decode image {path} (unreadable, truncated or corrupt PNG): re-extract it")
     if img.dtype == np.uint16:
         img = (img // 257).astype(np.uint8)
+    if img.dtype != np.uint8:
+        raise UserError(f"image {path} has unsupported pixel type {img.dtype} (expected 8- or 16-bit PNG)")
     if img.ndim == 2:
-        return np.repeat(img[:, :, None], 3, axis=2)  # (H,W,3)
+        return img[:, :, None]  # (H,W) -> (H,W,1)
     if img.ndim == 3 and img.shape[2] == 3:
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if img.ndim == 3 and img.shape[2] == 4:
@@ -127,14 +127,43 @@ def read_image(path: Path) -> np.ndarray:
     raise UserError(f"image {path} has unsupported shape {img.shape} (expected gray or RGB)")
 
 
+def read_image(path: Path) -> np.ndarray:
+    """Decode a PNG at native size -> (H,W,3) uint8 RGB; gray becomes 3 identical channels."""
+    img = decode_image(path)
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img  # (H,W,1) -> (H,W,3)
+
+
+def mask_to_binary(raw: np.ndarray, path: Path) -> np.ndarray:
+    """A decoded mask (8- or 16-bit, gray or equal-channel colour) -> (H,W) bool defect pixels.
+
+    Accepted: 0 plus one foreground value of 1, 255 or (16-bit) 65535; an all-zero mask. Anything else is a
+    UserError naming the file (e.g. {3,128} would otherwise become 100 % defect).
+    """
+    if raw.ndim == 3:
+        if raw.shape[2] == 4:
+            raw = raw[:, :, :3]  # alpha is not part of the label
+        if not (raw == raw[:, :, :1]).all():
+            raise UserError(f"mask {path} has colour pixels: expected a gray 0/255 or 0/1 PNG")
+        raw = raw[:, :, 0]  # (H,W,C) -> (H,W)
+    values = np.unique(raw)
+    allowed = {1, 255} | ({65535} if raw.dtype == np.uint16 else set())
+    fg = [int(v) for v in values if v != 0]
+    if raw.dtype not in (np.uint8, np.uint16) or len(fg) > 1 or (fg and fg[0] not in allowed):
+        shown = ",".join(str(int(v)) for v in values[:6]) + (",..." if len(values) > 6 else "")
+        bits = 16 if raw.dtype == np.uint16 else 8
+        raise UserError(
+            f"mask {path} is not binary: {bits}-bit values {{{shown}}}; expected 0 and one of 1, 255"
+            f"{' or 65535' if bits == 16 else ''} (fix or re-extract the mask)"
+        )
+    return raw != 0
+
+
 def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.ndarray:
-    """Decode a ground-truth mask -> (H,W) float32 {0,1}; checks it matches its image's size."""
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise UserError(f"cannot decode mask {path} (unreadable or truncated PNG)")
-    if m.shape != image_hw:
+    """Decode a ground-truth mask -> (H,W) float32 {0,1}; checks its size and binary values (8 or 16 bit)."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise UserError(f"cannot decode mask {path} (unreadable, truncated or corrupt PNG): re-extract it")
+    if raw.shape[:2] != tuple(image_hw):
         h, w = image_hw
-        raise UserError(f"mask {path} is {m.shape[1]}x{m.shape[0]} but its image {image_path} is {w}x{h}")
-    return (m > 0).astype(np.float32)
-
-
+        raise UserError(f"mask {path} is {raw.shape[1]}x{raw.shape[0]} but its image {image_path} is {w}x{h}")
+    return mask_to_binary(raw, path).astype(np.float32)

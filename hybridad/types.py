@@ -78,14 +78,17 @@ class TileLayout:
 class Batch:
     """What the DataLoader yields and the DataModule's device hook rewrites.
 
-    As collated: `image` (B,3,H,W) uint8 at native size, `mask` (B,1,H,W) float {0,1} or None.
+    As collated: eval `image` (B,3,H,W) uint8 at native size, `mask` (B,1,H,W) float {0,1} or None;
+      train `image` a list of B tile crops, (3,h_i,w_i) uint8 at native size (box `tile_box[i]` cut out and
+      augmented on the CPU; crops of different pyramid levels differ in size; (1,h_i,w_i) for gray categories
+      without CPU augmentation), `mask` None.
     After `on_after_batch_transfer`:
       train: `image` (N,3,S,S) float [0,1] tiles (N = tiles per step), `mask` (N,1,S,S) cut-paste masks
              (zeros where nothing was pasted), `label` (N,) 1 where a tile got a pseudo-anomaly.
       eval:  `image`/`mask` unchanged (native), `tiles` (N,3,S,S) float [0,1], `layout` set.
     """
 
-    image: Tensor
+    image: Tensor | list[Tensor]
     label: Tensor  # (B,) long
     sample_id: list[str]
     lighting: list[str]
@@ -96,6 +99,18 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.sample_id)
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copy of every tensor (the DataLoader calls this with `pin_memory=True`)."""
+        from dataclasses import replace
+
+        def pin(x: object) -> object:
+            if isinstance(x, list):
+                return [pin(v) for v in x]
+            return x.pin_memory() if hasattr(x, "pin_memory") else x
+
+        fields = ("image", "label", "mask", "tiles", "tile_box")
+        return replace(self, **{k: pin(getattr(self, k)) for k in fields})
 
 
 class AnomalyOutput(NamedTuple):

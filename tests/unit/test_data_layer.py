@@ -195,7 +195,7 @@ def test_check_dataset_gray(tmp_path):
 def test_cli_data_check_bad_root(tmp_path):
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [str(REPO / ".venv/bin/python"), "-m", "hybridad", "data", "check", "--root", str(tmp_path / "x"),
+        [sys.executable, "-m", "hybridad", "data", "check", "--root", str(tmp_path / "x"),
          "--category", "can"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
     )  # fmt: skip
@@ -249,7 +249,8 @@ def test_augment_keeps_size_and_changes_pixels(tree):
 def _config(root: Path, **kw) -> DataConfig:
     levels = [TileLevel(), TileLevel(2, 2, 0.1)]
     tiling = TilingConfig(input_size=16, train_levels=levels, test_level=TileLevel(4, 2))
-    args = {"root": str(root), "category": "can", "batch_size": 4, "num_workers": 0, "tiling": tiling, **kw}
+    args = {"root": str(root), "category": "can", "batch_size": 4, "num_workers": 0, "tiling": tiling,
+            "cache_dir": str(root.parent / "cache"), **kw}  # fmt: skip
     return DataConfig(**args)
 
 
@@ -272,9 +273,12 @@ def test_train_hook_makes_batch_size_tiles(tree):
     )
     dm = MVTecAD2DataModule(_config(tree, cut_paste=cp), seed=0)
     raw = next(iter(dm.train_dataloader()))
-    assert raw.image.shape == (4, 3, H, W) and raw.image.dtype == torch.uint8
-    assert raw.tile_box.shape == (4, 4)
-    native = raw.image.clone()
+    assert raw.tile_box.shape == (4, 4) and len(raw.image) == 4  # tile crops at native size, not images
+    for crop, (y0, x0, y1, x1) in zip(raw.image, raw.tile_box.tolist()):
+        assert crop.shape == (3, y1 - y0, x1 - x0) and crop.dtype == torch.uint8
+    index = {s.sample_id: s for s in list_samples(tree, "can", "train")}
+    native = torch.stack([torch.from_numpy(read_image(index[sid].image_path)).permute(2, 0, 1)
+                          for sid in raw.sample_id])  # (4,3,H,W)  # fmt: skip
     batch = dm.train_transform(raw, torch.Generator().manual_seed(0))
     assert batch.image.shape == (4, 3, 16, 16) and batch.image.dtype == torch.float32
     assert batch.mask.shape == (4, 1, 16, 16) and batch.label.tolist() == [1, 1, 1, 1]
