@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from hybridad.errors import UserError
 from hybridad.models.cpr.config import CprConfig
 from hybridad.models.cpr.foreground import Foreground, lda_direction, seed_regions
 from hybridad.models.cpr.loss import (
@@ -155,7 +156,8 @@ def test_memory_bank_on_cpu_vs_device_same_maps() -> None:
     on_cpu.load_state_dict(on_dev.state_dict())
     for m in (on_dev, on_cpu):
         m.build_memory_bank(images)
-    assert on_dev.bank[0].dtype == torch.float16 and on_cpu.bank[0].device.type == "cpu"
+    assert on_dev.bank[0].dtype == torch.float32 and on_cpu.bank[0].device.type == "cpu"
+    assert on_dev.bank_fg is not None and on_dev.bank_fg.dtype == torch.float32
     assert torch.equal(on_dev.train_neighbours, on_cpu.train_neighbours)
     assert not (on_dev.train_neighbours == torch.arange(6)[:, None]).any()  # self excluded
     q = torch.rand(2, 3, 64, 64)
@@ -166,7 +168,53 @@ def test_memory_bank_on_cpu_vs_device_same_maps() -> None:
     own = on_dev.tile_maps(images[:1], exclude=torch.tensor([-1]))
     assert own.max() < 1e-2
     assert on_dev.image_scores(maps).shape == (2,)
-    assert on_dev.bank_bytes_per_image() == (32 * (16 * 16 + 8 * 8)) * 2 + 16 * 16 * 2 + 25 * 13 * 4
+    assert on_dev.bank_bytes_per_image() == (32 * (16 * 16 + 8 * 8)) * 4 + 16 * 16 * 4 + 25 * 13 * 4
+
+
+def test_store_dtype_float16_halves_descriptors_and_stays_close() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 64, 64)
+    full = CprModel(tiny_cfg())
+    half = CprModel(tiny_cfg(store_dtype="float16"))
+    half.load_state_dict(full.state_dict())
+    for m in (full, half):
+        m.build_memory_bank(images)
+    assert half.bank[0].dtype == torch.float16 and half.bank_fg is not None and half.bank_fg.dtype == torch.float32
+    assert full.bank_bytes_per_image() - half.bank_bytes_per_image() == 32 * (16 * 16 + 8 * 8) * 2
+    q = torch.rand(2, 3, 64, 64)
+    diff = (full.tile_maps(q) - half.tile_maps(q)).abs().max().item()
+    assert 0 < diff < 5e-3  # float16 rounding of unit vectors (2^-11 relative) summed over two scales
+    with pytest.raises(UserError, match="cpr.store_dtype"):
+        CprModel(tiny_cfg(store_dtype="bfloat16"))
+
+
+def test_local_retrieval_against_given_references_matches_brute_force() -> None:
+    from hybridad.models.cpr.retrieval import l2_normalise, local_nn_distance
+
+    torch.manual_seed(0)
+    images = torch.rand(5, 3, 64, 64)
+    model = CprModel(tiny_cfg(foreground=False)).eval()  # eval: the heads' BN use running statistics
+    model.build_memory_bank(images)
+    refs = torch.tensor([[1, 3], [4, 0]])
+    q = torch.rand(2, 3, 64, 64)
+    got = model.local_retrieval(q, refs)
+    # brute force: descriptors of query and references straight from the heads, summed over the two scales
+    with torch.no_grad():
+        fq = model.trunk(model.preprocess(q))
+        fr = model.trunk(model.preprocess(images))
+        want = torch.zeros(2, 1, 16, 16)
+        for s, window in enumerate((3, 1)):
+            dq = l2_normalise(model.heads[s](fq[s]))
+            dr = l2_normalise(model.heads[s](fr[s]))[refs]  # (2, K, D, h, w)
+            d = local_nn_distance(dq, dr, window)
+            want += torch.nn.functional.interpolate(d, size=(16, 16), mode="bilinear", align_corners=False)
+    want = torch.nn.functional.interpolate(want, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert model.local_retrieval(images[1:2], torch.tensor([[1]])).abs().max() < 1e-5  # itself: distance 0
+    # without foreground and blur, the full map with the same references is the local retrieval result
+    torch.testing.assert_close(model.tile_maps(q, references=refs), got)
+    nbrs = model.grb.neighbours(model.grb.histograms(fq[0]), model.cfg.k_nearest)
+    torch.testing.assert_close(model.tile_maps(q), model.local_retrieval(q, nbrs))
 
 
 @pytest.mark.gpu
