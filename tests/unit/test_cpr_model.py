@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -278,3 +279,100 @@ def test_lightning_fit_few_steps() -> None:
         assert maps.shape == (2, 1, 64, 64)
         scores = module.image_score(torch.nn.functional.interpolate(maps, size=(96, 80)))
         assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+# ------------------------------------------------------------------ training makes pseudo-anomalies stand out
+SIZE = 48
+
+
+def _normals(n: int, base: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Aligned normal images: one smooth colour pattern, pixel noise 0.03, brightness x U(0.8, 1.2)."""
+    x = base + 0.03 * torch.randn(n, 3, SIZE, SIZE, generator=g)
+    return (x * (0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=g))).clamp(0, 1)
+
+
+def _paste_checker(x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One square of a +-0.06 one-pixel checkerboard per image (side 8-15 px): a faint texture defect."""
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    checker = ((yy + xx) % 2 * 2 - 1).float()  # (S, S) +-1
+    mask = torch.zeros(x.shape[0], 1, SIZE, SIZE)
+    for i in range(x.shape[0]):
+        side = int(torch.randint(SIZE // 6, SIZE // 3, (1,), generator=g))
+        y0, x0 = (int(v) for v in torch.randint(0, SIZE - side, (2,), generator=g))
+        mask[i, :, y0 : y0 + side, x0 : x0 + side] = 1
+    return (x + 0.06 * checker * mask).clamp(0, 1), mask
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add overhead (and stall on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_training_makes_pseudo_anomalous_pixels_score_above_normal_ones(one_thread: None) -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+    from torchmetrics.functional.classification import binary_auroc
+
+    from hybridad.models.cpr.lightning_model import Cpr
+    from hybridad.types import Batch
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(SIZE, SIZE), mode="bicubic")
+    base = base.clamp(0.2, 0.8)
+    train = _normals(12, base, g)
+    ids = [f"train/good/{i:03d}" for i in range(12)]
+    test_x, test_mask = _paste_checker(_normals(8, base, torch.Generator().manual_seed(5)), torch.Generator().manual_seed(6))
+    paste_gen = torch.Generator().manual_seed(1)
+
+    def collate(idx: list[int]) -> Batch:
+        x, mask = _paste_checker(train[idx], paste_gen)
+        return Batch(image=x, label=torch.ones(len(idx), dtype=torch.long), sample_id=[ids[i] for i in idx],
+                     lighting=["regular"] * len(idx), mask=mask)  # fmt: skip
+
+    torch.manual_seed(0)
+    module = Cpr(tiny_cfg(image_size=SIZE, foreground=False, n_pairs=64))
+    module.fit_references((train * 255).round().to(torch.uint8), ids)
+
+    def pixel_auroc() -> tuple[float, float]:
+        module.model.build_memory_bank(module._ref_images)
+        maps = module.tile_maps(test_x)
+        inside, outside = maps[test_mask > 0].mean(), maps[test_mask == 0].mean()
+        return binary_auroc(maps.flatten(), test_mask.flatten().long()).item(), float(inside / outside)
+
+    untrained, untrained_contrast = pixel_auroc()
+    trainer = L.Trainer(max_steps=200, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    sampler = torch.utils.data.RandomSampler(range(12), replacement=True, num_samples=800,
+                                             generator=torch.Generator().manual_seed(2))  # fmt: skip
+    trainer.fit(module, DataLoader(list(range(12)), batch_size=4, sampler=sampler, collate_fn=collate))
+    trained, trained_contrast = pixel_auroc()
+    # measured (200 steps): pixel AUROC 0.878 untrained -> 0.986 trained; mean inside / outside 1.73 -> 7.35
+    assert trained > 0.95 and trained > untrained + 0.05, (untrained, trained)
+    assert trained_contrast > 3.0 and trained_contrast > 1.5 * untrained_contrast
+
+
+def test_pair_generator_depends_on_the_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridad.models.cpr.lightning_model import Cpr, pair_seed
+    from hybridad.types import Batch
+
+    assert len({pair_seed(1, step, rank) for step in range(50) for rank in range(8)}) == 400
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 32, 32)
+    ids = [f"train/good/{i:03d}" for i in range(6)]
+    module = Cpr(tiny_cfg(image_size=32))
+    module.fit_references(images, ids)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    batch = Batch(image=images[:2], label=torch.zeros(2, dtype=torch.long), sample_id=ids[:2], lighting=["regular"] * 2)
+
+    def loss_on_rank(rank: int) -> float:
+        monkeypatch.setattr(Cpr, "global_rank", property(lambda self: rank))
+        torch.manual_seed(0)
+        module.model.heads.train()
+        return float(module.training_step(batch, 0).detach())
+
+    assert loss_on_rank(0) == loss_on_rank(0)
+    assert loss_on_rank(0) != loss_on_rank(1)  # other references, noise and pairs on another rank
