@@ -26,7 +26,7 @@ class PostProcessConfig:
     min_area: int = 0  # remove connected components smaller than this (pixels); 0 = off
     erosion_kernel: int = 0  # square erosion after closing (ISVL fruit_jelly: 15); 0 = off
     full_mask_guard: float = 0.95  # if closing/filling makes more than this fraction positive, keep raw mask
-    # ISVL walnuts: masks of these splits are ANDed with an HSV k-means object mask of the image before closing
+    # ISVL walnuts: masks of these splits are ANDed with the image's HSV k-means object mask before closing
     foreground_splits: list[str] = field(default_factory=list)  # e.g. [test_private_mixed]; empty = off
     foreground_dilation: int = 15  # square dilation of that object mask (ISVL: 15)
     foreground_seed: int = 0  # seed of the k-means++ initialisation
@@ -170,8 +170,10 @@ def remove_small(mask: Tensor, min_area: int) -> Tensor:
 HUE_BINS, VALUE_BINS = 180, 256  # OpenCV 8-bit HSV: H in [0, 180), V in [0, 256)
 
 
-def _two_means(points: np.ndarray, weights: np.ndarray, seed: int, inits: int = 3, iters: int = 100) -> np.ndarray:
-    """Weighted Lloyd 2-means with k-means++ seeding, best of `inits` by inertia: (M,2) points -> (2,2) centres.
+def _two_means(
+    points: np.ndarray, weights: np.ndarray, seed: int, inits: int = 3, iters: int = 100
+) -> np.ndarray:
+    """Weighted Lloyd 2-means, k-means++ seeding, best of `inits` by inertia: (M,2) points -> (2,2) centres.
 
     On the distinct (H, V) pairs weighted by their pixel counts this is exactly k-means on every pixel.
     """
@@ -216,7 +218,7 @@ def hsv_kmeans_foreground(images: Tensor, dilation: int = 15, seed: int = 0) -> 
         if len(present) < 2:
             out.append(np.ones(key.shape, bool))
             continue
-        points = np.stack([present // VALUE_BINS, present % VALUE_BINS], 1).astype(np.float64)  # (M, 2) (H, V)
+        points = np.stack([present // VALUE_BINS, present % VALUE_BINS], 1).astype(np.float64)  # (M, 2): H, V
         centres = _two_means(points, counts[present].astype(np.float64), seed)
         dist = ((points[:, None] - centres[None]) ** 2).sum(-1)  # (M, 2)
         object_bin = np.zeros(HUE_BINS * VALUE_BINS, bool)
@@ -228,7 +230,9 @@ def hsv_kmeans_foreground(images: Tensor, dilation: int = 15, seed: int = 0) -> 
     return torch.from_numpy(np.stack(out))[:, None].to(images.device)  # (B,1,H,W)
 
 
-def binarize(anomaly_map: Tensor, threshold: float, cfg: PostProcessConfig, foreground: Tensor | None = None) -> Tensor:
+def binarize(
+    anomaly_map: Tensor, threshold: float, cfg: PostProcessConfig, foreground: Tensor | None = None
+) -> Tensor:
     """Threshold and clean (B,1,H,W) maps into (B,1,H,W) bool masks, the masks the PNG writer saves.
 
     Steps: `map >= threshold` (inclusive: ISVL's uint8 rule floor(255 s) > T is s >= (T+1)/255), ANDed with

@@ -32,7 +32,7 @@ class AnomalyModule(L.LightningModule):
         valid = [s.value for s in Split]
         for split in self.postprocess.foreground_splits:
             if split not in valid:
-                raise UserError(f"postprocess.foreground_splits: unknown split '{split}'; valid: {', '.join(valid)}")
+                raise UserError(f"postprocess.foreground_splits: unknown split '{split}'; use one of {valid}")
         self.top_ratio = top_ratio
         self.register_buffer("threshold", torch.tensor(float("nan")))
 
@@ -50,8 +50,10 @@ class AnomalyModule(L.LightningModule):
         self.threshold.fill_(value)
 
     def foreground(self, batch: Batch) -> Tensor | None:
-        """(B,1,H,W) bool object mask of the images whose split is in `postprocess.foreground_splits` (True for
-        the others), or None when no image of the batch needs one. `batch.image`: (B,3,H,W) uint8 native."""
+        """(B,1,H,W) bool object mask of the images whose split is in `postprocess.foreground_splits`
+        (True for the others), or None when no image of the batch needs one.
+
+        `batch.image` is the native (B,3,H,W) uint8 image of eval batches."""
         pp = self.postprocess
         picked = [i for i, sid in enumerate(batch.sample_id) if sid.split("/")[0] in pp.foreground_splits]
         if not picked:

@@ -13,8 +13,8 @@ from hybridad.demo import demo_config
 from hybridad.train import train
 
 # tiny INP-Former at 56 px (4x4 tokens), 2 encoder blocks, batch 4: seconds per run on a CPU
-TINY = ["data.tiling.input_size=56", "data.batch_size=4", "inp_former.tiny_depth=2", "inp_former.warmup_steps=5",
-        "predict_private=false"]
+TINY = ["data.tiling.input_size=56", "data.batch_size=4", "inp_former.tiny_depth=2",
+        "inp_former.warmup_steps=5", "predict_private=false"]
 
 
 @pytest.fixture

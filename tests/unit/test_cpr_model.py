@@ -180,7 +180,8 @@ def test_store_dtype_float16_halves_descriptors_and_stays_close() -> None:
     half.load_state_dict(full.state_dict())
     for m in (full, half):
         m.build_memory_bank(images)
-    assert half.bank[0].dtype == torch.float16 and half.bank_fg is not None and half.bank_fg.dtype == torch.float32
+    assert half.bank[0].dtype == torch.float16
+    assert half.bank_fg is not None and half.bank_fg.dtype == torch.float32
     assert full.bank_bytes_per_image() - half.bank_bytes_per_image() == 32 * (16 * 16 + 8 * 8) * 2
     q = torch.rand(2, 3, 64, 64)
     diff = (full.tile_maps(q) - half.tile_maps(q)).abs().max().item()
@@ -321,11 +322,13 @@ def test_training_makes_pseudo_anomalous_pixels_score_above_normal_ones(one_thre
     from hybridad.types import Batch
 
     g = torch.Generator().manual_seed(0)
-    base = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(SIZE, SIZE), mode="bicubic")
+    coarse = torch.rand(1, 3, 8, 8, generator=g)
+    base = torch.nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bicubic")
     base = base.clamp(0.2, 0.8)
     train = _normals(12, base, g)
     ids = [f"train/good/{i:03d}" for i in range(12)]
-    test_x, test_mask = _paste_checker(_normals(8, base, torch.Generator().manual_seed(5)), torch.Generator().manual_seed(6))
+    held_out = _normals(8, base, torch.Generator().manual_seed(5))
+    test_x, test_mask = _paste_checker(held_out, torch.Generator().manual_seed(6))
     paste_gen = torch.Generator().manual_seed(1)
 
     def collate(idx: list[int]) -> Batch:
@@ -366,7 +369,8 @@ def test_pair_generator_depends_on_the_rank(monkeypatch: pytest.MonkeyPatch) -> 
     module = Cpr(tiny_cfg(image_size=32))
     module.fit_references(images, ids)
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
-    batch = Batch(image=images[:2], label=torch.zeros(2, dtype=torch.long), sample_id=ids[:2], lighting=["regular"] * 2)
+    batch = Batch(image=images[:2], label=torch.zeros(2, dtype=torch.long), sample_id=ids[:2],
+                  lighting=["regular"] * 2)
 
     def loss_on_rank(rank: int) -> float:
         monkeypatch.setattr(Cpr, "global_rank", property(lambda self: rank))

@@ -110,7 +110,7 @@ def test_normalize() -> None:
 
 
 def two_cluster_image(h: int = 60, w: int = 80) -> tuple[torch.Tensor, np.ndarray]:
-    """Dark blue background (HSV ~ (120, 200, 40)) with a bright orange disc (~ (12, 220, 210)), both noisy."""
+    """Dark blue background (HSV ~ (120, 200, 40)), bright orange disc (~ (12, 220, 210)), both noisy."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:h, :w]
     disc = (yy - 30) ** 2 + (xx - 45) ** 2 < 15**2
@@ -126,11 +126,12 @@ def test_hsv_kmeans_foreground_finds_the_bright_cluster_and_dilates_it() -> None
     assert got.shape == (1, 1, 60, 80) and got.dtype == torch.bool
     assert np.array_equal(got[0, 0].numpy(), disc)  # the brighter (higher V) cluster is the object
     dilated = hsv_kmeans_foreground(image, dilation=15)[0, 0].numpy()
-    yy, xx = np.mgrid[:60, :80]
     # a 15x15 square dilation: within Chebyshev distance 7 of a disc pixel
-    want = np.array([[np.any(disc[max(0, y - 7) : y + 8, max(0, x - 7) : x + 8]) for x in range(80)] for y in range(60)])
+    want = np.array([[disc[max(0, y - 7) : y + 8, max(0, x - 7) : x + 8].any() for x in range(80)]
+                     for y in range(60)])
     assert np.array_equal(dilated, want) and dilated.sum() > disc.sum()
-    assert hsv_kmeans_foreground(torch.full((1, 3, 8, 8), 90, dtype=torch.uint8)).all()  # one colour: all object
+    one_colour = torch.full((1, 3, 8, 8), 90, dtype=torch.uint8)
+    assert hsv_kmeans_foreground(one_colour).all()  # nothing to separate: all object
 
 
 def test_binarize_ands_the_foreground_before_closing() -> None:

@@ -286,7 +286,7 @@ class CprModel(nn.Module):
 
     # ---------------------------------------------------------------- scoring
     def _describe(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """(B, 3, H, W) tiles -> (L2-normalised descriptors per scale (B, D, h_s, w_s), stride-4 trunk features)."""
+        """(B, 3, H, W) tiles -> (L2-normalised descriptors (B, D, h_s, w_s) per scale, stride-4 features)."""
         was_training = self.training
         self.eval()
         feats = self.trunk(self.preprocess(x))
@@ -295,18 +295,18 @@ class CprModel(nn.Module):
         return query, feats[0]
 
     def _local_map(self, query: list[Tensor], references: Tensor, out_size: tuple[int, int]) -> Tensor:
-        """Sum over scales of the windowed NN distance to the stored references (B, K) -> (B, 1, *out_size)."""
+        """Sum over scales of the windowed NN distance to stored references (B, K) -> (B, 1, *out_size)."""
         if not self.bank:
             raise RuntimeError("CPR memory bank is empty: call build_memory_bank(training images) first")
         fine = query[0].shape[-2:]
         total = query[0].new_zeros(query[0].shape[0], 1, *fine)  # (B, 1, h_1, w_1)
         for s, q in enumerate(query):
-            bank = self.bank[s]
+            bank, window = self.bank[s], self.cfg.region_sizes[s]
             per_query = references.shape[1] * q[0].numel() * 4  # float32 bytes of one query's references
             step = max(1, self.cfg.match_chunk_bytes // per_query)
             dist = torch.cat(
                 [
-                    local_nn_distance(q[i : i + step], bank[nb.to(bank.device)].to(self.device), self.cfg.region_sizes[s])
+                    local_nn_distance(q[i : i + step], bank[nb.to(bank.device)].to(self.device), window)
                     for i, nb in zip(range(0, len(q), step), references.split(step))
                 ]
             )  # (B, 1, h_s, w_s); refs gathered per chunk of queries: (b, K, D, h_s, w_s)
