@@ -299,7 +299,8 @@ class CprModel(nn.Module):
         if not self.bank:
             raise RuntimeError("CPR memory bank is empty: call build_memory_bank(training images) first")
         fine = query[0].shape[-2:]
-        total = query[0].new_zeros(query[0].shape[0], 1, *fine)  # (B, 1, h_1, w_1)
+        dtype = torch.promote_types(query[0].dtype, torch.float32)  # float32 under autocast, float64 if asked
+        total = query[0].new_zeros(query[0].shape[0], 1, *fine, dtype=dtype)  # (B, 1, h_1, w_1)
         for s, q in enumerate(query):
             bank, window = self.bank[s], self.cfg.region_sizes[s]
             per_query = references.shape[1] * q[0].numel() * 4  # float32 bytes of one query's references
