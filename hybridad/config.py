@@ -44,7 +44,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     check_val_every_n_epoch: int = 1
     num_sanity_val_steps: int = 0
-    deterministic: bool = False
+    deterministic: Any = "warn"  # "warn": deterministic algorithms where PyTorch has them | True | False
     enable_progress_bar: bool = True
     fast_dev_run: bool = False
 

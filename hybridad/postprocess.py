@@ -1,14 +1,14 @@
 """Post-processing of anomaly maps (smoothing, normalisation) and of binary masks (threshold + morphology).
 
-Everything runs on the input's device, on (B,1,H,W) tensors. One step leaves the device for the CPU, because
-connected components have no cheap GPU form in torch: `remove_small` (OpenCV labelling). `fill_holes` uses
-scipy for CPU inputs and an iterative flood fill elsewhere. The ISVL walnuts HSV k-means foreground mask is
-not implemented (it needs the RGB image).
+Everything runs on the input's device, on (B,1,H,W) tensors. Two steps leave the device for the CPU:
+`remove_small` (OpenCV labelling; connected components have no cheap GPU form in torch) and
+`hsv_kmeans_foreground` (OpenCV colour conversion; the k-means itself runs on a 180x256 histogram).
+`fill_holes` uses scipy for CPU inputs and an iterative flood fill elsewhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -26,6 +26,10 @@ class PostProcessConfig:
     min_area: int = 0  # remove connected components smaller than this (pixels); 0 = off
     erosion_kernel: int = 0  # square erosion after closing (ISVL fruit_jelly: 15); 0 = off
     full_mask_guard: float = 0.95  # if closing/filling makes more than this fraction positive, keep raw mask
+    # ISVL walnuts: masks of these splits are ANDed with the image's HSV k-means object mask before closing
+    foreground_splits: list[str] = field(default_factory=list)  # e.g. [test_private_mixed]; empty = off
+    foreground_dilation: int = 15  # square dilation of that object mask (ISVL: 15)
+    foreground_seed: int = 0  # seed of the k-means++ initialisation
 
 
 # ------------------------------------------------------------------------------------------ continuous maps
@@ -161,16 +165,86 @@ def remove_small(mask: Tensor, min_area: int) -> Tensor:
     return torch.from_numpy(np.stack(out))[:, None].to(mask.device)  # (B,1,H,W)
 
 
-def binarize(anomaly_map: Tensor, threshold: float, cfg: PostProcessConfig) -> Tensor:
+# ------------------------------------------------------------------------------------ object mask (walnuts)
+
+HUE_BINS, VALUE_BINS = 180, 256  # OpenCV 8-bit HSV: H in [0, 180), V in [0, 256)
+
+
+def _two_means(
+    points: np.ndarray, weights: np.ndarray, seed: int, inits: int = 3, iters: int = 100
+) -> np.ndarray:
+    """Weighted Lloyd 2-means, k-means++ seeding, best of `inits` by inertia: (M,2) points -> (2,2) centres.
+
+    On the distinct (H, V) pairs weighted by their pixel counts this is exactly k-means on every pixel.
+    """
+    rng = np.random.default_rng(seed)
+    p = weights / weights.sum()
+    best, best_inertia = None, np.inf
+    for _ in range(inits):
+        first = points[rng.choice(len(points), p=p)]
+        d2 = ((points - first) ** 2).sum(1)  # (M,)
+        second = points[rng.choice(len(points), p=weights * d2 / (weights * d2).sum())]
+        centres = np.stack([first, second])  # (2, 2)
+        for _ in range(iters):
+            dist = ((points[:, None] - centres[None]) ** 2).sum(-1)  # (M, 2)
+            assign = dist.argmin(1)  # (M,)
+            new = np.stack([np.average(points[assign == k], axis=0, weights=weights[assign == k])
+                            if weights[assign == k].sum() > 0 else centres[k] for k in range(2)])
+            if np.array_equal(new, centres):
+                break
+            centres = new
+        inertia = (weights * ((points[:, None] - centres[None]) ** 2).sum(-1).min(1)).sum()
+        if inertia < best_inertia:
+            best, best_inertia = centres, inertia
+    assert best is not None
+    return best
+
+
+def hsv_kmeans_foreground(images: Tensor, dilation: int = 15, seed: int = 0) -> Tensor:
+    """Object mask of (B,3,H,W) uint8 RGB images -> (B,1,H,W) bool, the ISVL walnuts step.
+
+    Per image: OpenCV 8-bit HSV; k-means with k=2 on each pixel's (H, V) (k-means++ seeded with `seed`); the
+    cluster with the lower mean V is background, the other one foreground; the foreground is dilated with a
+    `dilation` square (0 = none). Runs on the CPU on the (H, V) histogram (at most 180 x 256 distinct
+    points), so its cost is the colour conversion and one histogram per image. An image of one colour is all
+    foreground.
+    """
+    out = []
+    for rgb in images.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy():  # (H,W,3) each
+        hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)  # (H,W,3) uint8
+        key = hsv[..., 0].astype(np.int32) * VALUE_BINS + hsv[..., 2]  # (H,W) flat (H, V) bin
+        counts = np.bincount(key.ravel(), minlength=HUE_BINS * VALUE_BINS)  # (180*256,)
+        present = np.flatnonzero(counts)  # (M,) distinct (H, V) pairs
+        if len(present) < 2:
+            out.append(np.ones(key.shape, bool))
+            continue
+        points = np.stack([present // VALUE_BINS, present % VALUE_BINS], 1).astype(np.float64)  # (M, 2): H, V
+        centres = _two_means(points, counts[present].astype(np.float64), seed)
+        dist = ((points[:, None] - centres[None]) ** 2).sum(-1)  # (M, 2)
+        object_bin = np.zeros(HUE_BINS * VALUE_BINS, bool)
+        object_bin[present] = dist.argmin(1) == int(centres[:, 1].argmax())  # brighter cluster = object
+        mask = object_bin[key]  # gather: (H,W)
+        if dilation > 1:
+            mask = cv2.dilate(mask.astype(np.uint8), np.ones((dilation, dilation), np.uint8)) > 0
+        out.append(mask)
+    return torch.from_numpy(np.stack(out))[:, None].to(images.device)  # (B,1,H,W)
+
+
+def binarize(
+    anomaly_map: Tensor, threshold: float, cfg: PostProcessConfig, foreground: Tensor | None = None
+) -> Tensor:
     """Threshold and clean (B,1,H,W) maps into (B,1,H,W) bool masks, the masks the PNG writer saves.
 
-    Steps: `map >= threshold` (inclusive: ISVL's uint8 rule floor(255 s) > T is s >= (T+1)/255); closing with
+    Steps: `map >= threshold` (inclusive: ISVL's uint8 rule floor(255 s) > T is s >= (T+1)/255), ANDed with
+    `foreground` ((B,1,H,W) bool object mask, e.g. `hsv_kmeans_foreground`) when given; closing with
     a `closing_kernel` square; hole filling; the full-mask guard (per image: if closing/filling left more than
     `full_mask_guard` of the pixels positive, keep the mask from before closing); erosion with an
     `erosion_kernel` square; removal of 8-connected components under `min_area` pixels. Steps set to 0/False
     are skipped.
     """
     raw = anomaly_map >= threshold
+    if foreground is not None:
+        raw = raw & foreground.to(raw.device)
     mask = raw
     if cfg.closing_kernel > 0:
         mask = close(mask, cfg.closing_kernel)

@@ -8,16 +8,18 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from hybridad.postprocess import PostProcessConfig, binarize, smooth
+from hybridad.errors import UserError
+from hybridad.postprocess import PostProcessConfig, binarize, hsv_kmeans_foreground, smooth
 from hybridad.tile_grid import untile
-from hybridad.types import AnomalyOutput, Batch
+from hybridad.types import AnomalyOutput, Batch, Split
 
 
 class AnomalyModule(L.LightningModule):
     """Base LightningModule: a branch implements `tile_maps`, `training_step` and `configure_optimizers`.
 
     The threshold lives here as a buffer (fitted by `ThresholdCallback`, saved in checkpoints), and the
-    post-processing that predictions need runs inside `predict_batch`, so every callback sees the same masks.
+    post-processing that predictions need runs inside `predict_batch`, so every callback sees the same masks
+    (including the per-split object mask of `postprocess.foreground_splits`, made from the batch image).
 
     Args:
         postprocess: map smoothing and mask post-processing settings.
@@ -27,6 +29,10 @@ class AnomalyModule(L.LightningModule):
     def __init__(self, postprocess: PostProcessConfig | None = None, top_ratio: float = 0.01) -> None:
         super().__init__()
         self.postprocess = postprocess or PostProcessConfig()
+        valid = [s.value for s in Split]
+        for split in self.postprocess.foreground_splits:
+            if split not in valid:
+                raise UserError(f"postprocess.foreground_splits: unknown split '{split}'; use one of {valid}")
         self.top_ratio = top_ratio
         self.register_buffer("threshold", torch.tensor(float("nan")))
 
@@ -43,6 +49,20 @@ class AnomalyModule(L.LightningModule):
     def set_threshold(self, value: float) -> None:
         self.threshold.fill_(value)
 
+    def foreground(self, batch: Batch) -> Tensor | None:
+        """(B,1,H,W) bool object mask of the images whose split is in `postprocess.foreground_splits`
+        (True for the others), or None when no image of the batch needs one.
+
+        `batch.image` is the native (B,3,H,W) uint8 image of eval batches."""
+        pp = self.postprocess
+        picked = [i for i, sid in enumerate(batch.sample_id) if sid.split("/")[0] in pp.foreground_splits]
+        if not picked:
+            return None
+        b, _, h, w = batch.image.shape
+        fg = torch.ones(b, 1, h, w, dtype=torch.bool, device=batch.image.device)
+        fg[picked] = hsv_kmeans_foreground(batch.image[picked], pp.foreground_dilation, pp.foreground_seed)
+        return fg
+
     @torch.no_grad()
     def predict_batch(self, batch: Batch) -> AnomalyOutput:
         assert batch.tiles is not None and batch.layout is not None, "eval batches must be tiled by the DataModule"
@@ -51,7 +71,9 @@ class AnomalyModule(L.LightningModule):
         maps = smooth(maps, self.postprocess)
         scores = self.image_score(maps)
         thr = float(self.threshold)
-        pred = binarize(maps, thr, self.postprocess) if math.isfinite(thr) else None
+        pred = None
+        if math.isfinite(thr):  # threshold the maps as cached and submitted (float16): masks and maps agree
+            pred = binarize(maps.half().float(), thr, self.postprocess, self.foreground(batch))
         return AnomalyOutput(maps, scores, pred)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> AnomalyOutput:

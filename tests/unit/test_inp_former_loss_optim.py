@@ -154,3 +154,24 @@ def test_warmup_cosine_no_warmup_and_scheduler() -> None:
         opt.step()
         sched.step()
     assert seen[0] == 0.0 and seen[9] == pytest.approx(1e-3) and seen[60] == pytest.approx(5.5e-4)
+
+
+@pytest.mark.parametrize("max_fraction,warmup", [(0.0, 100), (0.1, 18)])
+def test_warmup_is_100_iterations_unless_capped_in_the_config(max_fraction: float, warmup: int) -> None:
+    from types import SimpleNamespace
+
+    from hybridad.config import load_config, to_yaml
+    from hybridad.models.inp_former.config import InpFormerConfig
+    from hybridad.models.inp_former.lightning_model import InpFormer
+
+    # wallplugs: 293 images / batch 16 x 10 epochs = 180 steps against the official 100-iteration warm-up
+    cfg = InpFormerConfig(preset="tiny", tiny_depth=2, num_inps=2, warmup_max_fraction=max_fraction)
+    module = InpFormer(cfg)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=180)  # what configure_optimizers reads
+    factor = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert factor(warmup - 1) == pytest.approx(1.0)
+    assert factor(warmup // 2) == pytest.approx((warmup // 2) / (warmup - 1))
+    assert factor(warmup + 40) < 1.0  # cosine decay after the warm-up
+    overrides = ["data.category=wallplugs", f"inp_former.warmup_max_fraction={max_fraction}"]
+    resolved = to_yaml(load_config(overrides))
+    assert "warmup_steps: 100" in resolved and f"warmup_max_fraction: {max_fraction}" in resolved

@@ -14,6 +14,7 @@ from hybridad.postprocess import (
     close,
     erode,
     fill_holes,
+    hsv_kmeans_foreground,
     normalize,
     remove_small,
     smooth,
@@ -106,3 +107,54 @@ def test_normalize() -> None:
     assert normalize(x, 0.0, 2.0).tolist() == [[0.0, 0.0, 0.5, 1.0, 1.0]]
     with pytest.raises(ValueError):
         normalize(x, 1.0, 1.0)
+
+
+def two_cluster_image(h: int = 60, w: int = 80) -> tuple[torch.Tensor, np.ndarray]:
+    """Dark blue background (HSV ~ (120, 200, 40)), bright orange disc (~ (12, 220, 210)), both noisy."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:h, :w]
+    disc = (yy - 30) ** 2 + (xx - 45) ** 2 < 15**2
+    hsv = np.where(disc[..., None], [12, 220, 210], [120, 200, 40]).astype(np.int16)
+    hsv += rng.integers(-4, 5, hsv.shape, dtype=np.int16)  # well inside each cluster
+    rgb = cv2.cvtColor(hsv.clip(0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB)
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None], disc  # (1,3,H,W) uint8, (H,W) bool
+
+
+def test_hsv_kmeans_foreground_finds_the_bright_cluster_and_dilates_it() -> None:
+    image, disc = two_cluster_image()
+    got = hsv_kmeans_foreground(image, dilation=0)
+    assert got.shape == (1, 1, 60, 80) and got.dtype == torch.bool
+    assert np.array_equal(got[0, 0].numpy(), disc)  # the brighter (higher V) cluster is the object
+    dilated = hsv_kmeans_foreground(image, dilation=15)[0, 0].numpy()
+    # a 15x15 square dilation: within Chebyshev distance 7 of a disc pixel
+    want = np.array([[disc[max(0, y - 7) : y + 8, max(0, x - 7) : x + 8].any() for x in range(80)]
+                     for y in range(60)])
+    assert np.array_equal(dilated, want) and dilated.sum() > disc.sum()
+    one_colour = torch.full((1, 3, 8, 8), 90, dtype=torch.uint8)
+    assert hsv_kmeans_foreground(one_colour).all()  # nothing to separate: all object
+
+
+def test_binarize_ands_the_foreground_before_closing() -> None:
+    maps = torch.zeros(1, 1, 20, 20)
+    maps[..., 2:18, 2:18] = 1.0
+    fg = torch.zeros(1, 1, 20, 20, dtype=torch.bool)
+    fg[..., :, :10] = True
+    out = binarize(maps, 0.5, PostProcessConfig(closing_kernel=3), fg)
+    assert out[..., 2:18, 2:10].all() and out.sum() == 16 * 8  # the defect outside the object is gone
+
+
+def test_anomaly_module_applies_the_foreground_to_the_configured_split_only() -> None:
+    from hybridad.errors import UserError
+    from hybridad.models.anomaly_module import AnomalyModule
+    from hybridad.types import Batch
+
+    image, disc = two_cluster_image()
+    module = AnomalyModule(PostProcessConfig(foreground_splits=["test_private_mixed"], foreground_dilation=0))
+    batch = Batch(image=image.repeat(2, 1, 1, 1), label=torch.full((2,), -1), lighting=["regular", "mixed"],
+                  sample_id=["test_private/000_regular", "test_private_mixed/000_mixed"])
+    fg = module.foreground(batch)
+    assert fg is not None and fg[0].all() and np.array_equal(fg[1, 0].numpy(), disc)
+    batch.sample_id = ["test_private/000_regular", "test_public/good/000_regular"]
+    assert module.foreground(batch) is None
+    with pytest.raises(UserError, match="foreground_splits"):
+        AnomalyModule(PostProcessConfig(foreground_splits=["test_privat_mixed"]))

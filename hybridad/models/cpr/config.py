@@ -49,6 +49,7 @@ class CprConfig:
     blur_map: bool = False  # False = winners' map (test_new.py, unblurred); True = original CPR blurred map
     blur_kernel: int = 33
     blur_sigma: float = 4.0
+    store_dtype: str = "float32"  # reference descriptors: "float32" (official) | "float16" (half the memory)
     bank_budget_bytes: int = 8 * 1024**3  # memory bank stays on the model's device below this, else on the CPU
     match_chunk_bytes: int = 1024**3  # float32 reference descriptors gathered at once while scoring a batch
     eval_chunk: int = 16  # images per forward when building the bank or fitting retrieval

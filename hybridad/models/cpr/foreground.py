@@ -92,7 +92,9 @@ class Foreground(nn.Module):
 
     def decision(self, feat: Tensor) -> Tensor:
         """(B, D, H, W) -> (B, 1, H, W) raw affine decision value."""
-        return torch.einsum("bdhw,d->bhw", feat.float(), self.weight)[:, None] + self.bias
+        dtype = torch.promote_types(feat.dtype, torch.float32)  # float64 when the features are
+        decision = torch.einsum("bdhw,d->bhw", feat.to(dtype), self.weight.to(dtype))  # (B, H, W)
+        return decision[:, None] + self.bias.to(dtype)
 
     def set_range(self, decisions: Tensor) -> Tensor:
         """Fold the robust min-max of all training decision values into weight and bias.
@@ -109,7 +111,8 @@ class Foreground(nn.Module):
     def forward(self, feat: Tensor) -> Tensor:
         """(B, D, H, W) stride-4 features -> (B, 1, H, W) foreground probability."""
         if not self.enabled or not bool(self.fitted):
-            return feat.new_ones(feat.shape[0], 1, *feat.shape[2:]).float()
+            dtype = torch.promote_types(feat.dtype, torch.float32)
+            return feat.new_ones(feat.shape[0], 1, *feat.shape[2:], dtype=dtype)
         return self.decision(feat).clamp(0, 1)
 
 

@@ -18,6 +18,12 @@ from hybridad.postprocess import PostProcessConfig
 from hybridad.types import Batch
 
 
+def pair_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of a training step's generator (reference pick, noise, pair sampling), distinct per step and
+    rank so that DDP ranks draw different pairs (the DataModule's cut-paste generator uses this formula)."""
+    return ((seed * 1_000_003 + step) * 1009 + rank) % 2**62
+
+
 class Cpr(AnomalyModule):
     """CPR branch. Only the two LRB heads are trained; GRB/FEB are fitted in closed form before training.
 
@@ -129,7 +135,8 @@ class Cpr(AnomalyModule):
         x = batch.image.float()  # (N, 3, S, S) in [0, 1]
         n, s = x.shape[0], x.shape[-1]
         mask = batch.mask if batch.mask is not None else x.new_zeros(n, 1, s, s)
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.global_step)
+        seed = pair_seed(cfg.seed, self.global_step, self.global_rank)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         assert self._ref_images is not None and self.model.bank_fg is not None
         src, ref = self._reference_for(x, list(batch.sample_id), gen)
         bank_fg = self.model.bank_fg.to(self.device).float()  # (Ntrain, 1, h, w)

@@ -95,10 +95,28 @@ def sample_pairs(
 
 
 def sample_points(feat: Tensor, xy: Tensor, size: int) -> Tensor:
-    """Bilinear read of (B, C, h, w) maps at (B, n, 2) pixel xy of an S x S image -> (B, n, C)."""
-    grid = (xy / (size - 1) * 2 - 1)[:, None]  # (B, 1, n, 2) in [-1, 1]
-    out = F.grid_sample(feat, grid.to(feat.dtype), mode="bilinear", align_corners=False)  # (B, C, 1, n)
-    return out[:, :, 0].transpose(1, 2)  # (B, n, C)
+    """Bilinear read of (B, C, h, w) maps at (B, n, 2) pixel xy of an S x S image -> (B, n, C).
+
+    Equals `F.grid_sample(feat, xy / (S - 1) * 2 - 1, align_corners=False)` (zero padding), written as four
+    gathers so that its backward (a scatter-add) is deterministic on CUDA under deterministic algorithms,
+    where grid_sample's backward has no deterministic implementation.
+    """
+    b, c, h, w = feat.shape
+    g = xy.to(feat.dtype) / (size - 1) * 2 - 1  # (B, n, 2) in [-1, 1]
+    ix = ((g[..., 0] + 1) * w - 1) / 2  # (B, n) grid_sample's unnormalised x (align_corners=False)
+    iy = ((g[..., 1] + 1) * h - 1) / 2
+    x0, y0 = ix.floor(), iy.floor()
+    flat = feat.flatten(2)  # (B, C, h*w)
+    out = feat.new_zeros(b, c, xy.shape[1])
+    for dy in (0, 1):
+        for dx in (0, 1):
+            xx, yy = x0 + dx, y0 + dy
+            weight = (1 - (ix - xx).abs()) * (1 - (iy - yy).abs())  # (B, n)
+            inside = (xx >= 0) & (xx <= w - 1) & (yy >= 0) & (yy <= h - 1)
+            idx = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).long()  # (B, n)
+            corner = flat.gather(2, idx[:, None].expand(-1, c, -1))  # (B, C, n)
+            out = out + corner * (weight * inside)[:, None]
+    return out.transpose(1, 2)  # (B, n, C)
 
 
 def remote_negative_weights(dist: Tensor, valid: Tensor) -> Tensor:

@@ -118,18 +118,20 @@ def local_nn_distance(query: Tensor, refs: Tensor, window: int) -> Tensor:
 
     Args:
         query: (B, D, H, W) L2-normalised descriptors.
-        refs: (B, K, D, H, W) L2-normalised descriptors of each query's K references.
+        refs: (B, K, D, H, W) L2-normalised descriptors of each query's K references (any float dtype).
         window: odd window side; a reference cell outside the image counts as distance 1e8.
     Returns:
-        (B, 1, H, W) min over the K references and the window of (1 - cos).
+        (B, 1, H, W) min over the K references and the window of (1 - cos), in the query's dtype (at least
+        float32).
     """
     b, k, d, h, w = refs.shape
     r = window // 2
-    q = query.float()
-    padded = F.pad(refs.float().flatten(0, 1), (r, r, r, r))  # (B*K, D, H+2r, W+2r)
+    dtype = torch.promote_types(query.dtype, torch.float32)  # float16 stores are compared in float32
+    q = query.to(dtype)
+    padded = F.pad(refs.to(dtype).flatten(0, 1), (r, r, r, r))  # (B*K, D, H+2r, W+2r)
     padded = padded.view(b, k, d, h + 2 * r, w + 2 * r)
     valid = F.pad(torch.ones(h, w, device=query.device, dtype=torch.bool), (r, r, r, r))  # (H+2r, W+2r)
-    best = torch.full((b, 1, h, w), OUTSIDE, device=query.device)
+    best = torch.full((b, 1, h, w), OUTSIDE, device=query.device, dtype=dtype)
     for dy in range(window):  # loop over window offsets only (at most 9), each step vectorised over positions
         for dx in range(window):
             shifted = padded[..., dy : dy + h, dx : dx + w]  # (B, K, D, H, W)

@@ -23,6 +23,7 @@ from hybridad.models.cpr.weights import load_cpr_weights, load_trunk_weights, of
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCALES = (4, 8)
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class DenseNetTrunk(nn.Module):
@@ -127,7 +128,8 @@ class CprModel(nn.Module):
     """CPR: frozen DenseNet trunk, two trainable LRB heads, GRB + FEB fitted on the training images.
 
     Memory bank (plain attributes, not in the state_dict; rebuilt by `build_memory_bank`): per scale the
-    L2-normalised descriptors of every training image in fp16, their foreground maps and GRB histograms.
+    L2-normalised descriptors of every training image in `cfg.store_dtype` (float32 as the official code;
+    float16 halves the memory and moves the map by ~1e-4), their float32 foreground maps and GRB histograms.
     It lives on the model's device when it fits under `cfg.bank_budget_bytes`, otherwise on the CPU and only the
     K neighbours of each query are moved.
     """
@@ -139,6 +141,9 @@ class CprModel(nn.Module):
             raise UserError(f"cpr.preset: unknown value '{cfg.preset}'; use '', 'tiny' or 'random'")
         if cfg.synthesis not in ("cut_paste", "perlin"):
             raise UserError(f"cpr.synthesis: unknown value '{cfg.synthesis}'; use 'cut_paste' or 'perlin'")
+        if cfg.store_dtype not in STORE_DTYPES:
+            raise UserError(f"cpr.store_dtype: unknown value '{cfg.store_dtype}'; use 'float32' or 'float16'")
+        self.store_dtype = STORE_DTYPES[cfg.store_dtype]
         self.trunk = DenseNetTrunk(cfg.preset)
         if cfg.preset == "":
             load_trunk_weights(self.trunk, cfg.weights)
@@ -151,8 +156,8 @@ class CprModel(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if cfg.checkpoint:
             load_cpr_weights(self, cfg.checkpoint)
-        self.bank: list[Tensor] = []  # per scale (N, D, h_s, w_s) fp16, L2-normalised
-        self.bank_fg: Tensor | None = None  # (N, 1, h_1, w_1) foreground maps of the training images
+        self.bank: list[Tensor] = []  # per scale (N, D, h_s, w_s) in store_dtype, L2-normalised
+        self.bank_fg: Tensor | None = None  # (N, 1, h_1, w_1) float32 foreground maps of the training images
         self.train_neighbours: Tensor | None = None  # (N, K) GRB neighbours of each training image (self excluded)
 
     # ---------------------------------------------------------------- features
@@ -236,7 +241,7 @@ class CprModel(nn.Module):
             decisions.append(self.foreground.decision(f1) if cfg.foreground else f1.new_ones(f1.shape[0], 1, *f1.shape[2:]))
         self.grb.bank = torch.cat(hists)  # (N, G, C+1)
         dec = torch.cat(decisions)  # (N, 1, h, w)
-        self.bank_fg = (self.foreground.set_range(dec) if cfg.foreground else dec).half()
+        self.bank_fg = self.foreground.set_range(dec) if cfg.foreground else dec.float()
         n_train = self.grb.bank.shape[0]
         self.train_neighbours = self.grb.neighbours(
             self.grb.bank, cfg.k_nearest, exclude=torch.arange(n_train, device=self.device)
@@ -244,7 +249,7 @@ class CprModel(nn.Module):
 
     @torch.no_grad()
     def build_memory_bank(self, images: Tensor | Iterable[Tensor]) -> None:
-        """Cache the training images' descriptors (fp16), foreground maps and GRB histograms.
+        """Cache the training images' descriptors (`store_dtype`), foreground maps and GRB histograms.
 
         Fits GRB/FEB first when they are not fitted. `images`: (N, 3, S, S) uint8/float tensor or a re-iterable
         of such batches.
@@ -258,9 +263,9 @@ class CprModel(nn.Module):
         for chunk in self._chunks(images):
             feats = self.trunk(self.preprocess(chunk))
             for s, (head, f) in enumerate(zip(self.heads, feats)):
-                descs[s].append(l2_normalise(head(f)).half().cpu())  # (B, D, h_s, w_s)
+                descs[s].append(l2_normalise(head(f)).to(self.store_dtype).cpu())  # (B, D, h_s, w_s)
             hists.append(self.grb.histograms(feats[0]))
-            fgs.append(self.foreground(feats[0]).half())
+            fgs.append(self.foreground(feats[0]))  # (B, 1, h_1, w_1) float32
         self.train(was_training)
         self.bank = [torch.cat(d) for d in descs]
         nbytes = sum(t.numel() * t.element_size() for t in self.bank)
@@ -274,47 +279,77 @@ class CprModel(nn.Module):
     def bank_bytes_per_image(self) -> int:
         """Bytes the memory bank holds per training image (descriptors + foreground map + histogram)."""
         s, d = self.cfg.image_size, self.cfg.out_dim
-        desc = sum(d * math.ceil(s / k) ** 2 for k in SCALES) * 2  # fp16
-        fg = math.ceil(s / 4) ** 2 * 2
+        desc = sum(d * math.ceil(s / k) ** 2 for k in SCALES) * self.store_dtype.itemsize
+        fg = math.ceil(s / 4) ** 2 * 4  # float32
         hist = self.cfg.grb_grid**2 * (self.cfg.grb_clusters + 1) * 4
         return desc + fg + hist
 
     # ---------------------------------------------------------------- scoring
-    @torch.no_grad()
-    def tile_maps(self, x: Tensor, exclude: Tensor | None = None) -> Tensor:
-        """(B, 3, H, W) float tiles in [0, 1] -> (B, 1, H, W) anomaly maps.
-
-        Args:
-            exclude: (B,) long, index of the query in the training set (-1 = not a training image).
-        """
-        if not self.bank:
-            raise RuntimeError("CPR memory bank is empty: call build_memory_bank(training images) first")
-        cfg = self.cfg
-        out_size = x.shape[-2:]
+    def _describe(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """(B, 3, H, W) tiles -> (L2-normalised descriptors (B, D, h_s, w_s) per scale, stride-4 features)."""
         was_training = self.training
         self.eval()
         feats = self.trunk(self.preprocess(x))
         query = [l2_normalise(head(f)) for head, f in zip(self.heads, feats)]
         self.train(was_training)
-        nbrs = self.grb.neighbours(self.grb.histograms(feats[0]), cfg.k_nearest, exclude)  # (B, K)
+        return query, feats[0]
+
+    def _local_map(self, query: list[Tensor], references: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """Sum over scales of the windowed NN distance to stored references (B, K) -> (B, 1, *out_size)."""
+        if not self.bank:
+            raise RuntimeError("CPR memory bank is empty: call build_memory_bank(training images) first")
         fine = query[0].shape[-2:]
-        total = torch.zeros(x.shape[0], 1, *fine, device=self.device)
+        dtype = torch.promote_types(query[0].dtype, torch.float32)  # float32 under autocast, float64 if asked
+        total = query[0].new_zeros(query[0].shape[0], 1, *fine, dtype=dtype)  # (B, 1, h_1, w_1)
         for s, q in enumerate(query):
-            bank = self.bank[s]
-            per_query = nbrs.shape[1] * q[0].numel() * 4  # float32 bytes of one query's references
-            step = max(1, cfg.match_chunk_bytes // per_query)
+            bank, window = self.bank[s], self.cfg.region_sizes[s]
+            per_query = references.shape[1] * q[0].numel() * 4  # float32 bytes of one query's references
+            step = max(1, self.cfg.match_chunk_bytes // per_query)
             dist = torch.cat(
                 [
-                    local_nn_distance(q[i : i + step], bank[nb.to(bank.device)].to(self.device), cfg.region_sizes[s])
-                    for i, nb in zip(range(0, len(q), step), nbrs.split(step))
+                    local_nn_distance(q[i : i + step], bank[nb.to(bank.device)].to(self.device), window)
+                    for i, nb in zip(range(0, len(q), step), references.split(step))
                 ]
             )  # (B, 1, h_s, w_s); refs gathered per chunk of queries: (b, K, D, h_s, w_s)
             total += F.interpolate(dist, size=fine, mode="bilinear", align_corners=False)
-        maps = F.interpolate(total, size=out_size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
+        return F.interpolate(total, size=out_size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
+
+    @torch.no_grad()
+    def local_retrieval(self, x: Tensor, references: Tensor) -> Tensor:
+        """The local retrieval branch alone: tiles scored against given stored training images.
+
+        Args:
+            x: (B, 3, H, W) float tiles in [0, 1].
+            references: (B, K) long indices into the memory bank (the training images, in store order).
+        Returns:
+            (B, 1, H, W) sum over the two scales of the windowed nearest-neighbour cosine distance to the
+            references, upsampled to the input size; no foreground weighting, no blur.
+        """
+        query, _ = self._describe(x)
+        return self._local_map(query, references.to(self.device), tuple(x.shape[-2:]))
+
+    @torch.no_grad()
+    def tile_maps(self, x: Tensor, exclude: Tensor | None = None, references: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W) float tiles in [0, 1] -> (B, 1, H, W) anomaly maps.
+
+        Args:
+            exclude: (B,) long, index of the query in the training set (-1 = not a training image).
+            references: (B, K) long indices into the memory bank to use instead of the global retrieval.
+        """
+        if not self.bank:
+            raise RuntimeError("CPR memory bank is empty: call build_memory_bank(training images) first")
+        cfg = self.cfg
+        out_size = tuple(x.shape[-2:])
+        query, f1 = self._describe(x)
+        if references is None:
+            nbrs = self.grb.neighbours(self.grb.histograms(f1), cfg.k_nearest, exclude)  # (B, K)
+        else:
+            nbrs = references.to(self.device)
+        maps = self._local_map(query, nbrs, out_size)  # (B, 1, H, W)
         if cfg.foreground:
             assert self.bank_fg is not None
-            fg_q = self.foreground(feats[0])  # (B, 1, h, w)
-            fg_r = self.bank_fg.to(self.device)[nbrs.to(self.device)].squeeze(2).float()  # (B, K, h, w)
+            fg_q = self.foreground(f1)  # (B, 1, h, w)
+            fg_r = self.bank_fg.to(self.device)[nbrs].squeeze(2).to(fg_q.dtype)  # (B, K, h, w)
             fg = torch.cat([fg_q, fg_r], 1)  # (B, K+1, h, w)
             fg = F.interpolate(fg, size=out_size, mode="bilinear", align_corners=False).amax(1, keepdim=True)
             maps = maps * fg

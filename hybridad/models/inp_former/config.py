@@ -21,7 +21,8 @@ class InpFormerConfig:
     lr: float = 1e-3
     final_lr: float = 1e-4
     weight_decay: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # official: linear warm-up over 100 iterations, whatever the run length
+    warmup_max_fraction: float = 0.0  # > 0: cap the warm-up at this fraction of the run's steps; 0 = no cap
     coherence_weight: float = 0.2
     grad_clip: float = 0.1
     # added by the INP-Former branch

@@ -15,7 +15,7 @@ from hybridad.errors import UserError
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.models.inp_former.config import InpFormerConfig
 from hybridad.models.inp_former.loss import InpFormerLoss
-from hybridad.models.inp_former.optim import StableAdamW, warmup_cosine_scheduler
+from hybridad.models.inp_former.optim import StableAdamW, effective_warmup, warmup_cosine_scheduler
 from hybridad.models.inp_former.torch_model import InpFormerModel
 from hybridad.models.inp_former.weights import load_encoder_weights, read_state_dict
 from hybridad.postprocess import PostProcessConfig
@@ -123,7 +123,7 @@ class InpFormer(AnomalyModule):
         )
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) and total > 0 else 10**9
-        warmup = min(cfg.warmup_steps, total // 10)  # short runs: at most 10% warm-up
+        warmup = effective_warmup(cfg.warmup_steps, total, cfg.warmup_max_fraction)
         scheduler = warmup_cosine_scheduler(optimizer, total, warmup, cfg.lr, cfg.final_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

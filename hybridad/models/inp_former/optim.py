@@ -93,6 +93,16 @@ def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, final_lr: 
     return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * i / (total - warmup)))
 
 
+def effective_warmup(warmup_steps: int, total_steps: int, max_fraction: float = 0.0) -> int:
+    """Warm-up length: `warmup_steps`, capped at floor(max_fraction * total_steps) when `max_fraction` > 0.
+
+    The official schedule has no cap (100 iterations even when a run is as short as wallplugs' ~180).
+    """
+    if max_fraction > 0:
+        return min(warmup_steps, int(max_fraction * total_steps))
+    return warmup_steps
+
+
 def warmup_cosine_scheduler(
     optimizer: Optimizer, total: int, warmup: int, base_lr: float, final_lr: float
 ) -> LambdaLR:
