@@ -7,8 +7,16 @@ report table.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import lightning as L
+from tqdm import tqdm
 
 from hybridad.config import RunConfig, load_config
 from hybridad.errors import UserError
@@ -51,6 +59,61 @@ def demo_config(category: str, data_root: Path, runs: Path, overrides: list[str]
     return load_config(base + COMMON + BRANCH[routed.branch] + _scaled_kernels(routed) + overrides)
 
 
+class CategoryProgress(L.Callback):
+    """One progress bar per category: training steps, then the batches of validate, test and predict."""
+
+    def __init__(self, category: str, branch: str) -> None:
+        fmt = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}"
+        self.bar = tqdm(total=0, desc=f"{category:<12} {branch:<10}", unit="step", dynamic_ncols=True, bar_format=fmt)
+
+    def _grow(self, n: Any, phase: str) -> None:
+        self.bar.total += sum(n) if isinstance(n, list) else int(n) if n != float("inf") else 0
+        self.bar.set_postfix_str(phase)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._grow(max(trainer.max_steps, 0), "train")
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self.bar.update(1)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._grow(trainer.num_val_batches, "threshold (validation)")
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._grow(trainer.num_test_batches, "test_public")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._grow(trainer.num_predict_batches, "private splits")
+
+    def _step(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self.bar.update(1)
+
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _step
+
+    def close(self, seconds: float) -> None:
+        self.bar.set_postfix_str(f"done in {seconds:.0f} s")
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's info lines (devices, model summary, 'max_steps reached') and its advice warnings,
+    which are expected for the demo's tiny CPU runs (few workers, few batches, small logging interval)."""
+    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"lightning(\.|$)")
+            warnings.filterwarnings("ignore", module=r"torchmetrics(\.|$)")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def run_demo(out: Path, overrides: list[str] | None = None, categories: list[str] | None = None) -> None:
     """Run the demo into `out` (data/, runs/, submission/, submission.tar.gz, report/)."""
     from data_modules.synthetic import write_synthetic_dataset
@@ -74,9 +137,10 @@ def run_demo(out: Path, overrides: list[str] | None = None, categories: list[str
     for cat in cats:
         t = time.time()
         cfg = demo_config(cat, data_root, runs, overrides)
-        print(f"== {cat}: {cfg.branch} ==", flush=True)
-        run_dirs.append(train(cfg))
-        print(f"== {cat}: done in {time.time() - t:.0f} s ==", flush=True)
+        progress = CategoryProgress(cat, cfg.branch)
+        with quiet_lightning():
+            run_dirs.append(train(cfg, callbacks=[progress]))
+        progress.close(time.time() - t)
 
     sub = out / "submission"
     write_submission(run_dirs, sub, overwrite=True)
@@ -88,3 +152,4 @@ def run_demo(out: Path, overrides: list[str] | None = None, categories: list[str
     print(write_report(run_dirs, out / "report"))
     print(f"demo finished in {time.time() - t0:.0f} s: runs in {runs}, submission {archive}, "
           f"report {out / 'report' / 'report.md'}")
+

@@ -55,7 +55,8 @@ class AUPRO(Metric):
 
     def update(self, anomaly_maps: Tensor, masks: Tensor) -> None:
         """Add a batch: `anomaly_maps`, `masks` (B,1,H,W) or (B,H,W) tensors or numpy arrays; any nonzero mask
-        pixel is anomalous. CPU maps are counted with numpy (no torch thread pool), device maps on the device."""
+        pixel is anomalous. CPU maps are counted with numpy (no torch thread pool), device maps on their device.
+        """
         if self.quantize == "float16":
             hists = ProHistograms()
             for m, g in iter_pairs(anomaly_maps, masks):

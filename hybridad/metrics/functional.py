@@ -98,7 +98,7 @@ def key_histogram(keys: Tensor, weights: Tensor | None = None) -> Tensor:
     return hist
 
 
-# --------------------------------------------------------------------------------------- bit-pattern histograms
+# -------------------------------------------------------------------------------------- bit-pattern histograms
 
 
 def float16_bits(x: ArrayLike) -> Hist:
@@ -152,7 +152,8 @@ def keys_from_bits(hist_bits: Hist) -> Hist:
 def add_keys_into(state: Tensor, hist_keys: Hist) -> None:
     """`state += hist_keys` for a (65536,) float64 metric state, whatever device either lives on."""
     if state.device.type == "cpu" and isinstance(hist_keys, np.ndarray):
-        state.numpy().__iadd__(hist_keys)  # numpy add: no torch thread pool for a per-update vector op
+        view = state.numpy()  # shares memory: a numpy add, no torch thread pool for a per-update vector op
+        np.add(view, hist_keys, out=view)
     else:
         state += torch.as_tensor(hist_keys).to(state.device, state.dtype)
 
@@ -321,8 +322,8 @@ def _weights_like(bits: Hist, w: np.ndarray) -> Hist:
 class ProHistograms:
     """Running float16 AU-PRO statistics of a set of images, in bit order.
 
-    `normal` (65536,) int64 normal-pixel count per bit pattern, `region` (65536,) float64 sum over region pixels
-    of 1/|r|, `n_regions` the number of regions. numpy for CPU maps, tensors on the maps' device otherwise.
+    `normal` (65536,) int64 normal-pixel count per bit pattern, `region` (65536,) float64 sum over region
+    pixels of 1/|r|, `n_regions` the number of regions. numpy for CPU maps, tensors on the maps' device otherwise.
     """
 
     def __init__(self) -> None:
@@ -353,7 +354,7 @@ class ProHistograms:
 
 
 class PixelHistograms:
-    """Running float16 positive/negative pixel counts of a set of images, (65536,) int64 each, in bit order."""
+    """Running float16 positive / negative pixel counts of images, (65536,) int64 each, in bit order."""
 
     def __init__(self) -> None:
         self.pos: Hist | None = None
@@ -384,7 +385,9 @@ class PixelHistograms:
 
 
 def _np64(x: Hist) -> np.ndarray:
-    return x.detach().cpu().numpy().astype(np.float64, copy=False) if isinstance(x, Tensor) else np.asarray(x, np.float64)
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy().astype(np.float64, copy=False)
+    return np.asarray(x, np.float64)
 
 
 def area_to_limit(x: np.ndarray, y: np.ndarray, limit: float) -> float:
@@ -402,7 +405,9 @@ def area_to_limit(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     return area
 
 
-def _au_pro_from_curve(fp_cum: np.ndarray, pro_cum: np.ndarray, n_ok: float, n_regions: int, limit: float) -> Tensor:
+def _au_pro_from_curve(
+    fp_cum: np.ndarray, pro_cum: np.ndarray, n_ok: float, n_regions: int, limit: float
+) -> Tensor:
     """Cumulative (FP count, region-weight sum) at each distinct threshold, descending -> AU-PRO."""
     if n_regions == 0 or n_ok <= 0:
         return torch.tensor(float("nan"), dtype=torch.float64)
@@ -430,7 +435,8 @@ def au_pro_from_pixels(scores: Tensor, weights: Tensor, n_regions: int, fpr_limi
     last_of_tie = torch.ones_like(scores, dtype=torch.bool)
     last_of_tie[:-1] = scores[1:] != scores[:-1]
     n_ok = float(fp_cum[-1]) if fp_cum.numel() else 0.0
-    return _au_pro_from_curve(_np64(fp_cum[last_of_tie]), _np64(pro_cum[last_of_tie]), n_ok, n_regions, fpr_limit)
+    fp, pro = _np64(fp_cum[last_of_tie]), _np64(pro_cum[last_of_tie])
+    return _au_pro_from_curve(fp, pro, n_ok, n_regions, fpr_limit)
 
 
 def au_pro(
@@ -534,8 +540,8 @@ def class_f1(
 
 
 def pixel_histograms(anomaly_map: MapInput, mask: MapInput) -> tuple[Hist, Hist]:
-    """Maps and masks (any layout `as_map_list` accepts) -> (65536,) float64 counts of positive and of negative
-    pixels per float16 key (numpy for CPU maps, tensors on the maps' device otherwise)."""
+    """Maps and masks (any layout `as_map_list` accepts) -> (65536,) float64 counts of positive and of
+    negative pixels per float16 key (numpy for CPU maps, tensors on the maps' device otherwise)."""
     hists = PixelHistograms()
     for m, g in iter_pairs(anomaly_map, mask):
         hists.add(m, g)
