@@ -108,12 +108,13 @@ def _variant(name: str) -> dict:
     return row
 
 
-def _run_variants(load: str) -> list[dict]:
+def _run_variants(load: str, names: tuple[str, ...]) -> list[dict]:
     rows = []
-    for name in VARIANTS:
+    for name in names:
         cmd = [sys.executable, "-m", "bench.bench_aupro", "--variant", name]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append({"load": load, **json.loads(out.strip().splitlines()[-1])})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress: the busy run takes minutes
     by_name = {r["variant"]: r for r in rows}
     for ours, base in BASELINE.items():
         r, b = by_name[ours], by_name[base]
@@ -123,12 +124,13 @@ def _run_variants(load: str) -> list[dict]:
 
 
 def run(busy: int = 2) -> list[dict]:
-    """Every variant idle, then with `busy` spinning processes beside it; one row per variant and load."""
-    rows = _run_variants("idle")
+    """Every variant idle, then with `busy` spinning processes beside it (the native category only idle); one
+    row per variant and load."""
+    rows = _run_variants("idle", VARIANTS)
     if busy:
         spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
         try:
-            rows += _run_variants(f"{busy} busy procs")
+            rows += _run_variants(f"{busy} busy procs", VARIANTS[:-1])
         finally:
             for p in spinners:  # our own children, ended by handle
                 p.kill()

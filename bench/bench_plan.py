@@ -9,7 +9,8 @@ What is measured here and what is estimated (every estimate is labelled in the t
   (no compute): INP-Former ViT-L/14 reg4 at 448 (training step = forward + loss + backward; the frozen encoder
   runs forward only) and CPR DenseNet201 at 320.
 - GPU time per tile: ESTIMATED = FLOPs / (RTX 4090 dense bf16 tensor peak 165.2 TFLOP/s with fp32 accumulate
-  x an assumed efficiency of 0.45). `python -m bench --gpu` measures it on a CUDA machine instead.
+  x an assumed efficiency: 0.45 for the ViT, 0.10 for DenseNet201). CPR's evaluation counts trunk + heads only,
+  not the nearest-neighbour search over its bank. `python -m bench --gpu` measures the models on CUDA instead.
 - Peak memory of ViT-L/448 batch 16 bf16: ESTIMATED = fp32 weights + fp32 grads and 3 StableAdamW(amsgrad)
   states of the trainable part + the tensors autograd saves for backward (counted on the meta device, in bf16:
   the lower bound; fp32 copies of norm/softmax inputs under autocast push it towards the fp32 count, also
@@ -39,6 +40,7 @@ TRAIN_IMAGES = {"can": 412, "fabric": 387, "fruit_jelly": 263, "rice": 313, "she
                 "wallplugs": 293, "walnuts": 432}  # fmt: skip
 PEAK_BF16_TFLOPS = 165.2  # RTX 4090, dense bf16 tensor cores, fp32 accumulate (NVIDIA Ada whitepaper)
 EFFICIENCY = 0.45  # assumed fraction of peak reached by a ViT-L training step (model FLOP utilisation)
+EFFICIENCY_CNN = 0.10  # assumed for CPR's DenseNet201 (concatenation-heavy, memory-bound at batch 8)
 GPU_MEMORY_GB = 24.0
 WINNERS_HOURS = 6.0
 WORKERS = 2
@@ -138,7 +140,7 @@ def plan_rows() -> list[dict]:
     from hybridad.config import load_config
 
     inp, cpr = inp_former_costs(), cpr_costs()
-    rate = PEAK_BF16_TFLOPS * 1e12 * EFFICIENCY
+    rate, rate_cnn = (PEAK_BF16_TFLOPS * 1e12 * e for e in (EFFICIENCY, EFFICIENCY_CNN))
     feed = feed_tiles_per_s()
     rows, total_h, total_disk = [], 0.0, 0.0
     for cat, (w, h) in NATIVE_WH.items():
@@ -154,31 +156,26 @@ def plan_rows() -> list[dict]:
         else:
             per_epoch = TRAIN_IMAGES[cat]
             train_tiles = cfg.trainer.max_steps * cfg.data.batch_size
-            ms_tile = 1e3 * cpr["train_flops_per_image"] / rate
-            seconds = train_tiles * ms_tile / 1e3 + eval_tiles * cpr["infer_flops_per_image"] / rate
-        disk_gb = MAPS_PER_RUN[cat] * len(encode_tiff(realistic_map(w, h, seed=len(cat)))) / 1e9
+            ms_tile = 1e3 * cpr["train_flops_per_image"] / rate_cnn
+            seconds = train_tiles * ms_tile / 1e3 + eval_tiles * cpr["infer_flops_per_image"] / rate_cnn
+        pitch = max(w // (tiling.test_level.cols * 32), 8)
+        disk_gb = MAPS_PER_RUN[cat] * len(encode_tiff(realistic_map(w, h, pitch, seed=len(cat)))) / 1e9
         total_h, total_disk = total_h + seconds / 3600, total_disk + disk_gb
         rows.append({
             "category": cat, "branch": cfg.branch, "input": tiling.input_size, "tiles/image": per_image,
             "tiles/epoch": per_epoch, "train tiles": train_tiles, "eval tiles": eval_tiles,
-            "feed tiles/s (est., 2 workers)": round(feed), "GPU tiles/s (est.)": round(1e3 / ms_tile),
-            "GPU ms/train tile (est.)": round(ms_tile, 1), "GPU min (est.)": round(seconds / 60, 1),
-            "maps disk GB": round(disk_gb, 2),
+            "feed tiles/s (est.)": round(feed), "GPU tiles/s (est.)": round(1e3 / ms_tile),
+            "GPU min (est.)": round(seconds / 60, 1), "maps GB": round(disk_gb, 2),
         })  # fmt: skip
-    mem_lo = inp["weights_gb"] + inp["grads_and_optimizer_gb"] + inp["saved_gb_bfloat16"]
-    mem_hi = inp["weights_gb"] + inp["grads_and_optimizer_gb"] + inp["saved_gb_float32"]
+    mem = inp["weights_gb"] + inp["grads_and_optimizer_gb"]
+    mem_lo, mem_hi = mem + inp["saved_gb_bfloat16"], mem + inp["saved_gb_float32"]
     rows.append({
-        "category": "all 8 (one 24 GB GPU)", "branch": "", "GPU min (est.)": round(total_h * 60),
-        "GPU ms/train tile (est.)": f"{total_h:.1f} h total (winners: {WINNERS_HOURS:g} h)",
-        "maps disk GB": f"{total_disk:.1f} (winners: {WINNERS_DISK_GB:g})",
-        "eval tiles": f"ViT-L/448 b16 bf16 peak (est.): {mem_lo:.1f}-{mem_hi:.1f} GB of {GPU_MEMORY_GB:g}",
-    })  # fmt: skip
-    rows.append({
-        "category": "assumptions", "branch": f"{PEAK_BF16_TFLOPS} TFLOP/s x {EFFICIENCY}",
-        "tiles/image": f"INP train {inp['train_flops_per_tile'] / 1e12:.3f} TFLOP/tile",
-        "tiles/epoch": f"INP infer {inp['infer_flops_per_tile'] / 1e12:.3f} TFLOP/tile",
-        "train tiles": f"CPR train {cpr['train_flops_per_image'] / 1e9:.0f} GFLOP/img",
-        "eval tiles": f"params {inp['params_m']:.0f} M ({inp['trainable_m']:.0f} M trained)",
+        "category": "all 8, one 24 GB GPU", "GPU min (est.)": f"{total_h:.1f} h (winners {WINNERS_HOURS:g} h)",
+        "maps GB": f"{total_disk:.0f} (winners {WINNERS_DISK_GB:g} in all)",
+        "eval tiles": f"ViT-L/448 b16 bf16 peak (est.) {mem_lo:.0f}-{mem_hi:.0f} of {GPU_MEMORY_GB:g} GB",
+        "train tiles": f"INP {inp['train_flops_per_tile'] / 1e12:.2f} TFLOP/train tile",
+        "tiles/epoch": f"INP {inp['infer_flops_per_tile'] / 1e12:.2f} TFLOP/eval tile",
+        "tiles/image": f"CPR {cpr['train_flops_per_image'] / 1e9:.0f} GFLOP/train image",
     })  # fmt: skip
     return rows
 

@@ -2,13 +2,15 @@
 
 Synthetic MVTec AD 2 tree -> tiny INP-Former / CPR per category (routed as for the real data) -> threshold on
 validation -> test_public metrics -> private-split predictions -> submission tree (written, checked, packed) ->
-report table.
+report table. One progress bar per category; torch and OpenCV run on one thread (`demo_threads`; set
+HYBRIDAD_DEMO_THREADS to change it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -63,12 +65,13 @@ class CategoryProgress(L.Callback):
     """One progress bar per category: training steps, then the batches of validate, test and predict."""
 
     def __init__(self, category: str, branch: str) -> None:
-        fmt = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}"
-        self.bar = tqdm(total=0, desc=f"{category:<12} {branch:<10}", unit="step", dynamic_ncols=True, bar_format=fmt)
+        self.name = f"{category:<12} {branch:<10}"
+        fmt = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
+        self.bar = tqdm(total=0, desc=self.name, dynamic_ncols=True, bar_format=fmt, delay=0.5)
 
     def _grow(self, n: Any, phase: str) -> None:
         self.bar.total += sum(n) if isinstance(n, list) else int(n) if n != float("inf") else 0
-        self.bar.set_postfix_str(phase)
+        self.bar.set_description_str(f"{self.name} {phase:<14}")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._grow(max(trainer.max_steps, 0), "train")
@@ -78,13 +81,13 @@ class CategoryProgress(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._grow(trainer.num_val_batches, "threshold (validation)")
+            self._grow(trainer.num_val_batches, "validation")
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._grow(trainer.num_test_batches, "test_public")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._grow(trainer.num_predict_batches, "private splits")
+        self._grow(trainer.num_predict_batches, "private")
 
     def _step(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         self.bar.update(1)
@@ -92,8 +95,31 @@ class CategoryProgress(L.Callback):
     on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _step
 
     def close(self, seconds: float) -> None:
-        self.bar.set_postfix_str(f"done in {seconds:.0f} s")
+        self.bar.set_description_str(f"{self.name} {f'done {seconds:.0f} s':<14}")
         self.bar.close()
+
+
+@contextlib.contextmanager
+def demo_threads(n: int) -> Iterator[None]:
+    """Run torch's and OpenCV's CPU kernels on `n` threads (restored afterwards).
+
+    The demo's tiny models run thousands of small ops per step, each a parallel region of the OpenMP pool. On a
+    machine busy with other jobs the pool's threads wait on each other at every region (a spinning thread
+    burns the time slice its partner needs; a sleeping one waits to be scheduled again): measured on this
+    2-core box with other jobs running, an INP-Former step took 18.2 s on 2 threads and 2.4 s on 1. One thread
+    loses little when the machine is idle, since these tensors are too small to split well.
+    """
+    import cv2
+    import torch
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(n)
+    cv2.setNumThreads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
 
 
 @contextlib.contextmanager
@@ -134,11 +160,12 @@ def run_demo(out: Path, overrides: list[str] | None = None, categories: list[str
 
     t0 = time.time()
     run_dirs = []
+    threads = int(os.environ.get("HYBRIDAD_DEMO_THREADS", "1"))
     for cat in cats:
         t = time.time()
         cfg = demo_config(cat, data_root, runs, overrides)
         progress = CategoryProgress(cat, cfg.branch)
-        with quiet_lightning():
+        with demo_threads(threads), quiet_lightning():
             run_dirs.append(train(cfg, callbacks=[progress]))
         progress.close(time.time() - t)
 

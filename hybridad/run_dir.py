@@ -103,8 +103,8 @@ def encode_tiff(map16: np.ndarray, zlib_level: int = 1) -> bytes:
     """An (H,W) float16 array as single-page TIFF bytes, deflate (zlib) compressed; level 0: uncompressed.
 
     Lossless, and read back exactly by `tifffile.imread` (what MVTec's checker and AU-PRO code use) through
-    Python's own zlib, no imagecodecs needed. A smooth 2448x2048 map shrinks from 9.6 MB to ~3.6 MB at
-    level 1; higher levels gain little and cost several times the write time (bench/bench_disk.py).
+    Python's own zlib, no imagecodecs needed. A 2448x2048 map (10 MB raw) shrinks 1.3-3x depending on its
+    smoothness; higher levels gain almost nothing for 2x the write time (`python -m bench.bench_disk`).
     """
     buf = io.BytesIO()
     if zlib_level > 0:
