@@ -2,13 +2,14 @@
 
 Synthetic MVTec AD 2 tree -> tiny INP-Former / CPR per category (routed as for the real data) -> threshold on
 validation -> test_public metrics -> private-split predictions -> submission tree (written, checked, packed) ->
-report table. One progress bar per category; torch and OpenCV run on one thread (`demo_threads`; set
-HYBRIDAD_DEMO_THREADS to change it).
+report table. One progress bar per category; torch and OpenCV use every core on an idle machine and one thread
+on a busy one (`pick_threads`; HYBRIDAD_DEMO_THREADS=<n> forces n).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import time
@@ -64,8 +65,8 @@ def demo_config(category: str, data_root: Path, runs: Path, overrides: list[str]
 class CategoryProgress(L.Callback):
     """One progress bar per category: training steps, then the batches of validate, test and predict."""
 
-    def __init__(self, category: str, branch: str) -> None:
-        self.name = f"{category:<12} {branch:<10}"
+    def __init__(self, category: str, branch: str, threads: int) -> None:
+        self.name = f"{category:<12} {branch:<10} {threads} thr"
         fmt = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
         self.bar = tqdm(total=0, desc=self.name, dynamic_ncols=True, bar_format=fmt, delay=0.5)
 
@@ -99,16 +100,25 @@ class CategoryProgress(L.Callback):
         self.bar.close()
 
 
+def pick_threads(own_threads: float = 0.0) -> int:
+    """Threads for the next category: every core on an idle machine, one when other jobs keep it busy.
+
+    The demo's tiny models run thousands of small ops per step, each a parallel region of the OpenMP pool. When
+    other processes compete for the cores, the pool's threads wait on each other at every region (a spinning
+    thread burns the time slice its partner needs): on this 2-core box with other jobs running, an INP-Former
+    demo step took 18.2 s on 2 threads and 2.4 s on 1 (OMP_WAIT_POLICY=PASSIVE: 2.2 s). Busy = the 1-minute
+    load average, less the `own_threads` the previous category ran, is at least 1.
+    """
+    forced = os.environ.get("HYBRIDAD_DEMO_THREADS")
+    if forced:
+        return max(1, int(forced))
+    others = os.getloadavg()[0] - own_threads
+    return 1 if others >= 1.0 else max(1, os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
 def demo_threads(n: int) -> Iterator[None]:
-    """Run torch's and OpenCV's CPU kernels on `n` threads (restored afterwards).
-
-    The demo's tiny models run thousands of small ops per step, each a parallel region of the OpenMP pool. On a
-    machine busy with other jobs the pool's threads wait on each other at every region (a spinning thread
-    burns the time slice its partner needs; a sleeping one waits to be scheduled again): measured on this
-    2-core box with other jobs running, an INP-Former step took 18.2 s on 2 threads and 2.4 s on 1. One thread
-    loses little when the machine is idle, since these tensors are too small to split well.
-    """
+    """Run torch's and OpenCV's CPU kernels on `n` threads (restored afterwards)."""
     import cv2
     import torch
 
@@ -160,13 +170,20 @@ def run_demo(out: Path, overrides: list[str] | None = None, categories: list[str
 
     t0 = time.time()
     run_dirs = []
-    threads = int(os.environ.get("HYBRIDAD_DEMO_THREADS", "1"))
+    threads = 0
     for cat in cats:
         t = time.time()
         cfg = demo_config(cat, data_root, runs, overrides)
-        progress = CategoryProgress(cat, cfg.branch)
-        with demo_threads(threads), quiet_lightning():
-            run_dirs.append(train(cfg, callbacks=[progress]))
+        threads = pick_threads(threads)
+        progress = CategoryProgress(cat, cfg.branch, threads)
+        captured = io.StringIO()  # Lightning's per-run metric tables: the demo's report sums them up at the end
+        try:
+            with demo_threads(threads), quiet_lightning(), contextlib.redirect_stdout(captured):
+                run_dirs.append(train(cfg, callbacks=[progress]))
+        except BaseException:
+            progress.bar.close()
+            print(captured.getvalue())
+            raise
         progress.close(time.time() - t)
 
     sub = out / "submission"
