@@ -111,9 +111,15 @@ def pick_threads(own_threads: float = 0.0) -> int:
     """
     forced = os.environ.get("HYBRIDAD_DEMO_THREADS")
     if forced:
-        return max(1, int(forced))
-    others = os.getloadavg()[0] - own_threads
-    return 1 if others >= 1.0 else max(1, os.cpu_count() or 1)
+        if not forced.isdigit() or int(forced) < 1:
+            raise UserError(f"HYBRIDAD_DEMO_THREADS={forced!r}: use a positive integer (threads per category)")
+        return int(forced)
+    cores = max(1, os.cpu_count() or 1)
+    try:
+        others = os.getloadavg()[0] - own_threads
+    except (AttributeError, OSError):  # no load average on this platform
+        return cores
+    return 1 if others >= 1.0 else cores
 
 
 @contextlib.contextmanager

@@ -29,3 +29,11 @@ def test_demo_threads_restores() -> None:
     with demo_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_bad_thread_override_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridad.errors import UserError
+
+    monkeypatch.setenv("HYBRIDAD_DEMO_THREADS", "two")
+    with pytest.raises(UserError, match="HYBRIDAD_DEMO_THREADS"):
+        pick_threads()
