@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench [--only data aupro inp_former cpr] [--gpu]`: every benchmark, as tables.
+"""`make bench` / `python -m bench [--only SUITE ...] [--gpu]`: every benchmark, as tables.
 
 Numbers are measured, never asserted: run on an idle machine and quote them with the machine they came from.
 """
@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-SUITES = ("data", "aupro", "inp_former", "cpr")
+SUITES = ("data", "aupro", "inp_former", "cpr", "disk", "plan")
 
 
 def _runner(name: str, gpu: bool) -> Callable[[], list[dict]]:
@@ -23,6 +23,14 @@ def _runner(name: str, gpu: bool) -> Callable[[], list[dict]]:
         from bench.bench_aupro import run as run_aupro
 
         return run_aupro
+    if name == "disk":
+        from bench.bench_disk import run as run_disk
+
+        return run_disk
+    if name == "plan":
+        from bench.bench_plan import run as run_plan
+
+        return run_plan
     if name == "inp_former":
         from bench.bench_inp_former import run as run_inp
 

@@ -1,5 +1,8 @@
-"""CPR inference throughput at 320 x 320 and memory-bank bytes per training image (random-init DenseNet201).
+"""CPR training step time, inference throughput at 320 x 320 and memory-bank bytes per training image
+(random-init DenseNet201).
 
+Training step = `Cpr.training_step` (reference lookup, salt-and-pepper noise, trunk + LRB heads on query and
+reference, pair sampling, contrastive loss) + backward + AdamW step, batch 8 at 320, as the winners trained.
 Throughput = `CprModel.tile_maps` + `image_scores` per image (trunk, LRB, GRB over the bank, windowed NN over K=10
 references, foreground weighting), bank already built. Random weights change nothing in the cost.
 
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+import warnings
 
 import torch
 
@@ -22,6 +27,45 @@ from hybridad.models.cpr.torch_model import CprModel
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def train_step_row(device: torch.device, size: int = 320, batch: int = 8, steps: int = 2, refs: int = 12) -> dict:
+    """Median seconds of one CPR training step (forward, loss, backward, AdamW) on `device`."""
+    from hybridad.models.cpr.lightning_model import Cpr
+    from hybridad.types import Batch
+
+    torch.manual_seed(0)
+    cfg = CprConfig(preset="random", image_size=size, k_nearest=min(10, refs - 1), grb_samples=20_000,
+                    feb_samples=20_000, samples_per_image=1024, kmeans_iters=20, kmeans_inits=1)  # fmt: skip
+    module = Cpr(cfg).to(device)
+    ids = [f"train/good/{i:03d}_regular" for i in range(refs)]
+    module.fit_references(torch.randint(0, 256, (refs, 3, size, size), dtype=torch.uint8), ids)
+    module.train()
+    opt = module.configure_optimizers()
+    mask = torch.zeros(batch, 1, size, size, device=device)
+    mask[::2, :, size // 4 : size // 3, size // 4 : size // 2] = 1  # cut-paste squares on half the tiles
+    data = Batch(image=torch.rand(batch, 3, size, size, device=device), label=(mask.flatten(1).amax(1) > 0).long(),
+                 sample_id=ids[:batch], lighting=["regular"] * batch, mask=mask)  # fmt: skip
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log without a Trainer
+            loss = module.training_step(data, 0)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    return {"name": "cpr_train_step", "device": where, "batch": batch, "size": size,
+            "seconds": round(statistics.median(times), 3), "images_per_s": round(batch / statistics.median(times), 2)}
 
 
 def run(gpu: bool = False, train_images: int = 16, batches: tuple[int, ...] = (1, 16), size: int = 320) -> list[dict]:
@@ -72,6 +116,7 @@ def run(gpu: bool = False, train_images: int = 16, batches: tuple[int, ...] = (1
                 "ms_per_image": round(1000 * dt / (batch * iters), 1),
             }
         )
+    rows.append(train_step_row(device, size=size))
     if gpu:
         rows.append({"name": "cuda_peak_mib", "value": round(torch.cuda.max_memory_allocated(device) / 2**20)})
     return rows

@@ -63,7 +63,7 @@ def build_loggers(cfg: RunConfig, run: Path) -> list[Logger]:
     return loggers
 
 
-def build_trainer(cfg: RunConfig, run: Path) -> L.Trainer:
+def build_trainer(cfg: RunConfig, run: Path, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
     kwargs = {k: v for k, v in dataclasses.asdict(cfg.trainer).items() if v is not None}
     callbacks: list[L.Callback] = [
         ThresholdCallback(cfg.threshold, run),
@@ -73,11 +73,12 @@ def build_trainer(cfg: RunConfig, run: Path) -> L.Trainer:
         OverlayLoggerCallback(run, cfg.logging.num_overlays),
         ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0),
     ]
+    callbacks += list(extra_callbacks or [])  # e.g. the demo's one-line progress bar
     return L.Trainer(default_root_dir=run, logger=build_loggers(cfg, run), callbacks=callbacks, **kwargs)
 
 
-def train(cfg: RunConfig) -> Path:
-    """Run the whole job for one category and return its run directory."""
+def train(cfg: RunConfig, callbacks: list[L.Callback] | None = None) -> Path:
+    """Run the whole job for one category and return its run directory (`callbacks` are added to the Trainer's)."""
     L.seed_everything(cfg.seed, workers=True)
     list_samples(cfg.data.root, cfg.data.category, Split.TRAIN)  # data and weights errors stop before any
     model = build_model(cfg)  # file is written
@@ -85,7 +86,7 @@ def train(cfg: RunConfig) -> Path:
     run_dir = RunDir(run)
     run_dir.write_text("config.yaml", to_yaml(cfg))
     datamodule = MVTecAD2DataModule(cfg.data, seed=cfg.seed)
-    trainer = build_trainer(cfg, run)
+    trainer = build_trainer(cfg, run, callbacks)
     for logger in trainer.loggers:
         logger.log_hyperparams(to_dict(cfg))
 

@@ -8,11 +8,12 @@ from torchmetrics import Metric
 
 from hybridad.metrics.functional import (
     NUM_KEYS,
+    ProHistograms,
+    add_keys_into,
     au_pro_from_histograms,
     au_pro_from_pixels,
     check_aupro_args,
     iter_pairs,
-    pro_histograms,
     region_pixel_weights,
 )
 
@@ -53,16 +54,25 @@ class AUPRO(Metric):
             self.add_state("weights", [], dist_reduce_fx="cat")
 
     def update(self, anomaly_maps: Tensor, masks: Tensor) -> None:
-        """Add a batch: `anomaly_maps`, `masks` (B,1,H,W) or (B,H,W); any nonzero mask pixel is anomalous."""
+        """Add a batch: `anomaly_maps`, `masks` (B,1,H,W) or (B,H,W) tensors or numpy arrays; any nonzero mask
+        pixel is anomalous. CPU maps are counted with numpy (no torch thread pool), device maps on their device.
+        """
+        if self.quantize == "float16":
+            hists = ProHistograms()
+            for m, g in iter_pairs(anomaly_maps, masks):
+                hists.add(m, g)
+            if hists.normal is None:
+                return
+            normal, region = hists.key_order()  # one permutation per batch
+            add_keys_into(self.normal_hist, normal)
+            add_keys_into(self.region_hist, region)
+            self.num_regions += hists.n_regions
+            return
         for m, g in iter_pairs(anomaly_maps, masks):
-            if self.quantize == "float16":
-                normal, region, k = pro_histograms(m, g)
-                self.normal_hist += normal.to(self.normal_hist.device)
-                self.region_hist += region.to(self.region_hist.device)
-            else:
-                w, k = region_pixel_weights(g.to(m.device))
-                self.scores.append(m.detach().reshape(-1).float())  # (H*W,)
-                self.weights.append(w.reshape(-1))  # (H*W,)
+            m = torch.as_tensor(m)
+            w, k = region_pixel_weights(torch.as_tensor(g).to(m.device))
+            self.scores.append(m.detach().reshape(-1).float())  # (H*W,)
+            self.weights.append(w.reshape(-1))  # (H*W,)
             self.num_regions += k
 
     def compute(self) -> Tensor:

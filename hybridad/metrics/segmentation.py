@@ -17,18 +17,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from hybridad.metrics.functional import (
     NUM_KEYS,
-    as_map_list,
+    PixelHistograms,
+    binary_counts,
+    add_keys_into,
+    any_positive,
     auroc_from_histograms,
     f1_from_counts,
     f1_max_from_histograms,
     image_auroc,
-    pixel_histograms,
+    iter_pairs,
 )
 
 
@@ -59,12 +63,10 @@ class _CountF1(Metric):
         for name in ("tp", "fp", "fn"):
             self.add_state(name, torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum", persistent=True)
 
-    def _add(self, pred: Tensor, target: Tensor) -> None:
-        pred, target = pred.bool(), target.bool()
-        tp = (pred & target).sum()
-        self.tp += tp
-        self.fp += pred.sum() - tp
-        self.fn += target.sum() - tp
+    def _add(self, counts: tuple[int, int, int]) -> None:
+        self.tp += counts[0]
+        self.fp += counts[1]
+        self.fn += counts[2]
 
     def compute(self) -> Tensor:
         return torch.tensor(f1_from_counts(int(self.tp), int(self.fp), int(self.fn)), dtype=torch.float64)
@@ -75,9 +77,9 @@ class SegF1(_CountF1):
 
     def update(self, pred_masks: Tensor, gt_masks: Tensor) -> None:
         """`pred_masks`, `gt_masks`: (B,1,H,W) or (B,H,W); nonzero = anomalous."""
-        if pred_masks.shape != gt_masks.shape:
+        if tuple(pred_masks.shape) != tuple(gt_masks.shape):
             raise ValueError(f"pred {tuple(pred_masks.shape)} and GT {tuple(gt_masks.shape)} differ in shape")
-        self._add(pred_masks != 0, gt_masks.to(pred_masks.device) != 0)
+        self._add(binary_counts(pred_masks, gt_masks))  # numpy counting for CPU input
 
 
 class ClassF1(_CountF1):
@@ -88,16 +90,17 @@ class ClassF1(_CountF1):
     ) -> None:
         """`pred_masks` (B,1,H,W)/(B,H,W); label from `labels` (B,) if given, else from `gt_masks` having a
         positive pixel."""
-        pred = torch.stack([(p != 0).any() for p in as_map_list(pred_masks, "pred_masks")])  # (B,)
+        pred = any_positive(pred_masks, "pred_masks")  # (B,)
         if labels is not None:
-            target = torch.as_tensor(labels, device=pred.device).reshape(-1).bool()
+            lab = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+            target = lab.reshape(-1) != 0
         elif gt_masks is not None:
-            target = torch.stack([(g != 0).any() for g in as_map_list(gt_masks, "gt_masks")]).to(pred.device)
+            target = any_positive(gt_masks, "gt_masks")
         else:
             raise ValueError("ClassF1.update needs gt_masks or labels")
-        if target.numel() != pred.numel():
-            raise ValueError(f"{pred.numel()} predictions but {target.numel()} labels")
-        self._add(pred, target)
+        if target.size != pred.size:
+            raise ValueError(f"{pred.size} predictions but {target.size} labels")
+        self._add(binary_counts(pred, target))
 
 
 class _PixelHistogram(Metric):
@@ -115,11 +118,14 @@ class _PixelHistogram(Metric):
 
     def update(self, anomaly_maps: Tensor, gt_masks: Tensor) -> None:
         """`anomaly_maps` (B,1,H,W)/(B,H,W) continuous scores, `gt_masks` same shape (nonzero = anomalous)."""
-        if anomaly_maps.shape != gt_masks.shape:
+        if tuple(anomaly_maps.shape) != tuple(gt_masks.shape):
             raise ValueError(f"maps {tuple(anomaly_maps.shape)} and GT {tuple(gt_masks.shape)} differ")
-        pos, neg = pixel_histograms(anomaly_maps, gt_masks)
-        self.pos_hist += pos.to(self.pos_hist.device)
-        self.neg_hist += neg.to(self.neg_hist.device)
+        hists = PixelHistograms()
+        for m, g in iter_pairs(anomaly_maps, gt_masks):
+            hists.add(m, g)
+        pos, neg = hists.key_order()  # one permutation per batch
+        add_keys_into(self.pos_hist, pos)
+        add_keys_into(self.neg_hist, neg)
 
 
 class PixelF1Max(_PixelHistogram):

@@ -9,7 +9,16 @@ import torch
 
 from hybridad.errors import UserError
 from hybridad.metrics import AUPRO
-from hybridad.metrics.functional import au_pro, float16_key_values, float16_keys, key_histogram
+from bench.mvtec_reference import au_pro_reference, toy_dataset
+from hybridad.metrics.functional import (
+    au_pro,
+    bit_histogram,
+    float16_bits,
+    float16_key_values,
+    float16_keys,
+    key_histogram,
+    keys_from_bits,
+)
 
 
 def reference_curve(maps: list[np.ndarray], masks: list[np.ndarray]) -> tuple[list, list] | None:
@@ -258,3 +267,90 @@ def test_ddp_sync_two_ranks(tmp_path) -> None:
     expected = au_pro(maps, masks)
     for rank in range(2):
         assert torch.load(f"{out}.{rank}") == pytest.approx(expected, abs=1e-12)
+
+
+def _toy16(num_images: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    maps, masks = toy_dataset(num_images=num_images)
+    return [m.astype(np.float16) for m in maps], masks  # as the server reads float16 TIFFs
+
+
+@pytest.mark.parametrize("limit", [0.05, 0.3])
+def test_toy_set_matches_mvtec_formula(limit: float) -> None:
+    # MVTec's toy set (300x500 uniform maps, one 10x10 square each; 20 of their 200 maps to stay fast) against
+    # our rendering of their global-sort code (bench/mvtec_reference.py)
+    maps, masks = _toy16(20)
+    expected = au_pro_reference(maps, masks, limit)
+    assert au_pro(maps, masks, fpr_limit=limit) == pytest.approx(expected, abs=1e-9)
+    metric = AUPRO(fpr_limit=limit)  # the streaming metric, tensors in batches of 7
+    for i in range(0, 20, 7):
+        batch = slice(i, i + 7)
+        metric.update(torch.from_numpy(np.stack(maps[batch])), torch.from_numpy(np.stack(masks[batch])))
+    assert metric.compute().item() == pytest.approx(expected, abs=1e-9)
+    assert expected == pytest.approx(limit / 2, abs=0.3 * limit)  # random scores: about half the limit
+
+
+@pytest.mark.slow
+def test_full_toy_set_matches_mvtec_formula() -> None:
+    maps, masks = _toy16(200)  # their 30 M pixel set
+    assert au_pro(maps, masks) == pytest.approx(au_pro_reference(maps, masks, 0.05), abs=1e-9)
+
+
+def test_bit_histograms_permute_into_key_order() -> None:
+    # every non-NaN float16 bit pattern once, with a distinct weight: the permuted bit histogram must equal
+    # the key histogram built from per-pixel ordering keys
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.float16)
+    values = values[~torch.isnan(values)]
+    w = torch.rand(values.numel(), dtype=torch.float64)
+    expected = key_histogram(float16_keys(values), w)
+    b_np = float16_bits(values.numpy())
+    assert b_np.dtype == np.uint16
+    assert np.array_equal(keys_from_bits(bit_histogram(b_np, w.numpy())), expected.numpy())
+    b_t = (values.view(torch.int16).to(torch.int32) & 0xFFFF).reshape(-1)  # the device path's bit patterns
+    assert torch.equal(keys_from_bits(bit_histogram(b_t, w)), expected)
+    with pytest.raises(ValueError, match="NaN"):
+        keys_from_bits(bit_histogram(float16_bits(np.array([np.nan], np.float32))))
+
+
+def test_negative_zero_ties_with_positive_zero() -> None:
+    # -0 and +0 are one score: one curve point, as for a global sort of the values
+    g = np.zeros((4, 6), np.uint8)
+    g[0, :3] = 1
+    m = np.zeros((4, 6), np.float32)
+    m[0, 0] = 1.0
+    m_neg = m.copy()
+    m_neg[2:, :] = -0.0
+    m_neg[0, 1] = -0.0
+    for limit in (0.3, 1.0):
+        assert au_pro([m_neg], [g], fpr_limit=limit) == pytest.approx(reference_au_pro([m], [g], limit))
+        assert au_pro([m_neg], [g], fpr_limit=limit) == pytest.approx(au_pro([m], [g], fpr_limit=limit))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, bool, np.uint8])
+def test_mask_dtypes_and_regions_far_apart(dtype: type) -> None:
+    # regions in opposite corners (their bounding box spans the image), touching the border; mask dtypes vary
+    rng = np.random.default_rng(3)
+    masks = [np.zeros((40, 50), np.uint8) for _ in range(3)]
+    masks[0][0:3, 0:2] = 255
+    masks[0][37:, 45:] = 255
+    masks[0][20, 25] = 255
+    masks[2][10:12, 30:40] = 1
+    maps = [(rng.random((40, 50)) + 0.4 * (g > 0)).astype(np.float16).astype(np.float32) for g in masks]
+    expected = reference_au_pro(maps, masks, 0.3)
+    typed = [g.astype(dtype) for g in masks]
+    assert au_pro(maps, typed, fpr_limit=0.3) == pytest.approx(expected, abs=1e-12)
+    metric = AUPRO(fpr_limit=0.3)
+    metric.update(np.stack(maps), np.stack(typed))  # numpy batches are accepted too
+    assert metric.compute().item() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.gpu
+def test_device_path_equals_cpu_path() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    maps, masks = random_case(5, n_images=4, levels=16)
+    mt, gt = torch.from_numpy(np.stack(maps)).cuda(), torch.from_numpy(np.stack(masks)).cuda()
+    metric = AUPRO().cuda()
+    metric.update(mt, gt)
+    assert metric.compute().item() == pytest.approx(au_pro(maps, masks), abs=1e-12)
+    assert au_pro(mt, gt) == pytest.approx(au_pro(maps, masks), abs=1e-12)

@@ -128,3 +128,40 @@ def test_group_keys() -> None:
     assert group_keys("test_public/bad/000_regular", "regular") == ["all", "lighting=regular", "bad"]
     assert group_keys("test_public/good/003_shift_1", "shift_1") == ["all", "lighting=shift_1", "good"]
     assert group_keys("test_private_mixed/012_mixed", "mixed") == ["all", "lighting=mixed"]
+
+
+def test_toy_set_pixel_auroc_and_f1_max_vs_global_sort() -> None:
+    from bench.mvtec_reference import pixel_f1_max_by_sort, pixel_roc_auc_by_sort, toy_dataset
+
+    maps, masks = toy_dataset(num_images=8)
+    maps16 = [(m + 0.3 * g).astype(np.float16) for m, g in zip(maps, masks)]  # some signal, float16 ties
+    assert pixel_auroc(maps16, masks) == pytest.approx(pixel_roc_auc_by_sort(maps16, masks), abs=1e-9)
+    assert pixel_f1_max(maps16, masks)[0] == pytest.approx(pixel_f1_max_by_sort(maps16, masks), abs=1e-9)
+    metric = PixelAUROC()
+    metric.update(torch.from_numpy(np.stack(maps16[:5])), torch.from_numpy(np.stack(masks[:5])))
+    metric.update(np.stack(maps16[5:]), np.stack(masks[5:]))  # numpy batches too
+    assert metric.compute().item() == pytest.approx(pixel_roc_auc_by_sort(maps16, masks), abs=1e-9)
+
+
+def test_negative_zero_is_one_threshold_with_positive_zero() -> None:
+    gt = np.array([[1, 1, 0, 0, 0]], bool)
+    maps = np.array([[0.5, -0.0, 0.0, -0.0, 0.25]], np.float32)
+    # thresholds 0.5: TP1 FP0 FN1 -> 2/3; 0.25: TP1 FP1 FN1 -> 1/2; 0 (= -0): TP2 FP3 -> 4/7
+    assert pixel_f1_max(maps, gt) == (pytest.approx(2 / 3), 0.5)
+    expected = mann_whitney_auc(np.array([0.5, 0.0]), np.array([0.0, 0.0, 0.25]))
+    assert pixel_auroc(maps, gt) == pytest.approx(expected)
+
+
+def test_f1_counts_accept_numpy_and_tensors() -> None:
+    pred = np.zeros((2, 5, 5), bool)
+    gt = np.zeros((2, 5, 5), np.uint8)
+    pred[0, 1:3, 1:3] = True  # 4 predicted, 2 of them right
+    gt[0, 1:3, 1:2] = 255
+    gt[1, 4, 4] = 255  # missed
+    metric = SegF1()
+    metric.update(torch.from_numpy(pred[:1]), torch.from_numpy(gt[:1]))
+    metric.update(pred[1:], gt[1:])
+    assert metric.compute().item() == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))
+    cls = ClassF1()
+    cls.update(pred, gt)  # image 0 TP, image 1 FN
+    assert cls.compute().item() == pytest.approx(2 / 3)

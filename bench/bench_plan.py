@@ -1,0 +1,195 @@
+"""The whole MVTec AD 2 run on paper: per category, the winning configuration's work and its estimated GPU time.
+
+For each category (its routed branch and tiling from `experiments/`): training tiles per epoch and in total,
+evaluation tiles (validation, test_public, both private splits), the data-feed capacity, the GPU time per tile
+and the run's total, next to the winners' 6 h / 110 GB on one RTX 4090.
+
+What is measured here and what is estimated (every estimate is labelled in the table):
+- FLOPs per tile: counted exactly by `torch.utils.flop_counter` on our own models, built on the meta device
+  (no compute): INP-Former ViT-L/14 reg4 at 448 (training step = forward + loss + backward; the frozen encoder
+  runs forward only) and CPR DenseNet201 at 320.
+- GPU time per tile: ESTIMATED = FLOPs / (RTX 4090 dense bf16 tensor peak 165.2 TFLOP/s with fp32 accumulate
+  x an assumed efficiency: 0.45 for the ViT, 0.10 for DenseNet201). CPR's evaluation counts trunk + heads only,
+  not the nearest-neighbour search over its bank. `python -m bench --gpu` measures the models on CUDA instead.
+- Peak memory of ViT-L/448 batch 16 bf16: ESTIMATED = fp32 weights + fp32 grads and 3 StableAdamW(amsgrad)
+  states of the trainable part + the tensors autograd saves for backward (counted on the meta device, in bf16:
+  the lower bound; fp32 copies of norm/softmax inputs under autocast push it towards the fp32 count, also
+  given).
+- Data-feed capacity: ESTIMATED from a CPU micro-benchmark of what a worker does per tile once images are
+  decoded (crop the tile box from a uint8 image, resize to the input, flip), x 2 workers; PNG decoding is not
+  included (the decoded cache pays it once per image). `bench.bench_data` measures the real feed.
+
+    python -m bench.bench_plan
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+import torch
+
+from bench.bench_disk import MAPS_PER_RUN, NATIVE_WH, WINNERS_DISK_GB, encode_tiff, realistic_map
+from hybridad.tile_grid import level_boxes
+
+TRAIN_IMAGES = {"can": 412, "fabric": 387, "fruit_jelly": 263, "rice": 313, "sheet_metal": 137, "vial": 291,
+                "wallplugs": 293, "walnuts": 432}  # fmt: skip
+PEAK_BF16_TFLOPS = 165.2  # RTX 4090, dense bf16 tensor cores, fp32 accumulate (NVIDIA Ada whitepaper)
+EFFICIENCY = 0.45  # assumed fraction of peak reached by a ViT-L training step (model FLOP utilisation)
+EFFICIENCY_CNN = 0.10  # assumed for CPR's DenseNet201 (concatenation-heavy, memory-bound at batch 8)
+GPU_MEMORY_GB = 24.0
+WINNERS_HOURS = 6.0
+WORKERS = 2
+
+
+@contextlib.contextmanager
+def _no_trunc_normal_loop() -> Iterator[None]:
+    """INP-Former's truncated-normal init loops on data (`.any()`), impossible on meta tensors: skip it."""
+    import hybridad.models.inp_former.torch_model as tm
+
+    original = tm.trunc_normal_
+    tm.trunc_normal_ = lambda t, **kw: t  # values do not matter for counting
+    try:
+        yield
+    finally:
+        tm.trunc_normal_ = original
+
+
+def inp_former_costs(batch: int = 16, size: int = 448) -> dict:
+    """FLOPs per tile (train step, inference) and memory terms of ViT-L/14 reg4 INP-Former, on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hybridad.models.inp_former.config import InpFormerConfig
+    from hybridad.models.inp_former.loss import InpFormerLoss
+    from hybridad.models.inp_former.torch_model import InpFormerModel
+
+    cfg = InpFormerConfig(encoder="vit_large_patch14_reg4_dinov2", random_encoder=True)
+    with _no_trunc_normal_loop(), torch.device("meta"):
+        model = InpFormerModel.from_config(cfg)
+    model.train()
+    loss_fn = InpFormerLoss(cfg.coherence_weight, cfg.soft_mining_gamma)
+    out: dict = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model.to(dtype)
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[id(t)] = t.numel() * t.element_size()
+            return t
+
+        x = torch.empty(batch, 3, size, size, device="meta", dtype=dtype)
+        with FlopCounterMode(display=False) as fc:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = loss_fn(m(x))["loss"]
+            fwd = fc.get_total_flops()
+            loss.backward()
+        out[f"saved_gb_{str(dtype).split('.')[-1]}"] = sum(saved.values()) / 1e9
+        out["train_flops_per_tile"] = fc.get_total_flops() / batch
+        out["infer_flops_per_tile"] = fwd / batch
+        m.zero_grad(set_to_none=True)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.trainable_parameters())
+    out["weights_gb"] = 4 * n_all / 1e9
+    out["grads_and_optimizer_gb"] = 4 * n_train * (1 + 3) / 1e9  # grad + exp_avg, exp_avg_sq, max_exp_avg_sq
+    out["params_m"], out["trainable_m"] = n_all / 1e6, n_train / 1e6
+    return out
+
+
+def cpr_costs(size: int = 320) -> dict:
+    """FLOPs per image of CPR (DenseNet201 trunk + heads) at `size`: training (query + reference forward, heads
+    backward) and inference forward, counted on one real CPU image (the trunk is cheap to run once)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hybridad.models.cpr.config import CprConfig
+    from hybridad.models.cpr.torch_model import CprModel
+
+    model = CprModel(CprConfig(preset="random", image_size=size)).train()
+    x = torch.rand(2, 3, size, size)  # query + its reference
+    with FlopCounterMode(display=False) as fc:
+        descs, _ = model(x)
+        fwd = fc.get_total_flops()
+        sum(d.float().square().mean() for d in descs).backward()
+    return {"train_flops_per_image": fc.get_total_flops(), "infer_flops_per_image": fwd / 2}
+
+
+def feed_tiles_per_s(size: int = 448, repeats: int = 20) -> float:
+    """ESTIMATE: tiles/s of `WORKERS` workers cropping + resizing + flipping tiles from decoded uint8 images."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (2048, 2448, 3), dtype=np.uint8)
+    boxes = level_boxes(2048, 2448, _level(2, 2))
+    t0 = time.process_time()
+    for i in range(repeats):
+        y0, x0, y1, x1 = boxes[i % len(boxes)]
+        tile = cv2.resize(np.ascontiguousarray(img[y0:y1, x0:x1]), (size, size), interpolation=cv2.INTER_LINEAR)
+        tile = np.ascontiguousarray(tile[:, ::-1])
+    return WORKERS * repeats / (time.process_time() - t0)
+
+
+def _level(cols: int, rows: int):  # noqa: ANN202
+    from hybridad.tile_grid import TileLevel
+
+    return TileLevel(cols=cols, rows=rows)
+
+
+def plan_rows() -> list[dict]:
+    """One row per category plus the total."""
+    from hybridad.config import load_config
+
+    inp, cpr = inp_former_costs(), cpr_costs()
+    rate, rate_cnn = (PEAK_BF16_TFLOPS * 1e12 * e for e in (EFFICIENCY, EFFICIENCY_CNN))
+    feed = feed_tiles_per_s()
+    rows, total_h, total_disk = [], 0.0, 0.0
+    for cat, (w, h) in NATIVE_WH.items():
+        cfg = load_config([f"data.category={cat}"])
+        tiling = cfg.data.tiling
+        per_image = sum(len(level_boxes(h, w, lv)) for lv in tiling.train_levels)
+        eval_tiles = MAPS_PER_RUN[cat] * len(level_boxes(h, w, tiling.test_level))
+        if cfg.branch == "inp_former":
+            per_epoch = TRAIN_IMAGES[cat] * per_image
+            train_tiles = per_epoch * cfg.trainer.max_epochs
+            ms_tile = 1e3 * inp["train_flops_per_tile"] / rate
+            seconds = train_tiles * ms_tile / 1e3 + eval_tiles * inp["infer_flops_per_tile"] / rate
+        else:
+            per_epoch = TRAIN_IMAGES[cat]
+            train_tiles = cfg.trainer.max_steps * cfg.data.batch_size
+            ms_tile = 1e3 * cpr["train_flops_per_image"] / rate_cnn
+            seconds = train_tiles * ms_tile / 1e3 + eval_tiles * cpr["infer_flops_per_image"] / rate_cnn
+        pitch = max(w // (tiling.test_level.cols * 32), 8)
+        disk_gb = MAPS_PER_RUN[cat] * len(encode_tiff(realistic_map(w, h, pitch, seed=len(cat)))) / 1e9
+        total_h, total_disk = total_h + seconds / 3600, total_disk + disk_gb
+        rows.append({
+            "category": cat, "branch": cfg.branch, "input": tiling.input_size, "tiles/image": per_image,
+            "tiles/epoch": per_epoch, "train tiles": train_tiles, "eval tiles": eval_tiles,
+            "feed tiles/s (est.)": round(feed), "GPU tiles/s (est.)": round(1e3 / ms_tile),
+            "GPU min (est.)": round(seconds / 60, 1), "maps GB": round(disk_gb, 2),
+        })  # fmt: skip
+    mem = inp["weights_gb"] + inp["grads_and_optimizer_gb"]
+    mem_lo, mem_hi = mem + inp["saved_gb_bfloat16"], mem + inp["saved_gb_float32"]
+    rows.append({
+        "category": "all 8, one 24 GB GPU", "GPU min (est.)": f"{total_h:.1f} h (winners {WINNERS_HOURS:g} h)",
+        "maps GB": f"{total_disk:.0f} (winners {WINNERS_DISK_GB:g} in all)",
+        "eval tiles": f"ViT-L/448 b16 bf16 peak (est.) {mem_lo:.0f}-{mem_hi:.0f} of {GPU_MEMORY_GB:g} GB",
+        "train tiles": f"INP {inp['train_flops_per_tile'] / 1e12:.2f} TFLOP/train tile",
+        "tiles/epoch": f"INP {inp['infer_flops_per_tile'] / 1e12:.2f} TFLOP/eval tile",
+        "tiles/image": f"CPR {cpr['train_flops_per_image'] / 1e9:.0f} GFLOP/train image",
+    })  # fmt: skip
+    return rows
+
+
+def run() -> list[dict]:
+    return plan_rows()
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    from bench.__main__ import markdown_table
+
+    print(markdown_table(plan_rows()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The demo's thread choice: every core on an idle machine, one thread on a busy one, or what the user forces."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hybridad.demo import demo_threads, pick_threads
+
+
+def test_pick_threads_by_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HYBRIDAD_DEMO_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    assert pick_threads() == 2  # idle
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.1, 2.0, 1.0))
+    assert pick_threads(own_threads=2) == 2  # the load is our own previous category
+    assert pick_threads(own_threads=0) == 1  # other jobs
+    monkeypatch.setattr(os, "getloadavg", lambda: (11.0, 11.0, 11.0))
+    assert pick_threads(own_threads=1) == 1
+    monkeypatch.setenv("HYBRIDAD_DEMO_THREADS", "3")
+    assert pick_threads(own_threads=1) == 3
+
+
+def test_demo_threads_restores() -> None:
+    before = torch.get_num_threads()
+    with demo_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_bad_thread_override_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridad.errors import UserError
+
+    monkeypatch.setenv("HYBRIDAD_DEMO_THREADS", "two")
+    with pytest.raises(UserError, match="HYBRIDAD_DEMO_THREADS"):
+        pick_threads()
