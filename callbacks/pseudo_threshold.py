@@ -1,4 +1,4 @@
-"""Threshold candidates of a run: mean + k std, pseudo_f1 (pasted pseudo-anomalies) and, after test, their SegF1."""
+"""Threshold candidates of a run: mean + k std and pseudo_f1 (pasted pseudo-anomalies), then their SegF1."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from hybridad.types import AnomalyOutput
 class PseudoThresholdCallback(L.Callback):
     """After the stand-alone `trainer.validate` (final model), fits the label-free threshold candidates.
 
-    `mean_std` comes from the validation pixel scores, `pseudo_f1` from `hybridad.pseudo_threshold` (skipped when
-    `threshold.pseudo_repeats=0`). With `threshold.method=pseudo_f1` the module's threshold is set here, before
-    test. Candidates go to `<run>/thresholds.yaml` (`candidates:`); after test, the SegF1 each candidate and the
-    test-tuned F1-optimal threshold reach on test_public goes to `metrics.json`
+    `mean_std` comes from the validation pixel scores, `pseudo_f1` from `hybridad.pseudo_threshold` (skipped
+    when `threshold.pseudo_repeats=0`). With `threshold.method=pseudo_f1` the module's threshold is set here,
+    before test. Candidates go to `<run>/thresholds.yaml` (`candidates:`); after test, the SegF1 each
+    candidate and the test-tuned F1-optimal threshold reach on test_public goes to `metrics.json`
     (`test_public/threshold=<rule>/seg_f1`, `.../value`).
     """
 
@@ -38,8 +38,8 @@ class PseudoThresholdCallback(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stats = ScoreStats().to(pl_module.device)
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._final_validation(trainer) and isinstance(outputs, AnomalyOutput):
             self.stats.update(outputs.anomaly_map)
 
@@ -48,13 +48,15 @@ class PseudoThresholdCallback(L.Callback):
             return
         with self.stats.sync_context():
             mean, std = float(self.stats.mean), float(self.stats.std)
-        cands: dict[str, Any] = {"mean_std": {"value": mean_std_threshold(mean, std, self.cfg.k), "k": self.cfg.k,
-                                              "stats": {"mean": mean, "std": std}}}
+        value = mean_std_threshold(mean, std, self.cfg.k)
+        stats = {"mean": mean, "std": std}
+        cands: dict[str, Any] = {"mean_std": {"value": value, "k": self.cfg.k, "stats": stats}}
         pseudo = None
         if self.cfg.pseudo_repeats > 0:
             pos, neg = pseudo_histograms(pl_module, trainer.datamodule, self.cfg,  # type: ignore[arg-type]
                                          trainer.global_rank, trainer.world_size)
-            pos, neg = trainer.strategy.reduce(pos, reduce_op="sum"), trainer.strategy.reduce(neg, reduce_op="sum")
+            pos = trainer.strategy.reduce(pos, reduce_op="sum")  # sum over ranks (each scored a share)
+            neg = trainer.strategy.reduce(neg, reduce_op="sum")
             thr, f1 = pseudo_f1_threshold(pos, neg)
             pseudo = thr if math.isfinite(thr) else None
             cands["pseudo_f1"] = {"value": pseudo, "pseudo_seg_f1": f1, "repeats": self.cfg.pseudo_repeats,

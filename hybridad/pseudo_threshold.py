@@ -1,10 +1,10 @@
 """Thresholds from normal data only (`threshold.method=pseudo_f1`) and the comparison of threshold rules.
 
-`pseudo_f1`: the project's cut-paste pseudo-anomalies (`data_modules.cut_paste.CutPaste`, fixed seed) are pasted
-into the validation images (defect-free), the trained model scores them at native resolution through the same
-tiling as test images, and the threshold that maximises pooled pixel F1 against the paste masks is chosen. No
-test label is used. Patches keep the size they have in training relative to a tile: the paste runs on the whole
-image padded to a square, with the scale range multiplied by (test tile side / padded side).
+`pseudo_f1`: the project's cut-paste pseudo-anomalies (`data_modules.cut_paste.CutPaste`, fixed seed) are
+pasted into the validation images (defect-free), the trained model scores them at native resolution through
+the same tiling as test images, and the threshold that maximises pooled pixel F1 against the paste masks is
+chosen. No test label is used. Patches keep the size they have in training relative to a tile: the paste
+runs on the whole image padded to a square, with the scale range multiplied by (test tile side / padded side).
 
 `score_candidates` re-scores a run's cached test_public maps with each rule's threshold and the run's
 post-processing, so reports can show SegF1 at mean + k std, at pseudo_f1 and at the F1-optimal threshold
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from hybridad.models.anomaly_module import AnomalyModule
 
 RULES = ("mean_std", "pseudo_f1", "f1_optimal")  # the candidates every run compares, in report order
-RULE_TITLES = {"mean_std": "mean + k std", "pseudo_f1": "pseudo_f1", "f1_optimal": "F1-optimal (tuned on test)"}
 
 
 def pseudo_cut_paste(config: CutPasteConfig, tile_side: int, padded_side: int) -> CutPaste:
@@ -44,7 +43,8 @@ def pseudo_cut_paste(config: CutPasteConfig, tile_side: int, padded_side: int) -
     from data_modules.cut_paste import CutPaste
 
     f = tile_side / padded_side
-    cfg = dataclasses.replace(config, enabled=True, scale_min=config.scale_min * f, scale_max=config.scale_max * f)
+    cfg = dataclasses.replace(config, enabled=True, scale_min=config.scale_min * f,
+                              scale_max=config.scale_max * f)
     return CutPaste(cfg)
 
 
@@ -76,8 +76,8 @@ def pseudo_histograms(
 ) -> tuple[Tensor, Tensor]:
     """Score `cfg.pseudo_repeats` pasted copies of every validation image with `model`.
 
-    Each (repeat, image) pair gets its own generator seed, so the pastes do not depend on how images are shared
-    out over ranks (`rank` takes images rank, rank + world, ...); sum the histograms over ranks.
+    Each (repeat, image) pair gets its own generator seed, so the pastes do not depend on how images are
+    shared out over ranks (`rank` takes images rank, rank + world, ...); sum the histograms over ranks.
 
     Returns:
         (65536,) float64 counts of pasted (positive) and untouched (negative) pixels per float16 map value.
