@@ -3,8 +3,9 @@
 `pseudo_f1`: the project's cut-paste pseudo-anomalies (`data_modules.cut_paste.CutPaste`, fixed seed) are
 pasted into the validation images (defect-free), the trained model scores them at native resolution through
 the same tiling as test images, and the threshold that maximises pooled pixel F1 against the paste masks is
-chosen. No test label is used. Patches keep the size they have in training relative to a tile: the paste
-runs on the whole image padded to a square, with the scale range multiplied by (test tile side / padded side).
+chosen. No test label is used. The paste runs on the whole image padded to a square; `data.cut_paste` scales are
+fractions of the image's long side (`threshold.pseudo_scale_of=image`) or, as in training, of a test tile's
+side (`tile`).
 
 `score_candidates` re-scores a run's cached test_public maps with each rule's threshold and the run's
 post-processing, so reports can show SegF1 at mean + k std, at pseudo_f1 and at the F1-optimal threshold
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hybridad.errors import UserError
 from hybridad.metrics import SegF1
 from hybridad.metrics.functional import f1_max_from_histograms, pixel_histograms
 from hybridad.postprocess import PostProcessConfig, binarize
@@ -84,6 +86,8 @@ def pseudo_histograms(
     """
     from data_modules.dataset import collate_batch
 
+    if cfg.pseudo_scale_of not in ("image", "tile"):
+        raise UserError(f"threshold.pseudo_scale_of must be 'image' or 'tile', got {cfg.pseudo_scale_of!r}")
     device = model.device
     ds = datamodule.dataset(Split.VALIDATION)
     pos = torch.zeros(65536, dtype=torch.float64, device=device)
@@ -97,7 +101,8 @@ def pseudo_histograms(
         h, w = images.shape[-2:]
         if cut_paste is None:
             y0, x0, y1, x1 = level_boxes(h, w, datamodule.eval_tiler.level)[0]
-            cut_paste = pseudo_cut_paste(datamodule.config.cut_paste, max(y1 - y0, x1 - x0), max(h, w))
+            side = max(y1 - y0, x1 - x0) if cfg.pseudo_scale_of == "tile" else max(h, w)
+            cut_paste = pseudo_cut_paste(datamodule.config.cut_paste, side, max(h, w))
         for repeat in range(cfg.pseudo_repeats):
             seed = (cfg.pseudo_seed * 1_000_003 + repeat) * 1_000_033 + index
             gen = torch.Generator(device=device).manual_seed(seed)

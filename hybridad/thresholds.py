@@ -42,6 +42,7 @@ class ThresholdConfig:
     # also computed as a candidate under any method unless pseudo_repeats=0
     pseudo_repeats: int = 4  # pasted copies of each validation image (different draws); 0 = off
     pseudo_seed: int = 0  # seed of the pastes (fixed: the same run gives the same threshold)
+    pseudo_scale_of: str = "image"  # data.cut_paste scales are fractions of the "image" or of a test "tile"
 
 
 @dataclass
