@@ -416,7 +416,7 @@ def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path
     lo, hi = float(values[present].min()), float(values[present].max())
     edges = np.linspace(lo, hi if hi > lo else lo + 1.0, 61)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
-    classes = ((a.pixel_neg, "good pixels", "tab:blue"), (a.pixel_pos, "bad pixels", "tab:red"))
+    classes = ((a.pixel_neg, "good (normal)", "tab:blue"), (a.pixel_pos, "bad (defective)", "tab:red"))
     for hist, label, colour in classes:
         keep = hist > 0
         if keep.any():
@@ -427,9 +427,9 @@ def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path
     scores = np.array([s for s, _ in a.image_scores])
     labels = np.array([lab for _, lab in a.image_scores])
     img_edges = np.linspace(scores.min(), max(scores.max(), scores.min() + 1e-6), 21)
-    for lab, name, colour in ((0, "good images", "tab:blue"), (1, "bad images", "tab:red")):
+    for lab, colour in ((0, "tab:blue"), (1, "tab:red")):
         if (labels == lab).any():
-            ax2.hist(scores[labels == lab], bins=img_edges, alpha=0.5, color=colour, label=name)
+            ax2.hist(scores[labels == lab], bins=img_edges, alpha=0.5, color=colour)
     ax2.set(xlabel="image score (max pixel score)", ylabel="images", title="images")
     for ax in (ax1, ax2):
         for rule, thr in thresholds.items():
@@ -437,9 +437,10 @@ def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path
             name = "threshold (run)" if rule == "run" else dict(RULES).get(rule, rule)
             ax.axvline(thr, color=colour, ls=style, lw=1.6, label=f"{name}: {thr:.3g}")
         ax.grid(alpha=0.25)
-    ax1.legend(fontsize=8, frameon=False)
-    ax2.legend(fontsize=8, frameon=False)
+    handles, names = ax1.get_legend_handles_labels()
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9, frameon=False)
     fig.suptitle(title, x=0.01, ha="left", fontsize=11)
+    fig.tight_layout()
     _save(fig, path)
 
 
