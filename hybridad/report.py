@@ -398,7 +398,7 @@ def plot_pro_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
     ax.set(xlim=(0, FPR_LIMIT), ylim=(0, 1), xlabel="false positive rate (normal pixels)",
            ylabel="per-region overlap (PRO)", title="PRO curves on test_public (legend: AU-PRO(0.05) %)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9, frameon=False)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9, frameon=False)
     _save(fig, path)
 
 
