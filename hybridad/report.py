@@ -523,7 +523,7 @@ th,td{padding:5px 11px;border-bottom:1px solid #e3e6ec;text-align:left;white-spa
 th{background:#f3f5f9;font-weight:600}td.num{text-align:right}tr.mean td{font-weight:600;background:#fafbfd}
 td.drop{color:#b42318}.note{color:#5b6475;font-size:13px;max-width:1100px;margin:4px 0 12px}
 img{max-width:100%;border:1px solid #e3e6ec;border-radius:4px}
-.cat{display:grid;grid-template-columns:1fr 1fr;gap:10px 18px}.cat figure{margin:0}
+.cat{display:grid;grid-template-columns:repeat(auto-fill,minmax(290px,1fr));gap:10px 16px}.cat figure{margin:0}
 caption{text-align:left;font-weight:600;padding:6px 0}
 .cat img{width:100%;image-rendering:pixelated}
 figcaption{font-size:13px;color:#5b6475;margin-top:2px}.skip{color:#8a5a00}
