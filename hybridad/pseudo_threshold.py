@@ -126,14 +126,16 @@ def pseudo_f1_threshold(pos: Tensor, neg: Tensor) -> tuple[float, float]:
 
 
 def candidate_thresholds(thresholds: dict[str, Any], k: float) -> dict[str, float]:
-    """The label-free candidates a run stored: `{"mean_std": ..., "pseudo_f1": ...}` (those present)."""
+    """The label-free candidates of a run's `thresholds.yaml`: `{"mean_std": ..., "pseudo_f1": ...}` (those
+    present); mean + k std is recomputed with `k` from the stored validation statistics."""
     out: dict[str, float] = {}
     cands = thresholds.get("candidates") or {}
-    stats = thresholds.get("stats") or cands.get("mean_std", {}).get("stats") or {}
-    if isinstance(cands.get("mean_std"), dict) and "value" in cands["mean_std"]:
-        out["mean_std"] = float(cands["mean_std"]["value"])
-    elif "mean" in stats and "std" in stats:
+    mean_std = cands.get("mean_std") if isinstance(cands.get("mean_std"), dict) else {}
+    stats = mean_std.get("stats") or thresholds.get("stats") or {}
+    if "mean" in stats and "std" in stats:
         out["mean_std"] = mean_std_threshold(float(stats["mean"]), float(stats["std"]), k)
+    elif mean_std.get("value") is not None:
+        out["mean_std"] = float(mean_std["value"])
     pseudo = cands.get("pseudo_f1")
     if isinstance(pseudo, dict) and pseudo.get("value") is not None and np.isfinite(pseudo["value"]):
         out["pseudo_f1"] = float(pseudo["value"])

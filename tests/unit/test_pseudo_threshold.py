@@ -111,3 +111,17 @@ def test_score_candidates_segf1_per_rule(tmp_path: Path) -> None:
     assert out["test_public/threshold=f1_optimal/seg_f1"] == 1.0
     assert out["test_public/threshold=f1_optimal/value"] == 0.875  # highest threshold reaching F1 = 1
     assert out["test_public/threshold=pseudo_f1/value"] == 2.0
+
+
+def test_candidate_thresholds_from_a_stored_thresholds_yaml() -> None:
+    from hybridad.pseudo_threshold import candidate_thresholds
+
+    stored = {"value": 0.3, "method": "pseudo_f1", "candidates": {
+        "mean_std": {"value": 0.9, "k": 3.0, "stats": {"mean": 0.3, "std": 0.2}},
+        "pseudo_f1": {"value": 0.3, "pseudo_seg_f1": 0.4}}}
+    assert candidate_thresholds(stored, k=3.0) == {"mean_std": pytest.approx(0.9), "pseudo_f1": 0.3}
+    assert candidate_thresholds(stored, k=1.0)["mean_std"] == pytest.approx(0.5)  # the asked k
+    # an older run: only the validation statistics -> mean + k std with the asked k; no pseudo candidate
+    old = {"value": 0.7, "method": "mean_std", "stats": {"mean": 0.25, "std": 0.125}}
+    assert candidate_thresholds(old, k=2.0) == {"mean_std": 0.5}
+    assert candidate_thresholds({"candidates": {"pseudo_f1": {"value": None}}}, k=3.0) == {}
