@@ -31,7 +31,9 @@ def test_pseudo_f1_threshold_drives_the_masks_and_the_candidates_are_scored(synt
     # the private masks were binarised with the pseudo_f1 threshold (can: no mask post-processing here)
     amap = tifffile.imread(run / "maps" / "test_private" / "000_regular.tiff").astype(np.float32)
     mask = cv2.imread(str(run / "masks" / "test_private" / "000_regular.png"), cv2.IMREAD_UNCHANGED)
-    assert np.array_equal(mask > 0, amap >= np.float32(thr["value"]))
+    # (the model binarised float32 maps; only a value just below the threshold can round up to it in float16)
+    differ = (mask > 0) != (amap >= np.float32(thr["value"]))
+    assert np.all(amap[differ] == np.float32(thr["value"])) and not (mask > 0)[differ].any()
     metrics = json.loads((run / "metrics.json").read_text())
     # re-scoring the cached maps at the run's own threshold gives the run's own SegF1, up to the pixels that the
     # float16 cache moves across the threshold (the model path binarised the float32 maps)
