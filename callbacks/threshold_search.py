@@ -38,7 +38,7 @@ class ThresholdCallback(L.Callback):
             self.stats.update(outputs.anomaly_map)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.cfg.method == "f1_optimal":
+        if trainer.sanity_checking or self.cfg.method in ("f1_optimal", "pseudo_f1"):  # fitted elsewhere
             return
         result = fit_threshold(self.cfg, self.stats)
         with self.stats.sync_context():  # statistics over every rank's validation pixels

@@ -85,7 +85,9 @@ def _cmd_submission_pack(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from hybridad.report import write_report
 
-    print(write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None))
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report"
+    print(write_report([Path(p) for p in args.run_dirs], out, num_overlays=args.overlays))
+    print(f"report: {out / 'index.html'}")
     return 0
 
 
@@ -166,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.set_defaults(func=_cmd_submission_pack)
 
-    p = sub.add_parser("report", help="markdown tables and overlays from run directories")
+    p = sub.add_parser("report", help="index.html + report.md: tables, PRO curves, histograms, lighting, overlays")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default=None, help="output folder (default: <first run dir>/report)")
+    p.add_argument("--overlays", type=int, default=2, help="best and worst overlays per category (0 = none)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("convert", help="convert an official checkpoint into a hybridad weight file")

@@ -1,20 +1,29 @@
-"""`hybridad report`: markdown tables and PNG overlays from run directories (one run per category).
+"""`hybridad report`: `index.html` and `report.md` from run directories (one run per category).
 
-Numbers are percentages with two decimals (`0.61234` -> `61.23`); a metric a run lacks prints as `–`.
-The `mean` row averages the categories that have the metric; it is marked `*` when some do not.
-Overlays show, side by side, the input image with the ground-truth contour (green) and the anomaly map as a
-JET heat map (min-max scaled per image, display only) blended over the image, with the ground-truth contour
-(green) and the predicted-mask contour (red).
+The page, top to bottom: the per-category table laid out like the winners' report (Tables 1 and 2:
+AU-PRO(0.05) and SegF1, here on test_public, computed on float16 maps as the server does) beside the published
+ISVL numbers on the private splits; SegF1 under each threshold rule (mean + k std, pseudo_f1, F1-optimal tuned
+on test); PRO curves up to FPR 0.05; lighting robustness (per condition, drop from regular lighting); per
+category, score histograms of good vs bad pixels and images with the thresholds marked and the best and worst
+test_public overlays; then every metric. `report.md` holds the same tables. Plots are PNG files drawn with
+matplotlib (Agg backend, imported when a report is written).
+
+Numbers are percentages with two decimals (`0.61234` -> `61.23`); a value a run lacks prints as `–`. A `mean`
+row averages the categories that have the value and is marked `*` when some do not.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import html
+import io
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from hybridad.errors import UserError
 from hybridad.run_dir import RunDir, atomic_write_bytes
@@ -29,10 +38,20 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("pixel_auroc", "pixel AUROC %"),
     ("pixel_f1_max", "pixel F1-max %"),
 )
-LIGHTING_METRICS: tuple[tuple[str, str], ...] = (("seg_f1", "SegF1 %"), ("aupro_0.05", "AU-PRO(0.05) %"))
+LIGHTING_METRICS: tuple[tuple[str, str], ...] = (("aupro_0.05", "AU-PRO(0.05) %"), ("seg_f1", "SegF1 %"))
 LIGHTING_ORDER = ("regular", "overexposed", "underexposed")  # then shift_* and others, sorted
+# ISVL (VAND 2025 winner) report, Tables 1-2, in %: (SegF1 priv, SegF1 mix, AU-PRO(0.05) priv, AU-PRO mix)
+ISVL_REPORTED: dict[str, tuple[float, float, float, float]] = {
+    "can": (17.03, 9.21, 46.55, 40.67), "fabric": (84.95, 81.76, 65.94, 69.19),
+    "fruit_jelly": (68.10, 67.76, 69.45, 69.34), "rice": (66.34, 66.93, 65.25, 66.78),
+    "sheet_metal": (69.69, 69.74, 86.00, 85.19), "vial": (44.01, 42.12, 67.56, 62.49),
+    "wallplugs": (11.99, 6.24, 26.63, 22.04), "walnuts": (68.34, 67.65, 80.47, 76.57),
+}
+RULES: tuple[tuple[str, str], ...] = (
+    ("mean_std", "mean + k std"), ("pseudo_f1", "pseudo_f1"), ("f1_optimal", "F1-optimal (tuned on test)"))
 MISSING = "–"
 OVERLAY_LONG_SIDE = 768  # overlays are downscaled to this long side
+FPR_LIMIT = 0.05
 
 
 @dataclass
@@ -44,40 +63,50 @@ class _Run:
     thresholds: dict[str, Any]
 
 
-def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: int = 3) -> str:
-    """Write `<out>/report.md` (+ `<out>/overlays/<category>/*.png`) and return the markdown.
+@dataclass
+class Table:
+    """A table both renderers draw: cells are display strings; `signed` columns colour negative numbers."""
 
-    Args:
-        run_dirs: run directories, at most one per category.
-        out: output folder; default `<first run dir>/report`.
-        num_overlays: bad test_public images drawn per category (the first ones in sample-id order).
-    """
-    if not run_dirs:
-        raise UserError("report: give at least one run directory")
-    runs = _load_runs(run_dirs)
-    out = Path(out) if out is not None else Path(run_dirs[0]) / "report"
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+    signed: set[int] = field(default_factory=set)
 
-    lines = ["# hybridad report", "", "Runs:", ""]
-    lines += [f"- {r.category}: `{r.run.path}`" for r in runs]
-    splits = [s.value for s in Split
-              if any(_value(r.metrics, s.value, m) is not None for r in runs for m, _ in COLUMNS)]
-    for split in splits:
-        lines += ["", f"## {split}", "", *_main_table(runs, split)]
-        for name, title in LIGHTING_METRICS:
-            table = _lighting_table(runs, split, name)
-            if table:
-                lines += ["", f"### {split}: {title} per lighting", "", *table]
-    if not splits:
-        lines += ["", "No metrics found in metrics.json."]
-    if num_overlays > 0:
-        legend = ("Left: input + ground truth (green). Right: anomaly map (min-max per image), "
-                  "ground truth (green), predicted mask (red).")
-        lines += ["", "## Overlays", "", legend, ""]
-        for r in runs:
-            lines += _overlays(r, out, num_overlays)
-    text = "\n".join(lines) + "\n"
-    atomic_write_bytes(out / "report.md", text.encode("utf-8"))
-    return text
+    def markdown(self, level: str = "##") -> list[str]:
+        cells = [[c.replace("|", "\\|") for c in row] for row in [self.header, *self.rows]]
+        lines = [f"{level} {self.title}", "", "| " + " | ".join(cells[0]) + " |"]
+        lines.append("|" + "---|" * len(self.header))
+        lines += ["| " + " | ".join(r) + " |" for r in cells[1:]]
+        notes = [n.replace("*", "\\*", 1) if n.startswith("*") else n for n in self._notes()]
+        return lines + [x for n in notes for x in ("", n)]
+
+    def _notes(self) -> list[str]:
+        partial = any("*" in c for row in self.rows if row and row[0] == "mean" for c in row)
+        return [n for n in (PARTIAL_NOTE if partial else "", self.note) if n]
+
+    def html(self, caption: bool = False) -> str:
+        cap = f"<caption>{html.escape(self.title)}</caption>" if caption else ""
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = []
+        for row in self.rows:
+            tds = []
+            for j, c in enumerate(row):
+                cls = "num" if j > 0 and _is_number(c) else ""
+                if "(" in c and "−" in c.split("(", 1)[1]:
+                    cls += " drop"
+                tds.append(f'<td class="{cls.strip()}">{html.escape(c)}</td>')
+            mean = ' class="mean"' if row and row[0] == "mean" else ""
+            body.append(f"<tr{mean}>{''.join(tds)}</tr>")
+        note = "".join(f'<p class="note">{html.escape(n)}</p>' for n in self._notes())
+        return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{note}"
+
+
+def _is_number(cell: str) -> bool:
+    return bool(cell) and (cell[0].isdigit() or cell[0] in "−-") and cell != MISSING
+
+
+# --------------------------------------------------------------------------------------------- loading
 
 
 def _load_runs(run_dirs: list[Path]) -> list[_Run]:
@@ -96,18 +125,29 @@ def _load_runs(run_dirs: list[Path]) -> list[_Run]:
 
 def _value(metrics: dict[str, Any], split: str, name: str) -> float | None:
     value = metrics.get(f"{split}/{name}")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 def _pct(value: float | None) -> str:
     return MISSING if value is None else f"{100.0 * value:.2f}"
 
 
-def _mean_cell(values: list[float | None]) -> str:
+def _delta(value: float | None) -> str:
+    return "" if value is None else f"{100.0 * value:+.2f}".replace("-", "−")
+
+
+def _mean(values: list[float | None]) -> tuple[float | None, bool]:
     present = [v for v in values if v is not None]
-    if not present:
-        return MISSING
-    return _pct(sum(present) / len(present)) + ("*" if len(present) < len(values) else "")
+    return (sum(present) / len(present) if present else None), len(present) < len(values)
+
+
+def _mean_cell(values: list[float | None]) -> str:
+    m, partial = _mean(values)
+    return MISSING if m is None else _pct(m) + ("*" if partial else "")
+
+
+PARTIAL_NOTE = "* mean over the categories that have this metric."
 
 
 def _threshold_source(r: _Run) -> str:
@@ -119,77 +159,301 @@ def _threshold_source(r: _Run) -> str:
     return source or MISSING
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    cells = [[c.replace("|", "\\|") for c in row] for row in [header, *rows]]
-    return ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |"
-                                                                              for r in cells[1:]]
+# ---------------------------------------------------------------------------------------------- tables
 
 
-def _main_table(runs: list[_Run], split: str) -> list[str]:
+def main_table(runs: list[_Run], split: str) -> Table:
+    """Every headline metric of one split (the detailed table)."""
     values = [[_value(r.metrics, split, name) for name, _ in COLUMNS] for r in runs]
     rows = [[r.category, *map(_pct, v), _threshold_source(r), str(r.config.get("branch", MISSING))]
             for r, v in zip(runs, values)]
     rows.append(["mean", *[_mean_cell([v[j] for v in values]) for j in range(len(COLUMNS))], "", ""])
-    lines = _table(["category", *[title for _, title in COLUMNS], "threshold source", "branch"], rows)
-    if any(c.endswith("*") for c in rows[-1]):
-        lines += ["", "\\* mean over the categories that have this metric."]
-    return lines
+    return Table(split, ["category", *[t for _, t in COLUMNS], "threshold source", "branch"], rows)
 
 
-def _lighting_table(runs: list[_Run], split: str, name: str) -> list[str]:
-    prefix = f"{split}/lighting="
-    found = {k[len(prefix):].rsplit("/", 1)[0] for r in runs for k in r.metrics
-             if k.startswith(prefix) and k.endswith(f"/{name}")}
+def paper_table(runs: list[_Run]) -> Table:
+    """AU-PRO(0.05) and SegF1 per category as in the winners' report Tables 1-2, beside their values."""
+    header = ["category", "AU-PRO(0.05) % test_public", "ISVL priv", "ISVL priv_mix",
+              "SegF1 % test_public", "ISVL priv", "ISVL priv_mix"]
+    cols: list[list[float | None]] = [[], [], [], [], [], []]
+    rows = []
+    for r in runs:
+        ref = ISVL_REPORTED.get(r.category)
+        vals = [_value(r.metrics, "test_public", "aupro_0.05"), ref[2] / 100 if ref else None,
+                ref[3] / 100 if ref else None, _value(r.metrics, "test_public", "seg_f1"),
+                ref[0] / 100 if ref else None, ref[1] / 100 if ref else None]
+        for c, v in zip(cols, vals):
+            c.append(v)
+        rows.append([r.category, *map(_pct, vals)])
+    rows.append(["mean", *[_mean_cell(c) for c in cols]])
+    note = ("test_public scores of these runs (float16 maps, official AU-PRO and SegF1: what the server "
+            "computes for the same maps); ISVL columns are the winners' published private-split scores, "
+            "for scale only "
+            "(other split, full models).")
+    return Table("Per category (layout of the winners' report, Tables 1 and 2)", header, rows, note)
+
+
+def rules_table(runs: list[_Run]) -> Table | None:
+    """SegF1 on test_public under each threshold rule, from `test_public/threshold=<rule>/seg_f1`."""
+    found = any(_value(r.metrics, "test_public", f"threshold={rule}/seg_f1") is not None
+                for r in runs for rule, _ in RULES)
     if not found:
-        return []
-    lightings = [x for x in LIGHTING_ORDER if x in found] + sorted(found - set(LIGHTING_ORDER))
-    values = [[_value(r.metrics, f"{split}/lighting={x}", name) for x in lightings] for r in runs]
-    rows = [[r.category, *map(_pct, v)] for r, v in zip(runs, values)]
-    rows.append(["mean", *[_mean_cell([v[j] for v in values]) for j in range(len(lightings))]])
-    return _table(["category", *lightings], rows)
+        return None
+    cols: list[list[float | None]] = [[] for _ in RULES]
+    rows = []
+    for r in runs:
+        cells = [r.category]
+        for j, (rule, _) in enumerate(RULES):
+            v = _value(r.metrics, "test_public", f"threshold={rule}/seg_f1")
+            thr = _value(r.metrics, "test_public", f"threshold={rule}/value")
+            cols[j].append(v)
+            cells.append(_pct(v) + (f" @ {thr:.3g}" if thr is not None else ""))
+        rows.append(cells)
+    rows.append(["mean", *[_mean_cell(c) for c in cols]])
+    note = ("SegF1 % on test_public at each rule's threshold (value after @), with the run's "
+            "post-processing. "
+            "mean + k std and pseudo_f1 use normal data only (pseudo_f1: cut-paste pseudo-anomalies pasted "
+            "into "
+            "validation images); F1-optimal is tuned on the test labels and is an upper bound, not a method.")
+    return Table("Threshold rules: SegF1 on test_public", ["category", *[t for _, t in RULES]], rows, note)
 
 
-# overlays -------------------------------------------------------------------------------------------
-def _overlays(r: _Run, out: Path, count: int) -> list[str]:
-    root = (r.config.get("data") or {}).get("root")
-    category_dir = Path(root) / r.category if root else None
-    if category_dir is None or not category_dir.is_dir():
-        where = f"dataset not found at {category_dir}" if category_dir else "no data.root in config.yaml"
-        return [f"- {r.category}: overlays skipped ({where})"]
-    bad = [sid for sid, _ in r.run.iter_maps(Split.TEST_PUBLIC) if sid.split("/")[1] == "bad"][:count]
-    if not bad:
-        return [f"- {r.category}: overlays skipped (no test_public/bad maps in the run)"]
-    lines = []
-    for sid in bad:
-        stem = sid.rsplit("/", 1)[1]
-        image = cv2.imread(str(category_dir / f"{sid}.png"), cv2.IMREAD_COLOR)  # (H,W,3) BGR, gray -> 3 ch
-        if image is None:
-            lines.append(f"- {r.category}: overlay of {sid} skipped (image {category_dir / sid}.png missing)")
+def _lightings(runs: list[_Run], split: str) -> list[str]:
+    prefix = f"{split}/lighting="
+    found = {k[len(prefix):].rsplit("/", 1)[0] for r in runs for k in r.metrics if k.startswith(prefix)}
+    return [x for x in LIGHTING_ORDER if x in found] + sorted(found - set(LIGHTING_ORDER))
+
+
+def lighting_tables(runs: list[_Run], split: str = "test_public") -> list[Table]:
+    """Per lighting condition: the metric, and in brackets its change from regular lighting (points)."""
+    lightings = _lightings(runs, split)
+    tables = []
+    for name, title in LIGHTING_METRICS:
+        values = [[_value(r.metrics, f"{split}/lighting={x}", name) for x in lightings] for r in runs]
+        if not any(v is not None for row in values for v in row):
             continue
-        gt_path = category_dir / "test_public/ground_truth/bad" / f"{stem}_mask.png"
-        gt = cv2.imread(str(gt_path), cv2.IMREAD_GRAYSCALE)
-        pred = _pred_mask(r, sid)
-        panel = overlay_panel(image, r.run.read_map(sid), gt, pred)
-        rel = Path("overlays") / r.category / f"bad_{stem}.png"
-        ok, png = cv2.imencode(".png", panel)
-        if ok:
-            atomic_write_bytes(out / rel, png.tobytes())
-            lines.append(f"![{r.category} {sid}]({rel.as_posix()})")
-    return lines
+        base = lightings.index("regular") if "regular" in lightings else None
+        rows = []
+        deltas: list[list[float | None]] = []
+        for r, row in zip(runs, values):
+            ref = row[base] if base is not None else None
+            d = [None if v is None or ref is None or j == base else v - ref for j, v in enumerate(row)]
+            deltas.append(d)
+            rows.append([r.category, *[_pct(v) + (f" ({_delta(dj)})" if dj is not None else "")
+                                       for v, dj in zip(row, d)]])
+        mean_row = ["mean"]
+        for j in range(len(lightings)):
+            cell = _mean_cell([row[j] for row in values])
+            md, _ = _mean([d[j] for d in deltas])
+            mean_row.append(cell + (f" ({_delta(md)})" if md is not None else ""))
+        rows.append(mean_row)
+        note = (f"{title} on {split} per lighting condition; in brackets the change from regular lighting in "
+                "points (the mean row averages the per-category changes).")
+        tables.append(Table(f"Lighting robustness: {title}", ["category", *lightings], rows, note))
+    return tables
 
 
-def _pred_mask(r: _Run, sid: str) -> np.ndarray | None:
+def lighting_table(run_dirs: list[Path], split: str = "test_public") -> str:
+    """The lighting robustness tables of some runs as markdown text (what `make demo` prints)."""
+    tables = lighting_tables(_load_runs(run_dirs), split)
+    if not tables:
+        return "No per-lighting metrics in these runs."
+    return "\n".join(line for t in tables for line in [*t.markdown("###"), ""])
+
+
+# --------------------------------------------------------------------------------------------- analysis
+
+
+def pro_curve(normal: torch.Tensor, region: torch.Tensor, n_regions: int, fpr_limit: float = FPR_LIMIT
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve up to `fpr_limit` from float16 histograms (`metrics.functional.pro_histograms`).
+
+    Args:
+        normal: (65536,) normal-pixel counts per float16 key; region: (65536,) summed 1/|region| per key.
+        n_regions: number of GT regions.
+
+    Returns:
+        (fpr, pro) float64 arrays from (0, 0), one point per distinct score (ties collapsed), ending at
+        `fpr_limit` with PRO interpolated linearly; the area under it divided by the limit is the AU-PRO.
+    """
+    normal_desc, region_desc = normal.double().flip(0), region.double().flip(0)  # highest score first
+    present = (normal_desc > 0) | (region_desc > 0)
+    n_ok = float(normal.sum())
+    fp_cum = normal_desc.cumsum(0)[present] / max(n_ok, 1.0)
+    fpr = np.concatenate([[0.0], fp_cum.clamp(max=1.0).numpy(), [1.0]])
+    pro = np.concatenate([[0.0], (region_desc.cumsum(0)[present] / max(n_regions, 1)).clamp(max=1.0).numpy(),
+                          [1.0]])
+    n_in = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    xs, ys = fpr[:n_in], pro[:n_in]
+    if n_in < fpr.size and xs[-1] < fpr_limit:
+        x0, x1, y0, y1 = xs[-1], fpr[n_in], ys[-1], pro[n_in]
+        xs, ys = np.append(xs, fpr_limit), np.append(ys, y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0))
+    return xs, ys
+
+
+@dataclass
+class _Analysis:
+    """What one pass over a run's cached test_public maps gives the report."""
+
+    fpr: np.ndarray
+    pro: np.ndarray
+    pixel_pos: np.ndarray  # (65536,) counts per float16 key, GT-anomalous pixels
+    pixel_neg: np.ndarray
+    image_scores: list[tuple[float, int]]  # (max pixel score, label) per image
+    per_image_f1: list[tuple[float, str]]  # (F1 of the predicted mask, sample id) per bad image
+
+
+def _postprocess_config(config: dict[str, Any]) -> Any:
+    from hybridad.postprocess import PostProcessConfig
+
+    try:
+        return PostProcessConfig(**(config.get("postprocess") or {}))
+    except TypeError:
+        return PostProcessConfig()
+
+
+def _pred_mask(r: _Run, sid: str, amap: np.ndarray) -> np.ndarray | None:
+    """The run's written mask; else the run's threshold + post-processing on the cached map; else None."""
     if r.run.mask_path(sid).is_file():
         return r.run.read_mask(sid)
     value = r.thresholds.get("value")
-    if isinstance(value, (int, float)):
-        return r.run.read_map(sid) > float(value)  # display only; the run's own masks take precedence
-    return None
+    if not isinstance(value, (int, float)):
+        return None
+    from hybridad.postprocess import binarize
+
+    mask = binarize(torch.from_numpy(amap)[None, None], float(value), _postprocess_config(r.config))
+    return mask[0, 0].numpy()
+
+
+def _category_dir(r: _Run) -> tuple[Path | None, str]:
+    root = (r.config.get("data") or {}).get("root")
+    category_dir = Path(root) / r.category if root else None
+    if category_dir is None or not category_dir.is_dir():
+        return None, f"dataset not found at {category_dir}" if category_dir else "no data.root in config.yaml"
+    return category_dir, ""
+
+
+def _analyse(r: _Run) -> tuple[_Analysis | None, str]:
+    from data_modules.listing import list_samples, read_mask
+    from hybridad.metrics.functional import f1_from_counts, pixel_histograms, pro_histograms
+
+    category_dir, why = _category_dir(r)
+    if category_dir is None:
+        return None, why
+    samples = [s for s in list_samples(category_dir.parent, r.category, Split.TEST_PUBLIC)
+               if r.run.map_path(s.sample_id).is_file()]
+    if not samples:
+        return None, "no test_public maps in the run"
+    normal = region = pos = neg = None
+    n_regions = 0
+    image_scores, per_image = [], []
+    for s in samples:
+        amap = r.run.read_map(s.sample_id)  # (H,W) float32
+        gt_np = np.zeros(amap.shape, bool)
+        if s.mask_path is not None:
+            gt_np = read_mask(s.mask_path, s.image_path, amap.shape) > 0
+        m, g = torch.from_numpy(amap), torch.from_numpy(np.asarray(gt_np))
+        n_i, r_i, k = pro_histograms(m, g)
+        p_i, q_i = pixel_histograms(m, g)
+        normal, region = (n_i, r_i) if normal is None else (normal + n_i, region + r_i)
+        pos, neg = (p_i, q_i) if pos is None else (pos + p_i, neg + q_i)
+        n_regions += k
+        image_scores.append((float(amap.max()), int(s.label)))
+        if s.label == 1:
+            pred = _pred_mask(r, s.sample_id, amap)
+            if pred is not None:
+                tp = int((pred & gt_np).sum())
+                f1 = f1_from_counts(tp, int(pred.sum()) - tp, int(gt_np.sum()) - tp)
+                per_image.append((f1, s.sample_id))
+    fpr, pro = pro_curve(normal, region, n_regions)
+    return _Analysis(fpr, pro, pos.numpy(), neg.numpy(), image_scores, per_image), ""
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_pro_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    """All categories' PRO curves up to FPR 0.05 in one figure, AU-PRO in the legend."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for cat, (fpr, pro) in curves.items():
+        area = float(np.trapezoid(pro, fpr)) / FPR_LIMIT
+        ax.plot(fpr, pro, lw=2, label=f"{cat} ({100 * area:.1f})")
+    ax.set(xlim=(0, FPR_LIMIT), ylim=(0, 1), xlabel="false positive rate (normal pixels)",
+           ylabel="per-region overlap (PRO)", title="PRO curves on test_public (legend: AU-PRO(0.05) %)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9, frameon=False)
+    _save(fig, path)
+
+
+_RULE_STYLE = {"run": ("black", "-"), "mean_std": ("tab:orange", "--"), "pseudo_f1": ("tab:green", "--"),
+               "f1_optimal": ("tab:purple", ":")}
+
+
+def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path: Path) -> None:
+    """Good vs bad pixel scores and image scores (max pixel score), each with the thresholds as lines."""
+    from hybridad.metrics.functional import float16_key_values
+
+    plt = _pyplot()
+    values = float16_key_values().numpy()
+    present = (a.pixel_pos + a.pixel_neg) > 0
+    lo, hi = float(values[present].min()), float(values[present].max())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, 61)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
+    classes = ((a.pixel_neg, "good (normal)", "tab:blue"), (a.pixel_pos, "bad (defective)", "tab:red"))
+    for hist, label, colour in classes:
+        keep = hist > 0
+        if keep.any():
+            counts, _ = np.histogram(values[keep], bins=edges, weights=hist[keep])
+            density = counts / max(counts.sum(), 1.0)
+            ax1.stairs(density, edges, fill=True, alpha=0.45, color=colour, label=label)
+    ax1.set(yscale="log", xlabel="pixel score", ylabel="fraction of pixels", title="pixels")
+    scores = np.array([s for s, _ in a.image_scores])
+    labels = np.array([lab for _, lab in a.image_scores])
+    img_edges = np.linspace(scores.min(), max(scores.max(), scores.min() + 1e-6), 21)
+    for lab, colour in ((0, "tab:blue"), (1, "tab:red")):
+        if (labels == lab).any():
+            ax2.hist(scores[labels == lab], bins=img_edges, alpha=0.5, color=colour)
+    ax2.set(xlabel="image score (max pixel score)", ylabel="images", title="images")
+    for ax in (ax1, ax2):
+        for rule, thr in thresholds.items():
+            colour, style = _RULE_STYLE.get(rule, ("gray", "-"))
+            name = "threshold (run)" if rule == "run" else dict(RULES).get(rule, rule)
+            ax.axvline(thr, color=colour, ls=style, lw=1.6, label=f"{name}: {thr:.3g}")
+        ax.grid(alpha=0.25)
+    handles, names = ax1.get_legend_handles_labels()
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9, frameon=False)
+    fig.suptitle(title, x=0.01, ha="left", fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------- overlays
 
 
 def overlay_panel(image: np.ndarray, anomaly_map: np.ndarray, gt: np.ndarray | None, pred: np.ndarray | None
                   ) -> np.ndarray:
     """Two panels side by side, (h, 2w, 3) uint8 BGR, downscaled so the long side is at most 768 px.
+
+    Left: the input with the ground-truth contour (green). Right: the anomaly map as a JET heat map (min-max
+    scaled per image, display only) blended over the input, with the ground-truth (green) and predicted (red)
+    contours.
 
     Args:
         image: (H,W,3) uint8 BGR input.
@@ -218,3 +482,185 @@ def overlay_panel(image: np.ndarray, anomaly_map: np.ndarray, gt: np.ndarray | N
         for panel in panels:
             cv2.drawContours(panel, contours, -1, colour, 1)
     return np.concatenate([left, right], axis=1)  # (h, 2w, 3)
+
+
+def _write_overlay(r: _Run, category_dir: Path, sid: str, out: Path, rel: Path) -> str:
+    """Draw one overlay to `out/rel`; returns '' or why it was skipped."""
+    stem = sid.rsplit("/", 1)[1]
+    image = cv2.imread(str(category_dir / f"{sid}.png"), cv2.IMREAD_COLOR)  # (H,W,3) BGR, gray -> 3 ch
+    if image is None:
+        return f"image {category_dir / sid}.png missing"
+    gt_path = category_dir / "test_public/ground_truth/bad" / f"{stem}_mask.png"
+    gt = cv2.imread(str(gt_path), cv2.IMREAD_GRAYSCALE)
+    amap = r.run.read_map(sid)
+    panel = overlay_panel(image, amap, gt, _pred_mask(r, sid, amap))
+    ok, png = cv2.imencode(".png", panel)
+    if not ok:
+        return "PNG encoding failed"
+    atomic_write_bytes(out / rel, png.tobytes())
+    return ""
+
+
+def best_and_worst(per_image_f1: list[tuple[float, str]], count: int) -> tuple[list, list]:
+    """The `count` bad images with the highest and the lowest mask F1 (ties: sample-id order), disjoint."""
+    ranked = sorted(per_image_f1, key=lambda t: (-t[0], t[1]))
+    best = ranked[:count]
+    worst = [t for t in sorted(per_image_f1, key=lambda t: (t[0], t[1])) if t not in best][:count]
+    return best, worst
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1280px;
+padding:18px 28px;color:#1d2330}
+h1{font-size:26px;margin:6px 0 2px}h2{font-size:20px;margin:34px 0 8px;border-bottom:2px solid #e3e6ec;
+padding-bottom:4px}h3{font-size:17px;margin:22px 0 6px}
+nav a{margin-right:14px;color:#2457c5;text-decoration:none}.sub{color:#5b6475;margin:0 0 8px}
+table{border-collapse:collapse;margin:8px 0;font-variant-numeric:tabular-nums}
+th,td{padding:5px 11px;border-bottom:1px solid #e3e6ec;text-align:left;white-space:nowrap}
+th{background:#f3f5f9;font-weight:600}td.num{text-align:right}tr.mean td{font-weight:600;background:#fafbfd}
+td.drop{color:#b42318}.note{color:#5b6475;font-size:13px;max-width:1100px;margin:4px 0 12px}
+img{max-width:100%;border:1px solid #e3e6ec;border-radius:4px}
+.cat{display:grid;grid-template-columns:repeat(auto-fill,minmax(290px,1fr));gap:10px 16px}.cat figure{margin:0}
+caption{text-align:left;font-weight:600;padding:6px 0}
+.cat img{width:100%;image-rendering:pixelated}
+figcaption{font-size:13px;color:#5b6475;margin-top:2px}.skip{color:#8a5a00}
+.kpi{display:inline-block;margin-right:18px;font-size:14px}.kpi b{font-size:17px}
+"""
+
+
+def _kpis(r: _Run) -> str:
+    parts = []
+    for name, title in (("aupro_0.05", "AU-PRO(0.05)"), ("seg_f1", "SegF1"), ("class_f1", "ClassF1"),
+                        ("image_auroc", "image AUROC")):
+        value = _pct(_value(r.metrics, "test_public", name))
+        parts.append(f'<span class="kpi">{title} <b>{value}</b></span>')
+    parts.append(f'<span class="kpi">threshold <b>{html.escape(_threshold_source(r))}</b></span>')
+    return "".join(parts)
+
+
+def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: int = 2) -> str:
+    """Write `<out>/index.html`, `<out>/report.md` and their PNGs; return the markdown.
+
+    Args:
+        run_dirs: run directories, at most one per category.
+        out: output folder; default `<first run dir>/report`.
+        num_overlays: best and worst test_public bad images drawn per category (by mask F1); 0 = none.
+    """
+    if not run_dirs:
+        raise UserError("report: give at least one run directory")
+    runs = _load_runs(run_dirs)
+    out = Path(out) if out is not None else Path(run_dirs[0]) / "report"
+
+    md = ["# hybridad report", "", "Runs:", ""] + [f"- {r.category}: `{r.run.path}`" for r in runs]
+    body: list[str] = []
+    nav: list[tuple[str, str]] = []
+
+    def section(anchor: str, title: str, content: str) -> None:
+        nav.append((anchor, title))
+        body.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>{content}')
+
+    paper = paper_table(runs)
+    md += ["", *paper.markdown()]
+    section("summary", "Summary", paper.html())
+    rules = rules_table(runs)
+    if rules is not None:
+        md += ["", *rules.markdown()]
+        section("thresholds", "Threshold rules", rules.html())
+
+    analyses: dict[str, _Analysis] = {}
+    skipped: dict[str, str] = {}
+    for r in runs:
+        a, why = _analyse(r)
+        if a is None:
+            skipped[r.category] = why
+        else:
+            analyses[r.category] = a
+    if analyses:
+        plot_pro_curves({c: (a.fpr, a.pro) for c, a in analyses.items()}, out / "pro_curves.png")
+        section("pro", "PRO curves", '<img src="pro_curves.png" alt="PRO curves">'
+                '<p class="note">Per-region overlap against the false positive rate over all normal pixels '
+                "of "
+                "test_public, up to 0.05 (the AU-PRO(0.05) integration range).</p>")
+        md += ["", "## PRO curves", "", "![PRO curves](pro_curves.png)"]
+
+    light = lighting_tables(runs)
+    if light:
+        md += [line for t in light for line in ["", *t.markdown()]]
+        section("lighting", "Lighting robustness", "".join(t.html(caption=True) for t in light))
+
+    cat_html, cat_md = [], ["", "## Per category"]
+    for r in runs:
+        parts = [f'<h3 id="cat-{r.category}">{r.category}</h3><div>{_kpis(r)}</div>']
+        cat_md += ["", f"### {r.category}"]
+        a = analyses.get(r.category)
+        if a is None:
+            why = html.escape(skipped[r.category])
+            parts.append(f'<p class="skip">plots and overlays skipped: {why}</p>')
+            cat_md += ["", f"- {r.category}: plots and overlays skipped ({skipped[r.category]})"]
+            cat_html.append("".join(parts))
+            continue
+        lines = _rule_lines(r)
+        rel = Path("histograms") / f"{r.category}.png"
+        plot_histograms(a, lines, f"{r.category}: test_public scores", out / rel)
+        parts.append(f'<img src="{rel.as_posix()}" alt="{r.category} score histograms">')
+        cat_md += ["", f"![{r.category} histograms]({rel.as_posix()})"]
+        if num_overlays > 0 and a.per_image_f1:
+            category_dir, _ = _category_dir(r)
+            best, worst = best_and_worst(a.per_image_f1, num_overlays)
+            figs = []
+            for kind, items in (("best", best), ("worst", worst)):
+                for f1, sid in items:
+                    rel = Path("overlays") / r.category / f"{kind}_{sid.rsplit('/', 1)[1]}.png"
+                    why = _write_overlay(r, category_dir, sid, out, rel) if category_dir else "no dataset"
+                    caption = f"{kind}: {sid} (mask F1 {100 * f1:.1f} %)"
+                    if why:
+                        figs.append(f'<p class="skip">{html.escape(caption)} skipped: {html.escape(why)}</p>')
+                        cat_md.append(f"- {r.category}: overlay of {sid} skipped ({why})")
+                        continue
+                    figs.append(f'<figure><img src="{rel.as_posix()}" alt="{html.escape(caption)}">'
+                                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+                    cat_md.append(f"![{r.category} {kind} {sid}]({rel.as_posix()})")
+            parts.append(f'<div class="cat">{"".join(figs)}</div>')
+        cat_html.append("".join(parts))
+    legend = ('<p class="note">Histograms: pixel scores of normal (blue) and defective (red) test_public '
+              "pixels, "
+              "and image scores (max pixel score: an image is flagged when it reaches the threshold, before "
+              "post-processing), with each rule's threshold. Overlays: the bad images whose predicted mask "
+              "fits "
+              "the ground truth best and worst; left, input with ground truth (green); right, anomaly map "
+              "(min-max per image) with ground truth (green) and predicted mask (red).</p>")
+    section("categories", "Per category", legend + "".join(cat_html))
+    md += cat_md
+
+    for s in Split:
+        if any(_value(r.metrics, s.value, m) is not None for r in runs for m, _ in COLUMNS):
+            t = main_table(runs, s.value)
+            md += ["", *t.markdown()]
+            section(f"all-{s.value}", f"All metrics: {s.value}", t.html())
+
+    text = "\n".join(md) + "\n"
+    atomic_write_bytes(out / "report.md", text.encode("utf-8"))
+    links = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in nav)
+    runs_line = ", ".join(f"{html.escape(r.category)}: <code>{html.escape(str(r.run.path))}</code>"
+                          for r in runs)
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>hybridad report</title>'
+            f"<style>{CSS}</style></head><body><h1>hybridad report</h1><p class=\"sub\">{len(runs)} run(s): "
+            f"{runs_line}</p><nav>{links}</nav>{''.join(body)}</body></html>\n")
+    atomic_write_bytes(out / "index.html", page.encode("utf-8"))
+    return text
+
+
+def _rule_lines(r: _Run) -> dict[str, float]:
+    """Thresholds to mark on the histograms: the run's own and each rule's (when the run stored them)."""
+    lines: dict[str, float] = {}
+    value = r.thresholds.get("value")
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        lines["run"] = float(value)
+    for rule, _ in RULES:
+        v = _value(r.metrics, "test_public", f"threshold={rule}/value")
+        if v is not None:
+            lines[rule] = v
+    return lines

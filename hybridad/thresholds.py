@@ -28,7 +28,7 @@ from hybridad.metrics.functional import (
 )
 from hybridad.metrics.segmentation import PixelF1Max
 
-METHODS = ("mean_std", "percentile", "f1_optimal", "fixed")
+METHODS = ("mean_std", "percentile", "f1_optimal", "fixed", "pseudo_f1")
 PERCENTILE_METHODS = ("linear", "lower", "higher", "nearest")
 TUNED_ON_TEST = "threshold tuned on test"  # the label of every value chosen with test_public labels
 OVERRIDABLE_SPLITS = ("test_private", "test_private_mixed")
@@ -59,6 +59,11 @@ class ThresholdConfig:
     percentile_method: str = "linear"  # numpy.percentile method: linear | lower | higher | nearest
     test_private: SplitThresholdConfig = field(default_factory=SplitThresholdConfig)
     test_private_mixed: SplitThresholdConfig = field(default_factory=SplitThresholdConfig)
+    # pseudo_f1 (hybridad.pseudo_threshold): SegF1-optimal on validation images with pasted pseudo-anomalies;
+    # also computed as a candidate under any method unless pseudo_repeats=0
+    pseudo_repeats: int = 4  # pasted copies of each validation image (different draws); 0 = off
+    pseudo_seed: int = 0  # seed of the pastes (fixed: the same run gives the same threshold)
+    pseudo_scale_of: str = "image"  # data.cut_paste scales are fractions of the "image" or of a test "tile"
 
 
 @dataclass
@@ -176,6 +181,7 @@ def fit_threshold(
     cfg: ThresholdConfig,
     stats: ScoreStats | None = None,
     labelled: Union[PixelF1Max, tuple[Tensor, Tensor], None] = None,
+    pseudo: float | None = None,
 ) -> ThresholdResult:
     """Fit the threshold `cfg.method` asks for.
 
@@ -183,7 +189,14 @@ def fit_threshold(
         cfg: the rule and its parameters.
         stats: validation pixel scores (needed by "mean_std" and "percentile").
         labelled: labelled-map histograms (needed by "f1_optimal", which tunes on test data).
+        pseudo: the "pseudo_f1" value fitted at training time with the model (`hybridad.pseudo_threshold`;
+            stored in thresholds.yaml `candidates.pseudo_f1.value`).
     """
+    if cfg.method == "pseudo_f1":
+        if pseudo is None or not math.isfinite(pseudo):
+            raise UserError("threshold.method=pseudo_f1 is fitted with the model at training time: train with "
+                            "threshold.method=pseudo_f1 (or threshold.pseudo_repeats>0) so the run stores it")
+        return ThresholdResult(float(pseudo), "pseudo_f1", "validation + pseudo-anomalies", False)
     if cfg.method == "fixed":
         return ThresholdResult(float(cfg.value), "fixed", "config", False)
     if cfg.method == "f1_optimal":

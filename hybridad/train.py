@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from callbacks.map_writer import MapWriterCallback
 from callbacks.metric_logger import MetricsCallback
 from callbacks.overlay_logger import OverlayLoggerCallback
+from callbacks.pseudo_threshold import PseudoThresholdCallback
 from callbacks.score_writer import ScoreWriterCallback
 from callbacks.threshold_search import ThresholdCallback
 from data_modules.datamodule import MVTecAD2DataModule
@@ -67,6 +68,7 @@ def build_trainer(cfg: RunConfig, run: Path, extra_callbacks: list[L.Callback] |
     kwargs = {k: v for k, v in dataclasses.asdict(cfg.trainer).items() if v is not None}
     callbacks: list[L.Callback] = [
         ThresholdCallback(cfg.threshold, run),
+        PseudoThresholdCallback(cfg.threshold, run),
         MetricsCallback(run),
         MapWriterCallback(run),
         ScoreWriterCallback(run),

@@ -1,0 +1,127 @@
+"""pseudo_f1: pastes inside the image, rank-independent histograms, the F1-optimal pick, candidate SegF1."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from data_modules.cut_paste import CutPasteConfig
+from data_modules.datamodule import DataConfig, MVTecAD2DataModule
+from data_modules.tilers import TilingConfig
+from hybridad.errors import UserError
+from hybridad.models.anomaly_module import AnomalyModule
+from hybridad.postprocess import PostProcessConfig
+from hybridad.pseudo_threshold import (
+    paste_native,
+    pseudo_cut_paste,
+    pseudo_f1_threshold,
+    pseudo_histograms,
+    score_candidates,
+)
+from hybridad.run_dir import RunDir
+from hybridad.thresholds import ThresholdConfig, fit_threshold
+from hybridad.types import AnomalyOutput, Batch
+
+
+def test_pastes_stay_inside_a_non_square_image_and_repeat_with_the_seed() -> None:
+    images = torch.full((2, 3, 40, 90), 100 / 255.0)  # (B,3,H,W), padded to 90x90 inside
+    config = CutPasteConfig(probability=1.0, max_patches=3, scale_min=0.2, scale_max=0.4, library_size=2)
+    cp = pseudo_cut_paste(config, 45, 90)  # tile side 45 on a 90 px square: scales halved
+    assert cp.config.enabled
+    assert (cp.config.scale_min, cp.config.scale_max) == (pytest.approx(0.1), pytest.approx(0.2))
+    out, mask = paste_native(images, cp, torch.Generator().manual_seed(3))
+    assert out.shape == images.shape and mask.shape == (2, 1, 40, 90) and mask.dtype == torch.bool
+    changed = (out != images).any(dim=1, keepdim=True)
+    assert changed.any() and not (changed & ~mask).any()  # every change is labelled
+    assert torch.equal(out * 255, (out * 255).round())  # 8-bit levels, as real images
+    again, mask2 = paste_native(images, cp, torch.Generator().manual_seed(3))
+    assert torch.equal(again, out) and torch.equal(mask2, mask)
+
+
+def test_pseudo_f1_threshold_known_answer() -> None:
+    from hybridad.metrics.functional import float16_keys, key_histogram
+
+    # pasted pixels score 0.5, 0.75, 0.75; untouched 0.25 x3 and 0.75 x1: best F1 at t=0.5 (TP 3, FP 1) = 6/7
+    pos = key_histogram(float16_keys(torch.tensor([0.5, 0.75, 0.75])))
+    neg = key_histogram(float16_keys(torch.tensor([0.25, 0.25, 0.25, 0.75])))
+    thr, f1 = pseudo_f1_threshold(pos, neg)
+    assert thr == 0.5 and f1 == pytest.approx(6 / 7)
+    assert pseudo_f1_threshold(torch.zeros_like(pos), neg)[0] == float("inf")
+
+
+def test_fit_threshold_pseudo_f1_needs_the_stored_value() -> None:
+    cfg = ThresholdConfig(method="pseudo_f1")
+    with pytest.raises(UserError, match="pseudo_f1"):
+        fit_threshold(cfg)
+    result = fit_threshold(cfg, pseudo=0.25)
+    assert (result.value, result.method, result.tuned_on_test) == (0.25, "pseudo_f1", False)
+
+
+class _DiffModel(AnomalyModule):
+    """Scores |pasted - clean| (max over channels): a perfect detector of what was pasted."""
+
+    def __init__(self, clean: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.clean = clean
+
+    def predict_batch(self, batch: Batch) -> AnomalyOutput:
+        ref = torch.stack([self.clean[s] for s in batch.sample_id]).float() / 255.0  # (B,3,H,W)
+        amap = (batch.image - ref).abs().amax(dim=1, keepdim=True)  # (B,1,H,W)
+        return AnomalyOutput(amap, amap.flatten(1).amax(1), None)
+
+
+def test_pseudo_histograms_perfect_detector_and_rank_split(synthetic_root: Path) -> None:
+    data = DataConfig(root=str(synthetic_root), category="can", num_workers=0,
+                      tiling=TilingConfig(input_size=32),
+                      cut_paste=CutPasteConfig(probability=1.0, library_size=2))
+    dm = MVTecAD2DataModule(data)
+    ds = dm.dataset("validation")
+    model = _DiffModel({ds[i]["sample_id"]: ds[i]["image"] for i in range(len(ds))})
+    cfg = ThresholdConfig(pseudo_repeats=2, pseudo_seed=5)
+    pos, neg = pseudo_histograms(model, dm, cfg)
+    assert pos.sum() > 0
+    thr, f1 = pseudo_f1_threshold(pos, neg)
+    assert f1 > 0.99 and 0.0 < thr <= 1.0  # untouched pixels score 0: the pick separates the pastes
+    halves = [pseudo_histograms(model, dm, cfg, rank=r, world=2) for r in (0, 1)]
+    assert torch.equal(halves[0][0] + halves[1][0], pos) and torch.equal(halves[0][1] + halves[1][1], neg)
+    other = pseudo_histograms(model, dm, dataclasses.replace(cfg, pseudo_seed=6))
+    assert not torch.equal(other[0], pos)  # the seed decides the pastes
+
+
+def test_score_candidates_segf1_per_rule(tmp_path: Path) -> None:
+    from data_modules.synthetic import write_synthetic_dataset
+
+    root = tmp_path / "data"
+    write_synthetic_dataset(root, ["wallplugs"], size=(40, 32), counts="small", seed=0, verbose=False)
+    run = RunDir(tmp_path / "run")
+    for png in sorted((root / "wallplugs/test_public/bad").glob("*.png")):
+        gt = cv2.imread(str(root / f"wallplugs/test_public/ground_truth/bad/{png.stem}_mask.png"), 0)
+        run.write_map(f"test_public/bad/{png.stem}", (gt > 0).astype(np.float32) * 0.75 + 0.125)
+    for png in sorted((root / "wallplugs/test_public/good").glob("*.png")):
+        run.write_map(f"test_public/good/{png.stem}", np.full((32, 40), 0.125, np.float32))
+    out = score_candidates(run.path, {"mean_std": 0.5, "pseudo_f1": 2.0}, PostProcessConfig(), str(root),
+                           "wallplugs")
+    assert out["test_public/threshold=mean_std/seg_f1"] == 1.0  # separates GT exactly
+    assert out["test_public/threshold=pseudo_f1/seg_f1"] == 0.0  # nothing predicted
+    assert out["test_public/threshold=f1_optimal/seg_f1"] == 1.0
+    assert out["test_public/threshold=f1_optimal/value"] == 0.875  # highest threshold reaching F1 = 1
+    assert out["test_public/threshold=pseudo_f1/value"] == 2.0
+
+
+def test_candidate_thresholds_from_a_stored_thresholds_yaml() -> None:
+    from hybridad.pseudo_threshold import candidate_thresholds
+
+    stored = {"value": 0.3, "method": "pseudo_f1", "candidates": {
+        "mean_std": {"value": 0.9, "k": 3.0, "stats": {"mean": 0.3, "std": 0.2}},
+        "pseudo_f1": {"value": 0.3, "pseudo_seg_f1": 0.4}}}
+    assert candidate_thresholds(stored, k=3.0) == {"mean_std": pytest.approx(0.9), "pseudo_f1": 0.3}
+    assert candidate_thresholds(stored, k=1.0)["mean_std"] == pytest.approx(0.5)  # the asked k
+    # an older run: only the validation statistics -> mean + k std with the asked k; no pseudo candidate
+    old = {"value": 0.7, "method": "mean_std", "stats": {"mean": 0.25, "std": 0.125}}
+    assert candidate_thresholds(old, k=2.0) == {"mean_std": 0.5}
+    assert candidate_thresholds({"candidates": {"pseudo_f1": {"value": None}}}, k=3.0) == {}
