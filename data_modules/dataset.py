@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from data_modules.augment import AugmentConfig, build_augment
 from data_modules.listing import png_size, read_image, read_mask
 from data_modules.tilers import train_tile_boxes
+from data_modules.train_sampler import decode_item_index, item_seed
 from hybridad.errors import UserError
 from hybridad.types import Batch, Sample, Split
 
@@ -57,6 +58,7 @@ class MVTecAD2Dataset(Dataset):
             self.triples = [(i, li, ti, box) for i in range(len(samples)) for (li, ti, box) in boxes]
         train = augment is not None and train_levels is not None
         self.augment = build_augment(augment, seed) if train else None
+        self.seed = seed or 0
         self._cache: tuple[int, np.ndarray] | None = None  # last decoded image (consecutive triples share it)
 
     def __len__(self) -> int:
@@ -78,11 +80,14 @@ class MVTecAD2Dataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         box = None
+        epoch, idx = decode_item_index(idx, len(self))  # EpochSampler encodes the epoch in the index
+        item = idx
         if self.triples is not None:
             idx, _, _, box = self.triples[idx]
         s = self.samples[idx]
         img = self._decode(idx)
         if self.augment is not None:
+            self.augment.reseed(item_seed(self.seed, epoch, item))  # resumable, worker-count independent
             img = self.augment(img)
         mask = None
         if self.with_masks:

@@ -129,7 +129,8 @@ class Cpr(AnomalyModule):
         x = batch.image.float()  # (N, 3, S, S) in [0, 1]
         n, s = x.shape[0], x.shape[-1]
         mask = batch.mask if batch.mask is not None else x.new_zeros(n, 1, s, s)
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.global_step)
+        seed = cfg.seed * 1_000_003 + self.global_step + self.global_rank * 1_000_000_007  # per step, per rank
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         assert self._ref_images is not None and self.model.bank_fg is not None
         src, ref = self._reference_for(x, list(batch.sample_id), gen)
         bank_fg = self.model.bank_fg.to(self.device).float()  # (Ntrain, 1, h, w)
