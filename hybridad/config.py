@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -161,9 +162,10 @@ def parse_overrides(overrides: list[str] | None) -> DictConfig:
             item = f"{key}=''"
         try:
             parts.append(OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as err:
-            raise UserError(f"override '{item}': {_reason(err)} (quote values with YAML syntax, "
-                            f"e.g. '{key}=[1, 2]')") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            why = " ".join(str(err).split("\n")[:2]) if isinstance(err, yaml.YAMLError) else _reason(err)
+            raise UserError(f"override '{item}': not valid YAML ({why}); write values in YAML syntax, "
+                            f"e.g. '{key}=[1, 2]' or '{key}={{cols: 2, rows: 1}}'") from None
     if not parts:
         return OmegaConf.create({})
     merged = OmegaConf.merge(*parts)
@@ -188,7 +190,7 @@ def load_resume_config(cli: DictConfig, experiments_dir: Path | None = None) -> 
     run = resolve_resume_target(spec, out_dir, str(category or ""))
     saved = _merge(OmegaConf.structured(RunConfig), _load_yaml(run / "config.yaml"), str(run / "config.yaml"))
     for key, value in _flatten(OmegaConf.to_container(cli)):
-        if key in RESUME_MUTABLE or key == "resume":
+        if key in RESUME_MUTABLE or key in ("resume", "out_dir", "name"):  # the last two only locate the run
             continue
         if key == "data.root":
             if not (Path(str(saved.data.root)) / str(saved.data.category)).is_dir():

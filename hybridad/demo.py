@@ -7,6 +7,7 @@ report table.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def run_demo(out: Path, overrides: list[str] | None = None, categories: list[str
         t = time.time()
         cfg = demo_config(cat, data_root, runs, overrides)
         print(f"== {cat}: {cfg.branch} ==", flush=True)
+        shutil.rmtree(runs / cat / "demo", ignore_errors=True)  # a run name is claimed once: replace the demo's
         run_dirs.append(train(cfg))
         print(f"== {cat}: done in {time.time() - t:.0f} s ==", flush=True)
 

@@ -37,6 +37,8 @@ class Launch:
     world_size: int
     external: bool  # torchrun / SLURM started every process; False: a single process (Lightning may spawn)
     child: bool  # a rank that Lightning's launcher started for a run its parent already claimed
+    main_address: str = ""  # rank 0's host and port (external launchers)
+    main_port: int = 0
 
 
 def detect_launch() -> Launch:
@@ -49,7 +51,8 @@ def detect_launch() -> Launch:
         if env_cls.detect():
             env = env_cls()
             if env.world_size() > 1:
-                return Launch(env.global_rank(), env.world_size(), external=True, child=False)
+                return Launch(env.global_rank(), env.world_size(), external=True, child=False,
+                              main_address=env.main_address, main_port=env.main_port)
     return Launch(rank=0, world_size=1, external=False, child=False)
 
 
@@ -162,6 +165,8 @@ def agree_on_run(choose: Callable[[], Path], launch: Launch, backend: str) -> Pa
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", launch.main_address)  # SLURM sets neither; Lightning derives both
+        os.environ.setdefault("MASTER_PORT", str(launch.main_port))
         dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size)
     message: list[object] = [None]
     if launch.rank == 0:

@@ -82,7 +82,7 @@ def test_launch_detection_reads_the_launchers_environment(monkeypatch: pytest.Mo
            "MASTER_ADDR": "localhost", "MASTER_PORT": "1234"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert run_claim.detect_launch() == run_claim.Launch(1, 2, external=True, child=False)
+    assert run_claim.detect_launch() == run_claim.Launch(1, 2, True, False, "localhost", 1234)
     monkeypatch.setenv("HYBRIDAD_CLAIMED_RUN", "/runs/can/x")
     assert run_claim.detect_launch().child
 
