@@ -21,9 +21,10 @@ from hybridad.run_dir import atomic_write_with
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`torch.save` into a temporary file beside the target, fsync, then `os.replace` (see `atomic_write_with`)."""
+    """`torch.save` into a temporary file beside the target, fsync, `os.replace` (see `atomic_write_with`)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         atomic_write_with(Path(path), lambda f: torch.save(checkpoint, f))

@@ -41,7 +41,8 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=False)
         self._skip: tuple[int, int] | None = None  # (epoch, items) to skip once
 
     def skip_once(self, epoch: int, items: int) -> None:

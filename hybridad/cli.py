@@ -108,7 +108,7 @@ STORAGE_ERRNOS = {
 
 
 def storage_error_line(err: BaseException) -> str | None:
-    """One line for a full, unwritable or read-only disk anywhere in `err`'s chain (naming the path), else None."""
+    """One line for a full, unwritable or read-only disk anywhere in `err`'s chain (naming the path)."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:

@@ -164,8 +164,8 @@ def parse_overrides(overrides: list[str] | None) -> DictConfig:
             parts.append(OmegaConf.from_dotlist([item]))
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             why = " ".join(str(err).split("\n")[:2]) if isinstance(err, yaml.YAMLError) else _reason(err)
-            raise UserError(f"override '{item}': not valid YAML ({why}); write values in YAML syntax, "
-                            f"e.g. '{key}=[1, 2]' or '{key}={{cols: 2, rows: 1}}'") from None
+            raise UserError(f"override '{item}': not valid YAML ({why}); write the value in YAML syntax "
+                            "(lists as [1, 2], mappings as {cols: 2, rows: 1}), quoted for the shell") from None
     if not parts:
         return OmegaConf.create({})
     merged = OmegaConf.merge(*parts)
@@ -174,7 +174,7 @@ def parse_overrides(overrides: list[str] | None) -> DictConfig:
 
 
 def load_resume_config(cli: DictConfig, experiments_dir: Path | None = None) -> RunConfig:
-    """The saved config of the run named by `resume=` (`latest` or a run directory), with `cfg.resume` set to it.
+    """The saved config of the run named by `resume=` (`latest` or a run folder), `cfg.resume` set to it.
 
     A resumed run keeps its config: another value for any key but `RESUME_MUTABLE` is refused with one line.
     A `data.root` on the command line is used only when the saved one no longer holds the category.
@@ -197,11 +197,12 @@ def load_resume_config(cli: DictConfig, experiments_dir: Path | None = None) -> 
                 saved.data.root = str(value)
             continue
         old = OmegaConf.select(saved, key, default="__missing__")
-        new = OmegaConf.select(_merge(saved.copy(), OmegaConf.from_dotlist([f"{key}={value}"]), "the command line"),
-                               key, default="__missing__")
+        changed = _merge(saved.copy(), OmegaConf.from_dotlist([f"{key}={value}"]), "the command line")
+        new = OmegaConf.select(changed, key, default="__missing__")
         if old != new:
-            raise UserError(f"resume: {key}={value} differs from the run's {key}={old} ({run / 'config.yaml'}); "
-                            "a resumed run keeps its config (start a new run to change it)")
+            raise UserError(f"resume: {key}={value} differs from the run's {key}={old} "
+                            f"({run / 'config.yaml'}); a resumed run keeps its config (start a new run to "
+                            "change it)")
     saved = _merge(saved, OmegaConf.create(_select_mutable(OmegaConf.to_container(cli))), "the command line")
     saved.resume = str(run)
     obj = OmegaConf.to_object(saved)
@@ -307,11 +308,13 @@ def validate_config(cfg: RunConfig) -> None:
            "must be >= 1")
     _check(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches,
            "must be >= 1")
-    _check(t.num_sanity_val_steps >= -1, "trainer.num_sanity_val_steps", t.num_sanity_val_steps, "must be >= -1")
+    _check(t.num_sanity_val_steps >= -1, "trainer.num_sanity_val_steps", t.num_sanity_val_steps,
+           "must be >= -1")
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
         v = getattr(t, key)
-        _check(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0), f"trainer.{key}",
-               v, "must be a fraction in [0, 1] or a number of batches >= 0")
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        _check(v is None or (number and v >= 0), f"trainer.{key}", v,
+               "must be a fraction in [0, 1] or a number of batches >= 0")
     _check(t.gradient_clip_val is None or t.gradient_clip_val >= 0, "trainer.gradient_clip_val",
            t.gradient_clip_val, "must be >= 0")
     _check(cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", cfg.checkpoint.every_n_steps,
@@ -320,6 +323,10 @@ def validate_config(cfg: RunConfig) -> None:
     d = cfg.data
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _check(d.global_batch_size >= 0, "data.global_batch_size", d.global_batch_size, "must be >= 0 (0 = off)")
+    if d.global_batch_size > 0 and isinstance(t.devices, int) and t.devices > 0:
+        world = t.devices * t.num_nodes
+        _check(d.global_batch_size % world == 0, "data.global_batch_size", d.global_batch_size,
+               f"must divide by the {world} devices (trainer.devices x trainer.num_nodes)")
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     size = d.tiling.input_size
@@ -330,8 +337,8 @@ def validate_config(cfg: RunConfig) -> None:
            "needs at least one level")
     for i, lv in enumerate([*d.tiling.train_levels, d.tiling.test_level]):
         key = f"data.tiling.train_levels[{i}]" if i < len(d.tiling.train_levels) else "data.tiling.test_level"
-        _check(lv.cols >= 1 and lv.rows >= 1 and 0 <= lv.overlap < 0.5, key, f"{lv.cols}x{lv.rows}/{lv.overlap}",
-               "needs cols >= 1, rows >= 1 and 0 <= overlap < 0.5")
+        _check(lv.cols >= 1 and lv.rows >= 1 and 0 <= lv.overlap < 0.5, key,
+               f"{lv.cols}x{lv.rows}/{lv.overlap}", "needs cols >= 1, rows >= 1 and 0 <= overlap < 0.5")
     for key in ("hflip", "vflip", "probability"):
         v = getattr(d.augment, key)
         _check(0.0 <= v <= 1.0, f"data.augment.{key}", v, "is a probability in [0, 1]")
@@ -339,7 +346,8 @@ def validate_config(cfg: RunConfig) -> None:
         v = getattr(d.augment, key)
         _check(v >= 0.0, f"data.augment.{key}", v, "must be >= 0")
     cp = d.cut_paste
-    _check(0.0 <= cp.probability <= 1.0, "data.cut_paste.probability", cp.probability, "is a probability in [0, 1]")
+    _check(0.0 <= cp.probability <= 1.0, "data.cut_paste.probability", cp.probability,
+           "is a probability in [0, 1]")
     _check(cp.max_patches >= 1, "data.cut_paste.max_patches", cp.max_patches, "must be >= 1")
     _check(0.0 < cp.scale_min <= cp.scale_max <= 1.0, "data.cut_paste.scale_min/scale_max",
            f"{cp.scale_min}/{cp.scale_max}", "need 0 < scale_min <= scale_max <= 1")
@@ -353,7 +361,8 @@ def validate_config(cfg: RunConfig) -> None:
     for key in ("closing_kernel", "erosion_kernel", "min_area"):
         v = getattr(p, key)
         _check(v >= 0, f"postprocess.{key}", v, "must be >= 0 (0 = off)")
-    _check(0.0 < p.full_mask_guard <= 1.0, "postprocess.full_mask_guard", p.full_mask_guard, "must be in (0, 1]")
+    _check(0.0 < p.full_mask_guard <= 1.0, "postprocess.full_mask_guard", p.full_mask_guard,
+           "must be in (0, 1]")
 
     th = cfg.threshold
     _check_enum("threshold.method", th.method, METHODS)
@@ -365,14 +374,15 @@ def validate_config(cfg: RunConfig) -> None:
     _check_enum("inp_former.preset", m.preset, ("", "tiny"))
     _check_enum("inp_former.pos_embed", m.pos_embed, ("dinov2", "timm"))
     _check(m.num_inps >= 1, "inp_former.num_inps", m.num_inps, "must be >= 1")
-    _check(m.lr > 0 and m.final_lr >= 0, "inp_former.lr/final_lr", f"{m.lr}/{m.final_lr}", "need lr > 0, final_lr >= 0")
+    _check(m.lr > 0 and m.final_lr >= 0, "inp_former.lr/final_lr", f"{m.lr}/{m.final_lr}",
+           "need lr > 0, final_lr >= 0")
     _check(m.warmup_steps >= 0, "inp_former.warmup_steps", m.warmup_steps, "must be >= 0")
     c = cfg.cpr
     _check_enum("cpr.preset", c.preset, ("", "tiny", "random"))
     _check_enum("cpr.synthesis", c.synthesis, ("cut_paste", "perlin"))
     _check(c.image_size >= 1 and c.k_nearest >= 1 and c.top_t >= 1, "cpr.image_size/k_nearest/top_t",
            f"{c.image_size}/{c.k_nearest}/{c.top_t}", "must be >= 1")
-    _check(c.blur_kernel >= 0 and c.blur_kernel % 2 == 1 or c.blur_kernel == 0, "cpr.blur_kernel", c.blur_kernel,
+    _check(c.blur_kernel == 0 or (c.blur_kernel > 0 and c.blur_kernel % 2 == 1), "cpr.blur_kernel", c.blur_kernel,
            "must be an odd size >= 1 (or 0)")
     _check(c.lr > 0, "cpr.lr", c.lr, "must be > 0")
     _check(cfg.logging.num_overlays >= 0, "logging.num_overlays", cfg.logging.num_overlays, "must be >= 0")

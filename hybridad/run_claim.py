@@ -93,7 +93,8 @@ def run_dirs_of(out_dir: str | Path, category: str) -> list[Path]:
     parent = Path(out_dir) / category
     if not parent.is_dir():
         return []
-    runs = [p for p in parent.iterdir() if p.name != LATEST and not p.is_symlink() and (p / "config.yaml").is_file()]
+    runs = [p for p in parent.iterdir()
+            if p.name != LATEST and not p.is_symlink() and (p / "config.yaml").is_file()]
     return sorted(runs, key=lambda p: ((p / "config.yaml").stat().st_mtime_ns, p.name))
 
 
@@ -119,7 +120,8 @@ def lock_run(run: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise UserError(f"run {run} is in use by another running process; wait for it or stop it first") from None
+        raise UserError(f"run {run} is in use by another running process; wait for it or stop it "
+                        "first") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd

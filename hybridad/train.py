@@ -55,11 +55,12 @@ _BENIGN_WARNINGS = (
     r".*module\(s\) in eval mode.*",  # the frozen encoder
     r".*`weights_only` was not set.*",
     r".*Experiment logs directory .* exists and is not empty.*",
-    r".*The ``compute`` method of metric .* was called before the ``update``.*",  # DDP: groups seen by other ranks
+    r".*The ``compute`` method of metric .* was called before the ``update``.*",  # DDP: other ranks' groups
     r".*isinstance\(treespec, LeafSpec\).*",
 )
-_NOISE = ("Tip:", "litmodels", "litlogger", "Tensor Cores", "GPU available:", "TPU available:", "HPU available:",
-          "LOCAL_RANK:", "`Trainer.fit` stopped", "to estimate number of stepping batches", "was not set, defaulting")
+_NOISE = ("Tip:", "litmodels", "litlogger", "Tensor Cores", "GPU available:", "TPU available:",
+          "HPU available:", "LOCAL_RANK:", "`Trainer.fit` stopped", "to estimate number of stepping batches",
+          "was not set, defaulting")
 
 
 def quiet_lightning() -> None:
@@ -87,7 +88,8 @@ def validate_data(cfg: RunConfig) -> str:
     """
     from data_modules import checks
 
-    splits = [Split.TRAIN, Split.VALIDATION, Split.TEST_PUBLIC, *(PRIVATE_SPLITS if cfg.predict_private else ())]
+    private = PRIVATE_SPLITS if cfg.predict_private else ()
+    splits = [Split.TRAIN, Split.VALIDATION, Split.TEST_PUBLIC, *private]
     validate = getattr(checks, "validate_category", None)
     if validate is not None:
         return str(validate(cfg.data.root, cfg.data.category, splits))
@@ -129,7 +131,8 @@ def build_trainer(cfg: RunConfig, run: Path) -> L.Trainer:
         LastCheckpoint(run / "checkpoints", cfg.checkpoint.every_n_steps),
     ]
     return L.Trainer(default_root_dir=run, logger=build_loggers(cfg, run), callbacks=callbacks,
-                     plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_model_summary=False, **kwargs)
+                     plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_model_summary=False,
+                     **kwargs)
 
 
 def _process_group_backend(cfg: RunConfig) -> str:
@@ -147,7 +150,8 @@ def _per_device_batch(cfg: RunConfig, world_size: int) -> int:
     if total <= 0:
         return cfg.data.batch_size
     if total % world_size:
-        raise UserError(f"data.global_batch_size={total} is not divisible by the {world_size} devices of this job")
+        raise UserError(f"data.global_batch_size={total} is not divisible by the {world_size} devices "
+                        "of this job")
     return total // world_size
 
 
@@ -184,7 +188,8 @@ def train(cfg: RunConfig) -> Path:
     quiet_lightning()
     launch = detect_launch()
     if cfg.trainer.num_nodes > 1 and not (launch.external or launch.child):
-        raise UserError("trainer.num_nodes > 1 needs an external launcher: start the job with torchrun or SLURM srun")
+        raise UserError("trainer.num_nodes > 1 needs an external launcher: start the job with torchrun or "
+                        "SLURM srun")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     owner = not launch.child and launch.rank <= 0
     model = build_model(cfg)  # weights errors (every rank) and data errors (in choose) stop before any write
@@ -215,9 +220,12 @@ def train(cfg: RunConfig) -> Path:
                 _keep_csv_log(run)
             run_dir.write_state("running")
         _fit_and_predict(cfg, model, run, owner)
+        if owner:
+            run_dir.write_state("completed")
+            publish_latest(run)
     except BaseException as err:
         if owner:
-            reason = "interrupted" if isinstance(err, KeyboardInterrupt) else _one_line(err)
+            reason = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else _one_line(err)
             try:
                 run_dir.write_state("failed", reason)
             except OSError:
@@ -228,8 +236,6 @@ def train(cfg: RunConfig) -> Path:
             os.environ.pop(ENV_CLAIMED, None)
         unlock_run(lock[0] if lock else None)
     if owner:
-        run_dir.write_state("completed")
-        publish_latest(run)
         print(f"run directory: {run}", flush=True)
     return run
 
