@@ -7,7 +7,9 @@
 <run>/metrics.json                 flat {"test_public/aupro_0.05": 0.61, ..., "threshold_source": "..."}
 <run>/maps/<sample_id>.tiff        float16 (H,W) anomaly map at native resolution
 <run>/masks/<sample_id>.png        uint8 (H,W) binary mask, values {0,255}
-<run>/checkpoints/                 Lightning checkpoints
+<run>/checkpoints/last.ckpt        resumable checkpoint (model, optimiser, loops, data position, random states)
+<run>/checkpoints/final.ckpt       weights only (model + threshold)
+<run>/.lock                        flock held by the process that runs it (hybridad.run_claim)
 <run>/overlays/                    PNG overlays
 ```
 `sample_id` is `Sample.sample_id`: `test_public/bad/000_regular`, `validation/good/003_regular`,
@@ -15,7 +17,7 @@
 `maps/<split>/<good|bad>/<stem>.tiff` (labelled splits) or `maps/<split>/<stem>.tiff` (private splits).
 
 Every file is written to a hidden temporary name in its final folder and renamed with `os.replace`, so a
-reader never sees a half-written file under its final name.
+reader never sees a half-written file under its final name; files get 0666 minus the umask, as `open` gives.
 """
 
 from __future__ import annotations

@@ -192,12 +192,15 @@ def train(cfg: RunConfig) -> Path:
                         "SLURM srun")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     owner = not launch.child and launch.rank <= 0
-    model = build_model(cfg)  # weights errors (every rank) and data errors (in choose) stop before any write
+    if owner and not launch.external:
+        validate_data(cfg)  # data and weights errors stop the run before any file is written
+    model = build_model(cfg)
 
     lock: list[int] = []
 
     def choose() -> Path:
-        validate_data(cfg)
+        if launch.external:
+            validate_data(cfg)  # rank 0 only: its error reaches every rank through the broadcast
         if cfg.resume:
             run = Path(cfg.resume)
             check_resumable(run)
