@@ -120,7 +120,7 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
     exp = experiments_dir or EXPERIMENTS_DIR
     cli = parse_overrides(overrides)
     if OmegaConf.select(cli, "resume", default=None):
-        return load_resume_config(cli, experiments_dir)
+        return load_resume_config(cli)
 
     cfg = OmegaConf.structured(RunConfig)
     cfg = _merge(cfg, _load_yaml(exp / "base.yaml"), "experiments/base.yaml")
@@ -173,7 +173,7 @@ def parse_overrides(overrides: list[str] | None) -> DictConfig:
     return merged
 
 
-def load_resume_config(cli: DictConfig, experiments_dir: Path | None = None) -> RunConfig:
+def load_resume_config(cli: DictConfig) -> RunConfig:
     """The saved config of the run named by `resume=` (`latest` or a run folder), `cfg.resume` set to it.
 
     A resumed run keeps its config: another value for any key but `RESUME_MUTABLE` is refused with one line.
@@ -197,13 +197,14 @@ def load_resume_config(cli: DictConfig, experiments_dir: Path | None = None) -> 
                 saved.data.root = str(value)
             continue
         old = OmegaConf.select(saved, key, default="__missing__")
-        changed = _merge(saved.copy(), OmegaConf.from_dotlist([f"{key}={value}"]), "the command line")
+        changed = _merge(saved.copy(), OmegaConf.create(_nest([(key, value)])), "the command line")
         new = OmegaConf.select(changed, key, default="__missing__")
         if old != new:
             raise UserError(f"resume: {key}={value} differs from the run's {key}={old} "
                             f"({run / 'config.yaml'}); a resumed run keeps its config (start a new run to "
                             "change it)")
-    saved = _merge(saved, OmegaConf.create(_select_mutable(OmegaConf.to_container(cli))), "the command line")
+    mutable = [(k, v) for k, v in _flatten(OmegaConf.to_container(cli)) if k in RESUME_MUTABLE]
+    saved = _merge(saved, OmegaConf.create(_nest(mutable)), "the command line")
     saved.resume = str(run)
     obj = OmegaConf.to_object(saved)
     assert isinstance(obj, RunConfig)
@@ -220,16 +221,15 @@ def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix[:-1], tree)]
 
 
-def _select_mutable(nested: Any) -> dict[str, Any]:
-    """Keep only the RESUME_MUTABLE leaves of a nested dict (as a nested dict)."""
+def _nest(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Dotted `(key, value)` pairs -> a nested dict."""
     out: dict[str, Any] = {}
-    for key, value in _flatten(nested):
-        if key in RESUME_MUTABLE:
-            node = out
-            parts = key.split(".")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
+    for key, value in pairs:
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
     return out
 
 
