@@ -34,7 +34,7 @@ test-all: $(STAMP) ## every test, the slow ones included
 demo: $(STAMP) ## synthetic dataset -> train tiny models -> evaluate -> submission -> report
 	$(BIN)/python -m hybridad demo --out demo_out $(ARGS)
 
-train: $(STAMP) ## train one category: make train CAT=can DATA=<root> ARGS="key=value ..."
+train: $(STAMP) ## train one category: make train CAT=can DATA=<root> ARGS="key=value ..." (ARGS=resume=latest continues)
 	$(BIN)/python -m hybridad train data.category=$(CAT) data.root=$(DATA) $(ARGS)
 
 train-all: $(STAMP) ## train every category with its routed branch

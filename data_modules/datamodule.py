@@ -23,6 +23,7 @@ from data_modules.cut_paste import CutPaste, CutPasteConfig
 from data_modules.dataset import MVTecAD2Dataset, _seed_worker, collate_batch
 from data_modules.listing import list_samples
 from data_modules.tilers import EvalTiler, TilingConfig, TrainTiler
+from data_modules.train_sampler import EpochSampler, ResumableLoader
 from hybridad.errors import UserError
 from hybridad.types import PRIVATE_SPLITS, Batch, Split
 
@@ -31,7 +32,8 @@ from hybridad.types import PRIVATE_SPLITS, Batch, Split
 class DataConfig:
     root: str = "data/mvtec_ad2"
     category: str = "can"
-    batch_size: int = 16  # tiles per training step
+    batch_size: int = 16  # tiles per training step on each device (DDP: the global batch is devices x this)
+    global_batch_size: int = 0  # > 0: tiles per step over all devices (batch_size = this / world size)
     eval_batch_size: int = 1  # native images per eval step
     num_workers: int = 2
     cache: bool = True  # training reads a decoded uint8 cache (each PNG decoded once), not the PNGs
@@ -117,7 +119,23 @@ class MVTecAD2DataModule(L.LightningDataModule):
         if len(ds) < self.config.batch_size:
             bs = self.config.batch_size
             raise UserError(f"train split has {len(ds)} tiles, fewer than data.batch_size={bs}")
-        return self._loader(ds, self.config.batch_size, train=True)
+        return self._resumable_loader(ds)
+
+    def _resumable_loader(self, ds: MVTecAD2Dataset) -> ResumableLoader:
+        """Training loader whose order is a function of (seed, epoch, rank) and whose position is checkpointed."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        workers = self.config.num_workers
+
+        def started_batches() -> int:
+            assert self.trainer is not None
+            return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+        return ResumableLoader(
+            ds, batch_size=self.config.batch_size, sampler=EpochSampler(ds, self.seed, world, rank), drop_last=True,
+            num_workers=workers, collate_fn=collate_batch, persistent_workers=workers > 0,
+            started_batches=started_batches,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset(Split.VALIDATION), self.config.eval_batch_size, train=False)

@@ -12,6 +12,7 @@ from data_modules.augment import AugmentConfig, build_augment
 from data_modules.cache import DecodedCache
 from data_modules.listing import png_size, read_image, read_mask
 from data_modules.tilers import train_tile_boxes
+from data_modules.train_sampler import decode_item_index, item_seed
 from hybridad.errors import UserError
 from hybridad.types import Batch, Sample, Split
 
@@ -87,6 +88,7 @@ class MVTecAD2Dataset(Dataset):
         self.augment = build_augment(augment, seed) if train else None
         self.keep_gray = keep_gray and self.augment is None and cache is not None and cache.shape[3] == 1
         self._last: tuple[int, np.ndarray] | None = None  # last decoded image (uncached path)
+        self.seed = seed or 0
 
     def __len__(self) -> int:
         return len(self.triples) if self.triples is not None else len(self.samples)
@@ -123,11 +125,14 @@ class MVTecAD2Dataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         box = None
+        epoch, idx = decode_item_index(idx, len(self))  # EpochSampler encodes the epoch in the index
+        item = idx
         if self.triples is not None:
             idx, _, _, box = self.triples[idx]
         s = self.samples[idx]
         img = self._pixels(idx, box)
         if self.augment is not None:
+            self.augment.reseed(item_seed(self.seed, epoch, item))  # resumable, worker-count independent
             img = self.augment(np.array(img))  # per tile, on a writable copy
         mask = None
         if self.with_masks:

@@ -1,12 +1,14 @@
 """`python -m hybridad <command>`: the one entry point.
 
 Commands import their machinery lazily, so `--help` is instant and importing this module touches nothing.
-A `UserError` anywhere is printed as one line (`hybridad: error: ...`) with exit code 2.
+A `UserError` anywhere is printed as one line (`hybridad: error: ...`) with exit code 2, and so is a full,
+unwritable or read-only disk (ENOSPC, EDQUOT, EACCES, EPERM, EROFS), naming the path.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -123,6 +125,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device: free space or write elsewhere (out_dir=..., --out ...)",
+    errno.EDQUOT: "disk quota exceeded: free space or write elsewhere (out_dir=..., --out ...)",
+    errno.EACCES: "permission denied: write somewhere you may write (out_dir=..., --out ...)",
+    errno.EPERM: "operation not permitted: write somewhere you may write (out_dir=..., --out ...)",
+    errno.EROFS: "read-only file system: write somewhere writable (out_dir=..., --out ...)",
+}
+
+
+def storage_error_line(err: BaseException) -> str | None:
+    """One line for a full, unwritable or read-only disk anywhere in `err`'s chain (naming the path)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in STORAGE_ERRNOS:
+            where = current.filename or "(path unknown)"
+            return f"{where}: {STORAGE_ERRNOS[current.errno]}"
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +241,12 @@ def main(argv: list[str] | None = None) -> None:
         code = args.func(args)
     except UserError as err:
         print(f"hybridad: error: {err}", file=sys.stderr)
+        code = 2
+    except Exception as err:
+        line = storage_error_line(err)
+        if line is None:
+            raise
+        print(f"hybridad: error: {line}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("hybridad: interrupted", file=sys.stderr)

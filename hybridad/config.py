@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -24,6 +25,11 @@ from hybridad.types import CATEGORIES
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 BRANCHES = ("inp_former", "cpr")
+FILE_KEYS = ("inp_former.weights", "inp_former.checkpoint", "cpr.weights", "cpr.checkpoint",
+             "data.cut_paste.defect_dir")
+# keys a resumed run may change: where the data lives (if moved), loader processes, logging, progress output
+RESUME_MUTABLE = ("data.num_workers", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+                  "logging.wandb", "logging.project", "logging.num_overlays")
 
 
 @dataclass
@@ -32,7 +38,8 @@ class TrainerConfig:
 
     accelerator: str = "auto"
     devices: Any = "auto"  # int, list of ids or "auto"
-    strategy: str = "auto"
+    strategy: str = "auto"  # "ddp" for several GPUs (launched by Lightning, torchrun or SLURM srun)
+    num_nodes: int = 1
     precision: str = "32-true"  # "bf16-mixed", "16-mixed", ...
     max_epochs: int = 10
     max_steps: int = -1
@@ -47,6 +54,14 @@ class TrainerConfig:
     deterministic: Any = "warn"  # "warn": deterministic algorithms where PyTorch has them | True | False
     enable_progress_bar: bool = True
     fast_dev_run: bool = False
+    accumulate_grad_batches: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable `<run>/checkpoints/last.ckpt` (written atomically, replaced at each save)."""
+
+    every_n_steps: int = 500  # optimiser steps between saves (0 = only at epoch ends and when fitting ends)
 
 
 @dataclass
@@ -65,6 +80,7 @@ class RunConfig:
     out_dir: str = "runs"
     name: str = ""  # run directory name below out_dir/<category>/; empty = timestamp
     predict_private: bool = True
+    resume: str = ""  # "latest" (newest run of the category) or a run directory: continue that run
     data: DataConfig = field(default_factory=DataConfig)
     inp_former: InpFormerConfig = field(default_factory=InpFormerConfig)
     cpr: CprConfig = field(default_factory=CprConfig)
@@ -72,6 +88,7 @@ class RunConfig:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -101,14 +118,9 @@ def _reason(err: OmegaConfBaseException) -> str:
 def load_config(overrides: list[str] | None = None, experiments_dir: Path | None = None) -> RunConfig:
     """Build the run config from the schema, the experiment YAMLs and `key=value` overrides."""
     exp = experiments_dir or EXPERIMENTS_DIR
-    overrides = list(overrides or [])
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override '{item}' is not of the form key=value")
-    try:
-        cli = OmegaConf.from_dotlist(overrides)
-    except OmegaConfBaseException as err:
-        raise UserError(f"bad override: {_reason(err)}") from None
+    cli = parse_overrides(overrides)
+    if OmegaConf.select(cli, "resume", default=None):
+        return load_resume_config(cli)
 
     cfg = OmegaConf.structured(RunConfig)
     cfg = _merge(cfg, _load_yaml(exp / "base.yaml"), "experiments/base.yaml")
@@ -123,12 +135,102 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
     cfg = _merge(cfg, _load_yaml(exp / f"{branch}.yaml"), f"experiments/{branch}.yaml")
     cfg = _merge(cfg, cat_yaml, f"experiments/categories/{category}.yaml")
     cfg = _merge(cfg, cli, "the command line")
+    for branch_key in BRANCHES:  # the tiny presets are random-init: a weight file from the YAMLs is not needed
+        if cfg[branch_key].preset == "tiny" and OmegaConf.select(cli, f"{branch_key}.weights") is None:
+            cfg[branch_key].weights = ""
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise UserError(f"config key '{getattr(err, 'full_key', '?')}': {_reason(err)}") from None
     assert isinstance(obj, RunConfig)
+    validate_config(obj)
     return obj
+
+
+def parse_overrides(overrides: list[str] | None) -> DictConfig:
+    """`key=value` items -> one DictConfig; each malformed item is named in a one-line `UserError`.
+
+    For file keys (`*.weights`, `*.checkpoint`, `data.cut_paste.defect_dir`) an empty value, `none` or `null`
+    means "no file" (so `inp_former.weights=none` survives `make ARGS=...`, where the shell eats `''`).
+    """
+    parts = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' is not of the form key=value")
+        if key in FILE_KEYS and value.strip().lower() in ("", "none", "null", "''", '""'):
+            item = f"{key}=''"
+        try:
+            parts.append(OmegaConf.from_dotlist([item]))
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            why = " ".join(str(err).split("\n")[:2]) if isinstance(err, yaml.YAMLError) else _reason(err)
+            raise UserError(f"override '{item}': not valid YAML ({why}); write the value in YAML syntax "
+                            "(lists as [1, 2], mappings as {cols: 2, rows: 1}), quoted for the shell") from None
+    if not parts:
+        return OmegaConf.create({})
+    merged = OmegaConf.merge(*parts)
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def load_resume_config(cli: DictConfig) -> RunConfig:
+    """The saved config of the run named by `resume=` (`latest` or a run folder), `cfg.resume` set to it.
+
+    A resumed run keeps its config: another value for any key but `RESUME_MUTABLE` is refused with one line.
+    A `data.root` on the command line is used only when the saved one no longer holds the category.
+    """
+    from hybridad.run_claim import resolve_resume_target
+
+    spec = str(cli.resume)
+    schema_default = OmegaConf.structured(RunConfig)
+    out_dir = OmegaConf.select(cli, "out_dir", default=None) or schema_default.out_dir
+    category = OmegaConf.select(cli, "data.category", default=None)
+    if spec == "latest" and not category:
+        raise UserError("resume=latest needs data.category (e.g. `make train CAT=can ARGS=resume=latest`)")
+    run = resolve_resume_target(spec, out_dir, str(category or ""))
+    saved = _merge(OmegaConf.structured(RunConfig), _load_yaml(run / "config.yaml"), str(run / "config.yaml"))
+    for key, value in _flatten(OmegaConf.to_container(cli)):
+        if key in RESUME_MUTABLE or key in ("resume", "out_dir", "name"):  # the last two only locate the run
+            continue
+        if key == "data.root":
+            if not (Path(str(saved.data.root)) / str(saved.data.category)).is_dir():
+                saved.data.root = str(value)
+            continue
+        old = OmegaConf.select(saved, key, default="__missing__")
+        changed = _merge(saved.copy(), OmegaConf.create(_nest([(key, value)])), "the command line")
+        new = OmegaConf.select(changed, key, default="__missing__")
+        if old != new:
+            raise UserError(f"resume: {key}={value} differs from the run's {key}={old} "
+                            f"({run / 'config.yaml'}); a resumed run keeps its config (start a new run to "
+                            "change it)")
+    mutable = [(k, v) for k, v in _flatten(OmegaConf.to_container(cli)) if k in RESUME_MUTABLE]
+    saved = _merge(saved, OmegaConf.create(_nest(mutable)), "the command line")
+    saved.resume = str(run)
+    obj = OmegaConf.to_object(saved)
+    assert isinstance(obj, RunConfig)
+    validate_config(obj)
+    return obj
+
+
+def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        out: list[tuple[str, Any]] = []
+        for k, v in tree.items():
+            out += _flatten(v, f"{prefix}{k}.")
+        return out
+    return [(prefix[:-1], tree)]
+
+
+def _nest(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Dotted `(key, value)` pairs -> a nested dict."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -147,14 +249,144 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunCon
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a hybridad run directory (made by `hybridad train`)?")
     cfg = _merge(OmegaConf.structured(RunConfig), _load_yaml(path), str(path))
-    for item in overrides or []:
-        if "=" not in item:
-            raise UserError(f"override '{item}' is not of the form key=value")
-    try:
-        cli = OmegaConf.from_dotlist(list(overrides or []))
-    except OmegaConfBaseException as err:
-        raise UserError(f"bad override: {_reason(err)}") from None
-    cfg = _merge(cfg, cli, "the command line")
+    cfg = _merge(cfg, parse_overrides(overrides), "the command line")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig)
+    validate_config(obj)
     return obj
+
+
+PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true",
+              "transformer-engine", "transformer-engine-float16")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}'={value!r}: {rule}")
+
+
+def _check_enum(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    _check(value in valid, key, value, f"use one of {', '.join(repr(v) for v in valid)}")
+
+
+def _check_devices(value: Any) -> None:
+    ok = value == "auto" or (isinstance(value, int) and (value >= 1 or value == -1))
+    if isinstance(value, (list, tuple)):
+        ok = len(value) > 0 and all(isinstance(v, int) and v >= 0 for v in value)
+    if isinstance(value, str) and value != "auto":
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        ok = bool(parts) and all(p.isdigit() or p == "-1" for p in parts)
+    _check(ok, "trainer.devices", value, "use a count >= 1, -1 (all), 'auto' or a list of device ids")
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Check every value that the schema's types do not (enums, ranges, sizes) and raise one `UserError` line.
+
+    Runs before anything is built or written, so a bad value never surfaces after hours of training.
+    """
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from hybridad.thresholds import METHODS, PERCENTILE_METHODS
+
+    _check_enum("branch", cfg.branch, BRANCHES)
+    _check_enum("data.category", cfg.data.category, CATEGORIES)
+    t = cfg.trainer
+    _check_enum("trainer.precision", str(t.precision), PRECISIONS)
+    _check_enum("trainer.accelerator", t.accelerator, ACCELERATORS)
+    strategies = ("auto", *StrategyRegistry.available_strategies())
+    _check_enum("trainer.strategy", t.strategy, strategies)
+    _check(not any(w in t.strategy for w in ("spawn", "fork", "notebook")), "trainer.strategy", t.strategy,
+           "use 'ddp' (processes that start from the command line; spawn/fork strategies are not supported)")
+    _check_devices(t.devices)
+    _check(t.num_nodes >= 1, "trainer.num_nodes", t.num_nodes, "must be >= 1")
+    _check(t.max_epochs >= -1, "trainer.max_epochs", t.max_epochs, "must be >= 1, or -1 for no limit")
+    _check(t.max_steps >= -1 and t.max_steps != 0, "trainer.max_steps", t.max_steps,
+           "must be >= 1, or -1 for no limit")
+    _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be >= 1")
+    _check(t.check_val_every_n_epoch >= 1, "trainer.check_val_every_n_epoch", t.check_val_every_n_epoch,
+           "must be >= 1")
+    _check(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches,
+           "must be >= 1")
+    _check(t.num_sanity_val_steps >= -1, "trainer.num_sanity_val_steps", t.num_sanity_val_steps,
+           "must be >= -1")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+        v = getattr(t, key)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        _check(v is None or (number and v >= 0), f"trainer.{key}", v,
+               "must be a fraction in [0, 1] or a number of batches >= 0")
+    _check(t.gradient_clip_val is None or t.gradient_clip_val >= 0, "trainer.gradient_clip_val",
+           t.gradient_clip_val, "must be >= 0")
+    _check(cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", cfg.checkpoint.every_n_steps,
+           "must be >= 0 (0 = only at epoch ends)")
+
+    d = cfg.data
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    _check(d.global_batch_size >= 0, "data.global_batch_size", d.global_batch_size, "must be >= 0 (0 = off)")
+    if d.global_batch_size > 0 and isinstance(t.devices, int) and t.devices > 0:
+        world = t.devices * t.num_nodes
+        _check(d.global_batch_size % world == 0, "data.global_batch_size", d.global_batch_size,
+               f"must divide by the {world} devices (trainer.devices x trainer.num_nodes)")
+    _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    size = d.tiling.input_size
+    _check(size >= 1, "data.tiling.input_size", size, "must be >= 1")
+    if cfg.branch == "inp_former":
+        _check(size % 14 == 0, "data.tiling.input_size", size, "must be a multiple of 14 (the ViT patch size)")
+    _check(len(d.tiling.train_levels) >= 1, "data.tiling.train_levels", d.tiling.train_levels,
+           "needs at least one level")
+    for i, lv in enumerate([*d.tiling.train_levels, d.tiling.test_level]):
+        key = f"data.tiling.train_levels[{i}]" if i < len(d.tiling.train_levels) else "data.tiling.test_level"
+        _check(lv.cols >= 1 and lv.rows >= 1 and 0 <= lv.overlap < 0.5, key,
+               f"{lv.cols}x{lv.rows}/{lv.overlap}", "needs cols >= 1, rows >= 1 and 0 <= overlap < 0.5")
+    for key in ("hflip", "vflip", "probability"):
+        v = getattr(d.augment, key)
+        _check(0.0 <= v <= 1.0, f"data.augment.{key}", v, "is a probability in [0, 1]")
+    for key in ("scale", "brightness", "exposure"):
+        v = getattr(d.augment, key)
+        _check(v >= 0.0, f"data.augment.{key}", v, "must be >= 0")
+    cp = d.cut_paste
+    _check(0.0 <= cp.probability <= 1.0, "data.cut_paste.probability", cp.probability,
+           "is a probability in [0, 1]")
+    _check(cp.max_patches >= 1, "data.cut_paste.max_patches", cp.max_patches, "must be >= 1")
+    _check(0.0 < cp.scale_min <= cp.scale_max <= 1.0, "data.cut_paste.scale_min/scale_max",
+           f"{cp.scale_min}/{cp.scale_max}", "need 0 < scale_min <= scale_max <= 1")
+    _check(0.0 <= cp.opacity_min <= cp.opacity_max <= 1.0, "data.cut_paste.opacity_min/opacity_max",
+           f"{cp.opacity_min}/{cp.opacity_max}", "need 0 <= opacity_min <= opacity_max <= 1")
+    _check(cp.library_size >= 1 and cp.patch_size >= 1, "data.cut_paste.library_size/patch_size",
+           f"{cp.library_size}/{cp.patch_size}", "must be >= 1")
+
+    p = cfg.postprocess
+    _check(p.gaussian_sigma >= 0, "postprocess.gaussian_sigma", p.gaussian_sigma, "must be >= 0 (0 = off)")
+    for key in ("closing_kernel", "erosion_kernel", "min_area"):
+        v = getattr(p, key)
+        _check(v >= 0, f"postprocess.{key}", v, "must be >= 0 (0 = off)")
+    _check(0.0 < p.full_mask_guard <= 1.0, "postprocess.full_mask_guard", p.full_mask_guard,
+           "must be in (0, 1]")
+
+    th = cfg.threshold
+    _check_enum("threshold.method", th.method, METHODS)
+    _check_enum("threshold.percentile_method", th.percentile_method, PERCENTILE_METHODS)
+    _check(0.0 < th.percentile <= 100.0, "threshold.percentile", th.percentile, "must be in (0, 100]")
+    _check(th.factor > 0, "threshold.factor", th.factor, "must be > 0")
+
+    m = cfg.inp_former
+    _check_enum("inp_former.preset", m.preset, ("", "tiny"))
+    _check_enum("inp_former.pos_embed", m.pos_embed, ("dinov2", "timm"))
+    _check(m.num_inps >= 1, "inp_former.num_inps", m.num_inps, "must be >= 1")
+    _check(m.lr > 0 and m.final_lr >= 0, "inp_former.lr/final_lr", f"{m.lr}/{m.final_lr}",
+           "need lr > 0, final_lr >= 0")
+    _check(m.warmup_steps >= 0, "inp_former.warmup_steps", m.warmup_steps, "must be >= 0")
+    c = cfg.cpr
+    _check_enum("cpr.preset", c.preset, ("", "tiny", "random"))
+    _check_enum("cpr.synthesis", c.synthesis, ("cut_paste", "perlin"))
+    _check(c.image_size >= 1 and c.k_nearest >= 1 and c.top_t >= 1, "cpr.image_size/k_nearest/top_t",
+           f"{c.image_size}/{c.k_nearest}/{c.top_t}", "must be >= 1")
+    _check(c.blur_kernel == 0 or (c.blur_kernel > 0 and c.blur_kernel % 2 == 1), "cpr.blur_kernel", c.blur_kernel,
+           "must be an odd size >= 1 (or 0)")
+    _check(c.lr > 0, "cpr.lr", c.lr, "must be > 0")
+    _check(cfg.logging.num_overlays >= 0, "logging.num_overlays", cfg.logging.num_overlays, "must be >= 0")
+    if cfg.resume == "":
+        name = cfg.name
+        _check("/" not in name and name not in (".", "..", "latest"), "name", name,
+               "is a folder name (no '/', not '.', '..' or 'latest')")

@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -180,6 +181,7 @@ def run_demo(out: Path, overrides: list[str] | None = None, categories: list[str
     for cat in cats:
         t = time.time()
         cfg = demo_config(cat, data_root, runs, overrides)
+        shutil.rmtree(runs / cat / "demo", ignore_errors=True)  # a run name is claimed once: replace the demo's
         threads = pick_threads(threads)
         progress = CategoryProgress(cat, cfg.branch, threads)
         captured = io.StringIO()  # Lightning's per-run metric tables: the demo's report sums them up at the end

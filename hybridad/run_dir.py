@@ -7,7 +7,9 @@
 <run>/metrics.json                 flat {"test_public/aupro_0.05": 0.61, ..., "threshold_source": "..."}
 <run>/maps/<sample_id>.tiff        float16 (H,W) anomaly map at native resolution
 <run>/masks/<sample_id>.png        uint8 (H,W) binary mask, values {0,255}
-<run>/checkpoints/                 Lightning checkpoints
+<run>/checkpoints/last.ckpt        resumable checkpoint (model, optimiser, loops, data position, random states)
+<run>/checkpoints/final.ckpt       weights only (model + threshold)
+<run>/.lock                        flock held by the process that runs it (hybridad.run_claim)
 <run>/overlays/                    PNG overlays
 ```
 `sample_id` is `Sample.sample_id`: `test_public/bad/000_regular`, `validation/good/003_regular`,
@@ -15,7 +17,7 @@
 `maps/<split>/<good|bad>/<stem>.tiff` (labelled splits) or `maps/<split>/<stem>.tiff` (private splits).
 
 Every file is written to a hidden temporary name in its final folder and renamed with `os.replace`, so a
-reader never sees a half-written file under its final name.
+reader never sees a half-written file under its final name; files get 0666 minus the umask, as `open` gives.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -46,22 +48,48 @@ _SPLITS = {s.value for s in Split}
 _PRIVATE = {s.value for s in PRIVATE_SPLITS}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and `os.replace`.
-
-    On any failure the temporary file is removed and an existing `path` keeps its old content.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (else set-and-restore)."""
     try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(f)` on a temporary file in `path`'s folder, fsync it and `os.replace` it onto `path`.
+
+    The file gets the permissions a plain `open(path, "w")` would (0666 minus the umask), not mkstemp's 0600.
+    On any failure the temporary file is removed and an existing `path` keeps its old content; an `OSError`
+    (a full disk, a read-only or unwritable folder) is re-raised naming `path`.
+    """
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None and getattr(err, "filename", None) is None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_write_with`)."""
+    atomic_write_with(path, lambda f: f.write(data))
 
 
 def split_of(sample_id: str) -> str:

@@ -122,7 +122,8 @@ def test_f1_optimal_threshold_is_fitted_on_test_and_labelled_everywhere(syntheti
     # the private masks were binarised with the tuned threshold
     amap = tifffile.imread(run / "maps" / "test_private" / "000_regular.tiff").astype(np.float32)
     mask = cv2.imread(str(run / "masks" / "test_private" / "000_regular.png"), cv2.IMREAD_UNCHANGED)
-    assert np.array_equal(mask > 0, amap >= np.float32(thr["value"]))
+    differ = (mask > 0) != (amap >= np.float32(thr["value"]))  # the model binarised the float32 map
+    assert np.all(np.abs(amap[differ] - thr["value"]) <= 1e-3)  # so only float16 rounding at the edge differs
     assert "threshold tuned on test" in write_report([run], tmp_path / "report")
 
 

@@ -92,3 +92,90 @@ def test_every_swept_key_exists_in_the_schema() -> None:
     for key in sweep["parameters"]:
         assert OmegaConf.select(schema, key, default="__missing__") != "__missing__", key
     assert sweep["command"][-1] == "${args_no_hyphens}"
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("threshold.method=otsu", "threshold.method"),
+        ("threshold.percentile_method=mid", "threshold.percentile_method"),
+        ("trainer.precision=bf17", "trainer.precision"),
+        ("trainer.accelerator=tpu9", "trainer.accelerator"),
+        ("trainer.strategy=ddp_spawn", "trainer.strategy"),
+        ("trainer.strategy=dpp", "trainer.strategy"),
+        ("trainer.devices=0", "trainer.devices"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("data.tiling.input_size=100", "multiple of 14"),
+        ("data.tiling.test_level={cols: 0, rows: 1}", "data.tiling.test_level"),
+        ("postprocess.closing_kernel=-3", "postprocess.closing_kernel"),
+        ("postprocess.erosion_kernel=-1", "postprocess.erosion_kernel"),
+        ("postprocess.gaussian_sigma=-0.5", "postprocess.gaussian_sigma"),
+        ("data.augment.hflip=1.5", "data.augment.hflip"),
+        ("inp_former.preset=huge", "inp_former.preset"),
+        ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps"),
+        ("postprocess.min_area=[1,", "override 'postprocess.min_area=[1,'"),
+        ("data.tiling.test_level={cols: 2", "override 'data.tiling.test_level={cols: 2'"),
+        ("name=a/b", "name"),
+        ("=3", "key=value"),
+    ],
+)
+def test_bad_values_are_refused_up_front_in_one_line(override: str, needle: str) -> None:
+    with pytest.raises(UserError) as err:
+        load_config(["data.category=can", override])
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg, msg
+
+
+def test_cpr_categories_validate_too() -> None:
+    assert load_config(["data.category=vial", "data.tiling.input_size=100", "cpr.image_size=100"])
+    with pytest.raises(UserError, match="cpr.synthesis"):
+        load_config(["data.category=vial", "cpr.synthesis=poisson"])
+
+
+@pytest.mark.parametrize("value", ["none", "None", "null", "", "''"])
+def test_none_means_no_weight_file(value: str) -> None:
+    cfg = load_config(["data.category=can", f"inp_former.weights={value}", f"cpr.checkpoint={value}"])
+    assert cfg.inp_former.weights == "" and cfg.cpr.checkpoint == ""
+
+
+def test_tiny_presets_drop_the_yaml_weight_files_but_keep_explicit_ones() -> None:
+    assert load_config(["data.category=can"]).inp_former.weights.endswith(".pth")
+    assert load_config(["data.category=can", "inp_former.preset=tiny"]).inp_former.weights == ""
+    assert load_config(["data.category=vial", "cpr.preset=tiny"]).cpr.weights == ""
+    cfg = load_config(["data.category=can", "inp_former.preset=tiny", "inp_former.weights=w.pth"])
+    assert cfg.inp_former.weights == "w.pth"
+
+
+def test_make_passes_none_through_args(tmp_path: Path) -> None:
+    proc = subprocess.run(["make", "-n", "train", "ARGS=inp_former.weights=none resume=latest"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    line = [ln for ln in proc.stdout.splitlines() if "hybridad train" in ln][0]
+    assert line.endswith("inp_former.weights=none resume=latest")
+
+
+def test_resume_keeps_the_saved_config(tmp_path: Path) -> None:
+    run = tmp_path / "can" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(load_config(["data.category=can", "trainer.max_steps=50",
+                                                           f"data.root={tmp_path / 'moved'}"])))
+    cfg = load_config(["data.category=can", f"out_dir={tmp_path}", "resume=latest", "data.num_workers=0",
+                       "trainer.max_steps=50", "data.root=/elsewhere"])
+    assert cfg.resume == str(run.resolve()) and cfg.trainer.max_steps == 50 and cfg.data.num_workers == 0
+    assert cfg.data.root == "/elsewhere"  # the saved root does not hold the category: the command line's is used
+    with pytest.raises(UserError, match=r"resume: data.batch_size=3 differs from the run's data.batch_size=16"):
+        load_config(["data.category=can", f"out_dir={tmp_path}", "resume=latest", "data.batch_size=3"])
+    with pytest.raises(UserError, match="needs data.category"):
+        load_config([f"out_dir={tmp_path}", "resume=latest"])
+
+
+def test_global_batch_size_keeps_the_step_fixed_over_device_counts() -> None:
+    from hybridad.train import _per_device_batch
+
+    cfg = load_config(["data.category=can", "data.batch_size=8"])
+    assert [_per_device_batch(cfg, n) for n in (1, 2, 4)] == [8, 8, 8]  # per device by default
+    cfg = load_config(["data.category=can", "data.global_batch_size=16"])
+    assert [_per_device_batch(cfg, n) for n in (1, 2, 4)] == [16, 8, 4]
+    with pytest.raises(UserError, match="not divisible by the 3 devices"):
+        _per_device_batch(cfg, 3)

@@ -153,3 +153,35 @@ def test_category_from_config(tmp_path: Path) -> None:
     run.write_text("config.yaml", "branch: cpr\ndata:\n  category: vial\n  root: /nowhere\n")
     assert run.category == "vial"
     assert run.read_config()["branch"] == "cpr"
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_written_files_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        path = RunDir(tmp_path).write_text("config.yaml", "a: 1\n")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_checkpoint(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from callbacks.checkpoint import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as err:
+        io.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert os.listdir(path.parent) == ["last.ckpt"]  # no temporary file, no truncated checkpoint
+    assert torch.load(path, weights_only=True)["step"] == 1
