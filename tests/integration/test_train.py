@@ -61,15 +61,14 @@ def test_evaluate_rescores_cached_maps_and_sweep_command_runs_offline(can_run: P
     args = ["threshold.k=2.0", "postprocess.closing_kernel=3", "postprocess.fill_holes=true",
             "postprocess.min_area=4", "threshold.method=mean_std"]
     command: list[str] = []
-    for part in sweep["command"]:
-        command += {"${env}": [], "${interpreter}": [sys.executable], "${args_no_hyphens}": args}.get(part, [part])
+    for part in sweep["command"]:  # the project's .venv/bin/python -> this interpreter (a worktree has no .venv)
+        command += {".venv/bin/python": [sys.executable], "${args_no_hyphens}": args}.get(part, [part])
     env = {**os.environ, "HYBRIDAD_RUN_DIR": str(can_run), "WANDB_MODE": "offline"}
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "test_public/seg_f1=" in proc.stdout
-    results = list((can_run / "evaluations").glob("*.json"))
-    assert len(results) == 1
-    scored = json.loads(results[0].read_text())
+    folder = Path(proc.stdout.splitlines()[-1])
+    assert folder.parent == can_run / "evaluations" and (folder / "metrics.json").is_file()
+    scored = json.loads((folder / "metrics.json").read_text())
     assert scored["threshold_source"] == "validation"
     # the same maps, so the threshold-free metric matches the run's own
     run_metrics = json.loads((can_run / "metrics.json").read_text())
