@@ -109,13 +109,18 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResu
     """
     rules = {s.value: rule_for_split(cfg.threshold, s.value) for s in SPLITS}
     methods = {r.method for r in rules.values()}
-    stats = _validation_stats(run) if methods - {"fixed", "f1_optimal"} else None
+    stats = _validation_stats(run) if methods - {"fixed", "f1_optimal", "pseudo_f1"} else None
     labelled = None
     if "f1_optimal" in methods:
         labelled = PixelF1Max()
         for _, m, g in _labelled_maps(run, cfg, "test_public maps (threshold)"):
             labelled.update(m, g)
-    return {split: fit_threshold(rule, stats, labelled=labelled) for split, rule in rules.items()}
+    pseudo = None
+    if "pseudo_f1" in methods:  # needs the model: the value the run found at training time
+        from hybridad.pseudo_threshold import candidate_thresholds
+
+        pseudo = candidate_thresholds(run.read_thresholds(), cfg.threshold.k).get("pseudo_f1")
+    return {split: fit_threshold(rule, stats, labelled=labelled, pseudo=pseudo) for split, rule in rules.items()}
 
 
 def _labelled_maps(run: RunDir, cfg: RunConfig, desc: str
@@ -201,6 +206,9 @@ def evaluate_run(run_path: Path, overrides: list[str], write: bool = False,
     thresholds = fit_split_thresholds(run, cfg)
     metrics = _score(run, cfg, thresholds, run if write_masks else None)
     record = _threshold_record(thresholds, _tuned_on_test_reasons(thresholds, None))
+    candidates = run.read_thresholds().get("candidates")
+    if candidates:  # the label-free candidates found at training time (mean_std, pseudo_f1) stay on record
+        record["candidates"] = candidates
     run.write_metrics({**metrics, "threshold_source": record["source"],
                        "tuned_on_test": record["tuned_on_test"], "overrides": overrides})
     run.write_thresholds(record)

@@ -110,8 +110,8 @@ def pseudo_histograms(
             tiles, layout = datamodule.eval_tiler(pasted)
             out = model.predict_batch(dataclasses.replace(batch, image=pasted, tiles=tiles, layout=layout))
             p, n = pixel_histograms(out.anomaly_map, mask)
-            pos += p.to(device)
-            neg += n.to(device)
+            pos += torch.as_tensor(p, device=device)  # numpy for CPU maps
+            neg += torch.as_tensor(n, device=device)
     model.train(was_training)
     return pos, neg
 

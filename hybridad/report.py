@@ -264,9 +264,9 @@ def lighting_table(run_dirs: list[Path], split: str = "test_public") -> str:
 # --------------------------------------------------------------------------------------------- analysis
 
 
-def pro_curve(normal: torch.Tensor, region: torch.Tensor, n_regions: int, fpr_limit: float = FPR_LIMIT
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """The PRO curve up to `fpr_limit` from float16 histograms (`metrics.functional.pro_histograms`).
+def pro_curve(normal: torch.Tensor | np.ndarray, region: torch.Tensor | np.ndarray, n_regions: int,
+              fpr_limit: float = FPR_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve up to `fpr_limit` from float16 histograms (`metrics.functional.ProHistograms.key_order`).
 
     Args:
         normal: (65536,) normal-pixel counts per float16 key; region: (65536,) summed 1/|region| per key.
@@ -276,6 +276,7 @@ def pro_curve(normal: torch.Tensor, region: torch.Tensor, n_regions: int, fpr_li
         (fpr, pro) float64 arrays from (0, 0), one point per distinct score (ties collapsed), ending at
         `fpr_limit` with PRO interpolated linearly; the area under it divided by the limit is the AU-PRO.
     """
+    normal, region = torch.as_tensor(normal), torch.as_tensor(region)  # numpy (CPU maps) or tensors
     normal_desc, region_desc = normal.double().flip(0), region.double().flip(0)  # highest score first
     present = (normal_desc > 0) | (region_desc > 0)
     n_ok = float(normal.sum())
@@ -335,7 +336,7 @@ def _category_dir(r: _Run) -> tuple[Path | None, str]:
 
 def _analyse(r: _Run) -> tuple[_Analysis | None, str]:
     from data_modules.listing import list_samples, read_mask
-    from hybridad.metrics.functional import f1_from_counts, pixel_histograms, pro_histograms
+    from hybridad.metrics.functional import PixelHistograms, ProHistograms, f1_from_counts
 
     category_dir, why = _category_dir(r)
     if category_dir is None:
@@ -344,20 +345,15 @@ def _analyse(r: _Run) -> tuple[_Analysis | None, str]:
                if r.run.map_path(s.sample_id).is_file()]
     if not samples:
         return None, "no test_public maps in the run"
-    normal = region = pos = neg = None
-    n_regions = 0
+    pro_hists, pixel_hists = ProHistograms(), PixelHistograms()
     image_scores, per_image = [], []
     for s in samples:
         amap = r.run.read_map(s.sample_id)  # (H,W) float32
         gt_np = np.zeros(amap.shape, bool)
         if s.mask_path is not None:
             gt_np = read_mask(s.mask_path, s.image_path, amap.shape) > 0
-        m, g = torch.from_numpy(amap), torch.from_numpy(np.asarray(gt_np))
-        n_i, r_i, k = pro_histograms(m, g)
-        p_i, q_i = pixel_histograms(m, g)
-        normal, region = (n_i, r_i) if normal is None else (normal + n_i, region + r_i)
-        pos, neg = (p_i, q_i) if pos is None else (pos + p_i, neg + q_i)
-        n_regions += k
+        pro_hists.add(amap, gt_np)
+        pixel_hists.add(amap, gt_np)
         image_scores.append((float(amap.max()), int(s.label)))
         if s.label == 1:
             pred = _pred_mask(r, s.sample_id, amap)
@@ -365,8 +361,10 @@ def _analyse(r: _Run) -> tuple[_Analysis | None, str]:
                 tp = int((pred & gt_np).sum())
                 f1 = f1_from_counts(tp, int(pred.sum()) - tp, int(gt_np.sum()) - tp)
                 per_image.append((f1, s.sample_id))
-    fpr, pro = pro_curve(normal, region, n_regions)
-    return _Analysis(fpr, pro, pos.numpy(), neg.numpy(), image_scores, per_image), ""
+    normal, region = pro_hists.key_order()  # (65536,) float64 each, key order
+    pos, neg = pixel_hists.key_order()
+    fpr, pro = pro_curve(normal, region, pro_hists.n_regions)
+    return _Analysis(fpr, pro, np.asarray(pos), np.asarray(neg), image_scores, per_image), ""
 
 
 # ------------------------------------------------------------------------------------------------ plots

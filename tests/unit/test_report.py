@@ -130,7 +130,7 @@ def test_default_out_missing_metrics_and_duplicates(tmp_path: Path) -> None:
 
 
 def test_pro_curve_area_is_the_au_pro() -> None:
-    from hybridad.metrics.functional import au_pro, pro_histograms
+    from hybridad.metrics.functional import ProHistograms, au_pro
 
     gen = torch.Generator().manual_seed(0)
     maps = [torch.rand(24, 30, generator=gen) for _ in range(3)]
@@ -139,13 +139,10 @@ def test_pro_curve_area_is_the_au_pro() -> None:
     masks[1][10:12, 20:29] = True
     masks[1][18:20, 1:3] = True
     maps[1][10:12, 20:29] += 0.5  # one well-found region
-    normal = region = None
-    n_regions = 0
+    hists = ProHistograms()
     for m, g in zip(maps, masks):
-        n_i, r_i, k = pro_histograms(m, g)
-        normal, region = (n_i, r_i) if normal is None else (normal + n_i, region + r_i)
-        n_regions += k
-    fpr, pro = pro_curve(normal, region, n_regions, 0.05)
+        hists.add(m, g)
+    fpr, pro = pro_curve(*hists.key_order(), hists.n_regions, 0.05)
     assert (fpr[0], pro[0], fpr[-1]) == (0.0, 0.0, 0.05) and np.all(np.diff(fpr) >= 0)
     assert float(np.trapezoid(pro, fpr)) / 0.05 == pytest.approx(au_pro(maps, masks, 0.05), abs=1e-12)
 
