@@ -40,7 +40,7 @@ from tqdm import tqdm
 from data_modules.listing import list_samples, read_mask
 from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
-from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1
+from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1, process_local
 from hybridad.postprocess import binarize
 from hybridad.run_dir import RunDir
 from hybridad.thresholds import (
@@ -74,7 +74,7 @@ def _load_map(run: RunDir, sample_id: str) -> torch.Tensor:
 
 
 def _validation_stats(run: RunDir) -> ScoreStats:
-    stats = ScoreStats()
+    stats = ScoreStats(**process_local())
     ids = [sid for sid, _ in run.iter_maps(Split.VALIDATION.value)]
     if not ids:
         raise UserError(f"{run.path}/maps/validation is empty: the threshold rule needs the validation maps")
@@ -112,7 +112,7 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResu
     stats = _validation_stats(run) if methods - {"fixed", "f1_optimal", "pseudo_f1"} else None
     labelled = None
     if "f1_optimal" in methods:
-        labelled = PixelF1Max()
+        labelled = PixelF1Max(**process_local())
         for _, m, g in _labelled_maps(run, cfg, "test_public maps (threshold)"):
             labelled.update(m, g)
     pseudo = None
@@ -135,7 +135,8 @@ def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult],
            masks_to: RunDir | None) -> dict[str, float]:
     """test_public metrics; with `masks_to`, also the masks of every split with cached maps written there."""
     thr = thresholds[Split.TEST_PUBLIC.value].value
-    aupro, seg_f1, class_f1 = AUPRO(fpr_limit=0.05), SegF1(), ClassF1()
+    local = process_local()
+    aupro, seg_f1, class_f1 = AUPRO(fpr_limit=0.05, **local), SegF1(**local), ClassF1(**local)
     for sample_id, m, g in _labelled_maps(run, cfg, "test_public maps"):
         pred = binarize(m, thr, cfg.postprocess)  # (1,1,H,W) bool
         aupro.update(m, g)

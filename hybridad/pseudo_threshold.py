@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from hybridad.errors import UserError
-from hybridad.metrics import SegF1
+from hybridad.metrics import SegF1, process_local
 from hybridad.metrics.functional import f1_max_from_histograms, pixel_histograms
 from hybridad.postprocess import PostProcessConfig, binarize
 from hybridad.run_dir import RunDir
@@ -161,7 +161,7 @@ def score_candidates(
     Returns flat metrics: `test_public/threshold=<rule>/seg_f1` and `test_public/threshold=<rule>/value`.
     """
     run = RunDir(run_path)
-    seg = {rule: SegF1() for rule in thresholds}
+    seg = {rule: SegF1(**process_local()) for rule in thresholds}
     pos = neg = None
     for m, g in _test_pairs(run, root, category):
         p, n = pixel_histograms(m, g)
@@ -172,7 +172,7 @@ def score_candidates(
     if pos is not None:
         _, values["f1_optimal"] = f1_max_from_histograms(pos, neg)
         if np.isfinite(values["f1_optimal"]):
-            seg["f1_optimal"] = SegF1()
+            seg["f1_optimal"] = SegF1(**process_local())
             for m, g in _test_pairs(run, root, category):
                 seg["f1_optimal"].update(binarize(m, values["f1_optimal"], postprocess), g)
     out: dict[str, float] = {}

@@ -19,6 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from hybridad.errors import UserError
+from hybridad.metrics import process_local
 from hybridad.metrics.functional import (
     NUM_KEYS,
     f1_max_from_histograms,
@@ -160,7 +161,7 @@ def percentile_threshold(
 ) -> float:
     """factor x the q-th percentile of float16-cast scores (a `ScoreStats`, or raw values of any shape)."""
     if not isinstance(values, ScoreStats):
-        stats = ScoreStats()
+        stats = ScoreStats(**process_local())  # local values: no DDP sync
         stats.update(values if isinstance(values, Tensor) else torch.from_numpy(np.asarray(values)))
         values = stats
     return factor * values.percentile(q, method)

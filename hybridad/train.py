@@ -8,12 +8,10 @@ rank 0 chose, whichever launcher started the processes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -161,19 +159,6 @@ def _per_device_batch(cfg: RunConfig, world_size: int) -> int:
     return total // world_size
 
 
-@contextlib.contextmanager
-def _metrics_of_this_process() -> Iterator[None]:
-    """torchmetrics `Metric`s created inside compute over this process's updates only (no DDP sync)."""
-    import torchmetrics.metric
-
-    saved = torchmetrics.metric.jit_distributed_available
-    torchmetrics.metric.jit_distributed_available = lambda: False
-    try:
-        yield
-    finally:
-        torchmetrics.metric.jit_distributed_available = saved
-
-
 def _keep_csv_log(run: Path) -> None:
     """Lightning's CSV logger empties `csv/metrics.csv` when it starts: keep a resumed run's earlier part."""
     log = run / "csv" / "metrics.csv"
@@ -270,8 +255,7 @@ def _fit_and_predict(cfg: RunConfig, model: AnomalyModule, run: Path, owner: boo
         if trainer.is_global_zero:
             from hybridad.evaluate import evaluate_run
 
-            with _metrics_of_this_process():  # every rank's maps are on disk: no metric may wait for the others
-                evaluate_run(run, [], write=True)
+            evaluate_run(run, [], write=True)  # process-local metrics: the other ranks wait in the broadcast
             value = float(RunDir(run).read_thresholds()["value"])
         model.set_threshold(float(trainer.strategy.broadcast(value, src=0)))  # every rank binarises its share
     if cfg.predict_private:
@@ -281,6 +265,5 @@ def _fit_and_predict(cfg: RunConfig, model: AnomalyModule, run: Path, owner: boo
             if trainer.is_global_zero:
                 from hybridad.evaluate import evaluate_run
 
-                with _metrics_of_this_process():
-                    evaluate_run(run, [], write=True, write_masks=True)
+                evaluate_run(run, [], write=True, write_masks=True)
     trainer.save_checkpoint(run / "checkpoints" / "final.ckpt", weights_only=True)  # model + threshold only
