@@ -301,8 +301,8 @@ def validate_config(cfg: RunConfig) -> None:
     _check_devices(t.devices)
     _check(t.num_nodes >= 1, "trainer.num_nodes", t.num_nodes, "must be >= 1")
     _check(t.max_epochs >= -1, "trainer.max_epochs", t.max_epochs, "must be >= 1, or -1 for no limit")
-    _check(t.max_steps >= -1 and t.max_steps != 0, "trainer.max_steps", t.max_steps,
-           "must be >= 1, or -1 for no limit")
+    _check(t.max_steps >= -1, "trainer.max_steps", t.max_steps,
+           "must be >= 0 (0 = evaluate the untrained model), or -1 for no limit")
     _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be >= 1")
     _check(t.check_val_every_n_epoch >= 1, "trainer.check_val_every_n_epoch", t.check_val_every_n_epoch,
            "must be >= 1")

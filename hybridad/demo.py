@@ -140,7 +140,7 @@ def demo_threads(n: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
+def silence_lightning() -> Iterator[None]:
     """Silence Lightning's info lines (devices, model summary, 'max_steps reached') and its advice warnings,
     which are expected for the demo's tiny CPU runs (few workers, few batches, small logging interval)."""
     loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric")]
@@ -186,7 +186,7 @@ def run_demo(out: Path, overrides: list[str] | None = None, categories: list[str
         progress = CategoryProgress(cat, cfg.branch, threads)
         captured = io.StringIO()  # Lightning's per-run metric tables: the demo's report sums them up at the end
         try:
-            with demo_threads(threads), quiet_lightning(), contextlib.redirect_stdout(captured):
+            with demo_threads(threads), silence_lightning(), contextlib.redirect_stdout(captured):
                 run_dirs.append(train(cfg, callbacks=[progress]))
         except BaseException:
             progress.bar.close()

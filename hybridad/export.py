@@ -117,6 +117,7 @@ def export_run(run_path: Path, out: Path, device: str = "cpu") -> Path:
         "branch": cfg.branch,
         "input_size": s,
         "test_level": asdict(cfg.data.tiling.test_level),
+        "antialias": bool(cfg.data.tiling.antialias),  # downscaling of the tiles, as the run
         "tile_batch": None if dynamic else 1,
         "device": device,
         "threshold": {"value": decision.threshold, "source": decision.source},

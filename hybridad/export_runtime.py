@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_modules.tilers import EvalTiler
-from hybridad.postprocess import PostProcessConfig, binarize, smooth
+from hybridad.postprocess import PostProcessConfig, as_cached, binarize, smooth
 from hybridad.tile_grid import TileLevel, untile
 from hybridad.types import AnomalyOutput
 
@@ -92,7 +92,8 @@ class ExportedDetector:
             raise ValueError(f"{path}: format {self.meta.get('format')!r}, this runtime reads {FORMAT!r}")
         self.device = torch.device(device or self.meta["device"])
         self.net = program.module().to(self.device)
-        self.tiler = EvalTiler(TileLevel(**self.meta["test_level"]), int(self.meta["input_size"]))
+        self.tiler = EvalTiler(TileLevel(**self.meta["test_level"]), int(self.meta["input_size"]),
+                               bool(self.meta.get("antialias", True)))
         self.postprocess = PostProcessConfig(**self.meta["postprocess"])
         self.threshold = float(self.meta["threshold"]["value"])
         self.tile_batch: int | None = self.meta["tile_batch"]
@@ -114,4 +115,5 @@ class ExportedDetector:
         step = self.tile_batch or tiles.shape[0]
         tile_maps = torch.cat([self.net(chunk) for chunk in tiles.split(step)]).float()  # (B*n,1,S,S)
         maps = smooth(untile(tile_maps, layout), self.postprocess)  # (B,1,H,W)
-        return AnomalyOutput(maps, self.image_score(maps), binarize(maps, self.threshold, self.postprocess))
+        masks = binarize(as_cached(maps), self.threshold, self.postprocess)  # as the run's masks
+        return AnomalyOutput(maps, self.image_score(maps), masks)

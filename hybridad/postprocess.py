@@ -60,6 +60,12 @@ def smooth(anomaly_map: Tensor, cfg: PostProcessConfig) -> Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1))  # (B,1,H,W) along height
 
 
+def as_cached(anomaly_map: Tensor) -> Tensor:
+    """Float maps -> the float32 values of their float16 cache (clipped to +-65504, as `RunDir.write_map`), so
+    a mask made from them equals `cached map >= threshold` pixel for pixel."""
+    return anomaly_map.clamp(-65504.0, 65504.0).half().float()
+
+
 def normalize(anomaly_map: Tensor, low: float, high: float) -> Tensor:
     """(map - low) / (high - low), clamped to [0, 1]; `low`/`high` are fitted statistics (e.g. validation
     min/max or a percentile pair), not the statistics of this map."""

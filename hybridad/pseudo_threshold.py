@@ -143,10 +143,13 @@ def candidate_thresholds(thresholds: dict[str, Any], k: float) -> dict[str, floa
 
 
 def _test_pairs(run: RunDir, root: str, category: str) -> Iterator[tuple[Tensor, Tensor]]:
-    """(1,1,H,W) cached map and GT of every test_public image, one at a time."""
+    """(1,1,H,W) cached map and GT of every test_public image with a cached map (all of them, unless the run
+    limited its test batches), one at a time."""
     from data_modules.listing import list_samples, read_mask
 
     for s in list_samples(root, category, Split.TEST_PUBLIC):
+        if not run.map_path(s.sample_id).is_file():
+            continue
         m = torch.from_numpy(run.read_map(s.sample_id))[None, None]  # (1,1,H,W)
         hw = tuple(m.shape[-2:])
         gt = read_mask(s.mask_path, s.image_path, hw) > 0 if s.mask_path else np.zeros(hw, bool)

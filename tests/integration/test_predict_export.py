@@ -72,7 +72,7 @@ def _reference_outputs(run: Path, samples: list[Sample]) -> dict[str, tuple[np.n
     module = load_module(RunDir(run), cfg, read_decision(RunDir(run)))
     if cfg.branch == "cpr":
         build_cpr_bank(module, cfg)
-    tiler = EvalTiler(cfg.data.tiling.test_level, cfg.data.tiling.input_size)
+    tiler = EvalTiler(cfg.data.tiling.test_level, cfg.data.tiling.input_size, cfg.data.tiling.antialias)
     out = {}
     for s in samples:
         image = torch.from_numpy(read_image(s.image_path)).permute(2, 0, 1)[None]  # (1,3,H,W) uint8

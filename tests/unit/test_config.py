@@ -104,7 +104,7 @@ def test_every_swept_key_exists_in_the_schema() -> None:
         ("trainer.strategy=ddp_spawn", "trainer.strategy"),
         ("trainer.strategy=dpp", "trainer.strategy"),
         ("trainer.devices=0", "trainer.devices"),
-        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("trainer.max_steps=-2", "trainer.max_steps"),
         ("data.batch_size=0", "data.batch_size"),
         ("data.num_workers=-1", "data.num_workers"),
         ("data.tiling.input_size=100", "multiple of 14"),
