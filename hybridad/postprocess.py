@@ -235,14 +235,15 @@ def binarize(
 ) -> Tensor:
     """Threshold and clean (B,1,H,W) maps into (B,1,H,W) bool masks, the masks the PNG writer saves.
 
-    Steps: `map >= threshold` (inclusive: ISVL's uint8 rule floor(255 s) > T is s >= (T+1)/255), ANDed with
-    `foreground` ((B,1,H,W) bool object mask, e.g. `hsv_kmeans_foreground`) when given; closing with
+    Steps: `map >= threshold` on the float16-rounded map (the values cached and submitted, so a mask always
+    equals `cached map >= threshold`; inclusive: ISVL's uint8 rule floor(255 s) > T is s >= (T+1)/255), ANDed
+    with `foreground` ((B,1,H,W) bool object mask, e.g. `hsv_kmeans_foreground`) when given; closing with
     a `closing_kernel` square; hole filling; the full-mask guard (per image: if closing/filling left more than
     `full_mask_guard` of the pixels positive, keep the mask from before closing); erosion with an
     `erosion_kernel` square; removal of 8-connected components under `min_area` pixels. Steps set to 0/False
     are skipped.
     """
-    raw = anomaly_map >= threshold
+    raw = anomaly_map.to(torch.float16).float() >= threshold  # (B,1,H,W) bool, compared in float32
     if foreground is not None:
         raw = raw & foreground.to(raw.device)
     mask = raw

@@ -71,9 +71,7 @@ class AnomalyModule(L.LightningModule):
         maps = smooth(maps, self.postprocess)
         scores = self.image_score(maps)
         thr = float(self.threshold)
-        pred = None
-        if math.isfinite(thr):  # threshold the maps as cached and submitted (float16): masks and maps agree
-            pred = binarize(maps.half().float(), thr, self.postprocess, self.foreground(batch))
+        pred = binarize(maps, thr, self.postprocess, self.foreground(batch)) if math.isfinite(thr) else None
         return AnomalyOutput(maps, scores, pred)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> AnomalyOutput:
