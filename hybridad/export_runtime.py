@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_modules.tilers import EvalTiler
-from hybridad.postprocess import PostProcessConfig, as_cached, binarize, smooth
+from hybridad.postprocess import PostProcessConfig, binarize, smooth
 from hybridad.tile_grid import TileLevel, untile
 from hybridad.types import AnomalyOutput
 
@@ -115,5 +115,4 @@ class ExportedDetector:
         step = self.tile_batch or tiles.shape[0]
         tile_maps = torch.cat([self.net(chunk) for chunk in tiles.split(step)]).float()  # (B*n,1,S,S)
         maps = smooth(untile(tile_maps, layout), self.postprocess)  # (B,1,H,W)
-        masks = binarize(as_cached(maps), self.threshold, self.postprocess)  # as the run's masks
-        return AnomalyOutput(maps, self.image_score(maps), masks)
+        return AnomalyOutput(maps, self.image_score(maps), binarize(maps, self.threshold, self.postprocess))

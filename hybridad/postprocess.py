@@ -60,12 +60,6 @@ def smooth(anomaly_map: Tensor, cfg: PostProcessConfig) -> Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1))  # (B,1,H,W) along height
 
 
-def as_cached(anomaly_map: Tensor) -> Tensor:
-    """Float maps -> the float32 values of their float16 cache (clipped to +-65504, as `RunDir.write_map`), so
-    a mask made from them equals `cached map >= threshold` pixel for pixel."""
-    return anomaly_map.clamp(-65504.0, 65504.0).half().float()
-
-
 def normalize(anomaly_map: Tensor, low: float, high: float) -> Tensor:
     """(map - low) / (high - low), clamped to [0, 1]; `low`/`high` are fitted statistics (e.g. validation
     min/max or a percentile pair), not the statistics of this map."""
@@ -241,14 +235,15 @@ def binarize(
 ) -> Tensor:
     """Threshold and clean (B,1,H,W) maps into (B,1,H,W) bool masks, the masks the PNG writer saves.
 
-    Steps: `map >= threshold` (inclusive: ISVL's uint8 rule floor(255 s) > T is s >= (T+1)/255), ANDed with
-    `foreground` ((B,1,H,W) bool object mask, e.g. `hsv_kmeans_foreground`) when given; closing with
+    Steps: `map >= threshold` on the float16-rounded map (the values cached and submitted, so a mask always
+    equals `cached map >= threshold`; inclusive: ISVL's uint8 rule floor(255 s) > T is s >= (T+1)/255), ANDed
+    with `foreground` ((B,1,H,W) bool object mask, e.g. `hsv_kmeans_foreground`) when given; closing with
     a `closing_kernel` square; hole filling; the full-mask guard (per image: if closing/filling left more than
     `full_mask_guard` of the pixels positive, keep the mask from before closing); erosion with an
     `erosion_kernel` square; removal of 8-connected components under `min_area` pixels. Steps set to 0/False
     are skipped.
     """
-    raw = anomaly_map >= threshold
+    raw = anomaly_map.to(torch.float16).float() >= threshold  # (B,1,H,W) bool, compared in float32
     if foreground is not None:
         raw = raw & foreground.to(raw.device)
     mask = raw

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from hybridad.errors import UserError
-from hybridad.postprocess import PostProcessConfig, as_cached, binarize, hsv_kmeans_foreground, smooth
+from hybridad.postprocess import PostProcessConfig, binarize, hsv_kmeans_foreground, smooth
 from hybridad.tile_grid import untile
 from hybridad.types import AnomalyOutput, Batch, Split
 
@@ -71,9 +71,7 @@ class AnomalyModule(L.LightningModule):
         maps = smooth(maps, self.postprocess)
         scores = self.image_score(maps)
         thr = float(self.threshold)
-        pred = None
-        if math.isfinite(thr):  # threshold the maps as cached and submitted (float16): masks and maps agree
-            pred = binarize(as_cached(maps), thr, self.postprocess, self.foreground(batch))
+        pred = binarize(maps, thr, self.postprocess, self.foreground(batch)) if math.isfinite(thr) else None
         return AnomalyOutput(maps, scores, pred)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> AnomalyOutput:

@@ -65,7 +65,7 @@ def test_identity_when_everything_off() -> None:
     assert smooth(maps, cfg) is maps
     out = binarize(maps, 0.5, cfg)
     assert out.dtype == torch.bool and out.shape == maps.shape
-    assert torch.equal(out, maps >= 0.5)
+    assert torch.equal(out, maps.half().float() >= 0.5)  # compared as cached (float16)
     assert bool(binarize(torch.full((1, 1, 2, 2), 0.5), 0.5, cfg).all())  # inclusive threshold
 
 
@@ -158,3 +158,11 @@ def test_anomaly_module_applies_the_foreground_to_the_configured_split_only() ->
     assert module.foreground(batch) is None
     with pytest.raises(UserError, match="foreground_splits"):
         AnomalyModule(PostProcessConfig(foreground_splits=["test_privat_mixed"]))
+
+
+def test_binarize_compares_the_float16_map_as_cached() -> None:
+    thr = 0.7392578125  # a float16 value, as thresholds fitted on the float16 histograms are
+    maps = torch.tensor([0.73925, 0.7390, thr, 0.9]).view(1, 1, 1, 4)  # 0.73925 rounds up to thr in float16
+    got = binarize(maps, thr, PostProcessConfig())
+    assert got.flatten().tolist() == [True, False, True, True]
+    assert torch.equal(got, maps.half().float() >= thr)  # the cached map decides
