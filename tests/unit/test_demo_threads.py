@@ -7,12 +7,14 @@ import os
 import pytest
 import torch
 
-from hybridad.demo import demo_threads, pick_threads
+from hybridad import demo
+from hybridad.demo import busy_cores, demo_threads, pick_threads
 
 
 def test_pick_threads_by_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HYBRIDAD_DEMO_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo, "busy_cores", lambda: None)  # the load-average fallback
     monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
     assert pick_threads() == 2  # idle
     monkeypatch.setattr(os, "getloadavg", lambda: (2.1, 2.0, 1.0))
@@ -22,6 +24,33 @@ def test_pick_threads_by_load(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pick_threads(own_threads=1) == 1
     monkeypatch.setenv("HYBRIDAD_DEMO_THREADS", "3")
     assert pick_threads(own_threads=1) == 3
+
+
+def test_pick_threads_by_cpu_use_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HYBRIDAD_DEMO_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))  # a job that just ended: ignored
+    monkeypatch.setattr(demo, "busy_cores", lambda: 0.2)
+    assert pick_threads() == 2
+    monkeypatch.setattr(demo, "busy_cores", lambda: 1.4)
+    assert pick_threads() == 1
+
+
+def test_busy_cores_sees_a_spinning_process() -> None:
+    import subprocess
+    import sys
+
+    if busy_cores(0.05) is None:
+        pytest.skip("no /proc/stat on this platform")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert busy_cores(0.5) >= 0.7  # one core kept busy (allow for scheduler noise)
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_demo_threads_restores() -> None:
