@@ -82,19 +82,13 @@ def quiet_lightning() -> None:
 
 
 def validate_data(cfg: RunConfig) -> str:
-    """List and check every split this run reads before any training step (a `UserError` names the file).
-
-    The deep check (every PNG decoded, mask values) lives in `data_modules.checks`; this function is the one
-    place train calls it, so a stronger checker drops in here.
-    """
-    from data_modules import checks
+    """List and deep-check every split this run reads before any training step (a `UserError` names the file:
+    every PNG decoded, sizes agreeing, masks binary and of their image's size; `data_modules.checks`)."""
+    from data_modules.checks import validate_category
 
     private = PRIVATE_SPLITS if cfg.predict_private else ()
     splits = [Split.TRAIN, Split.VALIDATION, Split.TEST_PUBLIC, *private]
-    validate = getattr(checks, "validate_category", None)
-    if validate is not None:
-        return str(validate(cfg.data.root, cfg.data.category, splits))
-    return checks.check_dataset(cfg.data.root, cfg.data.category)
+    return validate_category(cfg.data.root, cfg.data.category, splits)
 
 
 def build_model(cfg: RunConfig) -> AnomalyModule:
