@@ -20,13 +20,10 @@ import warnings
 
 import torch
 
+from bench.device_timing import sync as _sync
+from bench.device_timing import timed
 from hybridad.models.cpr.config import CprConfig
 from hybridad.models.cpr.torch_model import CprModel
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_step_row(device: torch.device, size: int = 320, batch: int = 8, steps: int = 2, refs: int = 12) -> dict:
@@ -56,13 +53,7 @@ def train_step_row(device: torch.device, size: int = 320, batch: int = 8, steps:
         opt.step()
 
     step()  # warm-up
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    times = timed(step, device, steps)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     return {"name": "cpr_train_step", "device": where, "batch": batch, "size": size,
             "seconds": round(statistics.median(times), 3), "images_per_s": round(batch / statistics.median(times), 2)}

@@ -13,31 +13,16 @@ import argparse
 import contextlib
 import json
 import statistics
-import time
 
 import torch
 
+from bench.device_timing import sync as _sync
+from bench.device_timing import timed as _timed
 from hybridad.models.inp_former.config import InpFormerConfig
 from hybridad.models.inp_former.loss import InpFormerLoss
 from hybridad.models.inp_former.optim import StableAdamW
 from hybridad.models.inp_former.torch_model import InpFormerModel
 from hybridad.tile_grid import TileLevel, tile, untile
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device, iters: int) -> list[float]:  # noqa: ANN001
-    out = []
-    for _ in range(iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def run(

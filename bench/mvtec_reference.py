@@ -83,16 +83,20 @@ def au_pro_reference(maps: list[np.ndarray], masks: list[np.ndarray], limit: flo
     return trapezoid_to_limit(fpr, pro, limit) / limit
 
 
-def pixel_roc_auc_by_sort(maps: list[np.ndarray], masks: list[np.ndarray]) -> float:
-    """Pixel ROC AUC by one global descending sort (ties collapsed, trapezoid): the usual construction
-    (sklearn's roc_curve does the same), our baseline for the histogram form. Not MVTec code."""
+def _sorted_counts(maps: list[np.ndarray], masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative (true positives, false positives) at each distinct score, highest first: one global sort."""
     scores = np.concatenate([np.asarray(m).ravel() for m in maps])
     labels = np.concatenate([np.asarray(g).ravel() != 0 for g in masks])
     order = np.argsort(scores)[::-1]
     scores, labels = scores[order], labels[order]
-    keep = np.append(np.diff(scores) != 0, True)
-    tps = np.cumsum(labels, dtype=np.float64)[keep]
-    fps = np.cumsum(~labels, dtype=np.float64)[keep]
+    keep = np.append(np.diff(scores) != 0, True)  # last index of each run of tied scores
+    return np.cumsum(labels, dtype=np.float64)[keep], np.cumsum(~labels, dtype=np.float64)[keep]
+
+
+def pixel_roc_auc_by_sort(maps: list[np.ndarray], masks: list[np.ndarray]) -> float:
+    """Pixel ROC AUC by one global descending sort (ties collapsed, trapezoid): the usual construction
+    (sklearn's roc_curve does the same), our baseline for the histogram form. Not MVTec code."""
+    tps, fps = _sorted_counts(maps, masks)
     tpr = np.concatenate([[0.0], tps / tps[-1]])
     fpr = np.concatenate([[0.0], fps / fps[-1]])
     return float(np.trapezoid(tpr, fpr))
@@ -100,12 +104,6 @@ def pixel_roc_auc_by_sort(maps: list[np.ndarray], masks: list[np.ndarray]) -> fl
 
 def pixel_f1_max_by_sort(maps: list[np.ndarray], masks: list[np.ndarray]) -> float:
     """Best pooled pixel F1 over every distinct score (predict score >= t), by one global sort. Not MVTec code."""
-    scores = np.concatenate([np.asarray(m).ravel() for m in maps])
-    labels = np.concatenate([np.asarray(g).ravel() != 0 for g in masks])
-    order = np.argsort(scores)[::-1]
-    scores, labels = scores[order], labels[order]
-    keep = np.append(np.diff(scores) != 0, True)
-    tp = np.cumsum(labels, dtype=np.float64)[keep]
-    fp = np.cumsum(~labels, dtype=np.float64)[keep]
-    fn = labels.sum() - tp
+    tp, fp = _sorted_counts(maps, masks)
+    fn = tp[-1] - tp  # tp[-1]: every positive pixel
     return float(np.max(2 * tp / (2 * tp + fp + fn)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,14 @@ def synthetic_root_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("mvtec_ad2_all")
     write_synthetic_dataset(root, counts="small", seed=0, long_side=64, verbose=False)
     return root
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: torch intra-op threads only add overhead (and stall on a shared CPU)."""
+    import torch  # lazy, as above
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from hybridad.demo import demo_config
 from hybridad.train import train
@@ -15,15 +13,6 @@ from hybridad.train import train
 # tiny INP-Former at 56 px (4x4 tokens), 2 encoder blocks, batch 4: seconds per run on a CPU
 TINY = ["data.tiling.input_size=56", "data.batch_size=4", "inp_former.tiny_depth=2",
         "inp_former.warmup_steps=5", "predict_private=false"]
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add overhead (and stall on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _test_public_metrics(root: Path, runs: Path, steps: int) -> dict[str, float]:

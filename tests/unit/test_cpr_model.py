@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -317,15 +316,6 @@ def _paste_checker(x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, t
         y0, x0 = (int(v) for v in torch.randint(0, SIZE - side, (2,), generator=g))
         mask[i, :, y0 : y0 + side, x0 : x0 + side] = 1
     return (x + 0.06 * checker * mask).clamp(0, 1), mask
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add overhead (and stall on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_training_makes_pseudo_anomalous_pixels_score_above_normal_ones(one_thread: None) -> None:
