@@ -78,9 +78,10 @@ def _cmd_submission_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_submission_pack(args: argparse.Namespace) -> int:
-    from hybridad.submission import pack_submission
+    from hybridad.submission import expected_counts, pack_submission
 
-    print(pack_submission(Path(args.dir), Path(args.out)))
+    counts = expected_counts(args.categories, Path(args.data_root) if args.data_root else None)
+    print(pack_submission(Path(args.dir), Path(args.out), expected_counts=counts))
     return 0
 
 
@@ -147,6 +148,15 @@ def storage_error_line(err: BaseException) -> str | None:
     return None
 
 
+def _add_scope_options(q: argparse.ArgumentParser, verb: str) -> None:
+    """`--categories` and `--data-root`: which categories a submission tree holds and how many files each."""
+    q.add_argument("--categories", nargs="+", default=None, metavar="CAT",
+                   help=f"{verb} a tree that holds only these categories (default: all 8)")
+    q.add_argument("--data-root", default=None, metavar="ROOT",
+                   help="expect as many files per private split as this dataset root has "
+                   "(default: the official counts)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,16 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     q.set_defaults(func=_cmd_submission_write)
     q = ssub.add_parser("check", help="apply every rule of the official checker")
-    q.add_argument("dir")
-    q.add_argument("--categories", nargs="+", default=None, metavar="CAT",
-                   help="check a tree that holds only these categories (default: all 8)")
-    q.add_argument("--data-root", default=None,
-                   help="expect as many files per private split as this dataset root has "
-                   "(default: the official counts)")
+    q.add_argument("dir", help="the submission tree (anomaly_images/ and anomaly_images_thresholded/)")
+    _add_scope_options(q, "check")
     q.set_defaults(func=_cmd_submission_check)
-    q = ssub.add_parser("pack", help="pack a checked tree into a .tar.gz")
-    q.add_argument("dir")
-    q.add_argument("--out", required=True)
+    q = ssub.add_parser("pack", help="check a tree, then pack it into a .tar.gz")
+    q.add_argument("dir", help="the submission tree written by `submission write`")
+    q.add_argument("--out", required=True, help="the archive (.tar.gz), replaced if it exists")
+    _add_scope_options(q, "check and pack")
     q.set_defaults(func=_cmd_submission_pack)
 
     p = sub.add_parser("report", help="index.html + report.md: tables, PRO curves, histograms, lighting, overlays")
