@@ -110,7 +110,8 @@ def test_every_configured_path_is_checked_before_any_image_is_decoded(
             "inp_former.encoder=vit_small_patch14_dinov2"]
     cases = {  # override -> what the one-line error names
         f"inp_former.weights={tmp_path / 'nope.pth'}": "inp_former.weights: file .*nope.pth' not found",
-        f"inp_former.checkpoint={tmp_path / 'no_ckpt.pt'}": "inp_former.checkpoint: file .*no_ckpt.pt' not found",
+        f"inp_former.checkpoint={tmp_path / 'no_ckpt.pt'}":
+            "inp_former.checkpoint: file .*no_ckpt.pt' not found",
         f"data.cut_paste.defect_dir={tmp_path / 'no_crops'}": "defect_dir: folder .*no_crops' not found",
         f"inp_former.weights={garbage}": "cannot read .*garbage.pth",
     }

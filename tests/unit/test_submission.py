@@ -307,7 +307,8 @@ def test_synthetic_official_private_names_pass_official_check(tmp_path: Path) ->
 
 
 def test_cli_pack_takes_categories_and_data_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`submission pack --categories CAT --data-root ROOT` checks a one-category tree against ROOT's counts."""
+    """`submission pack --categories CAT --data-root ROOT` checks a one-category tree against ROOT's
+    counts."""
     from hybridad.cli import main
 
     write_submission([make_run(tmp_path / "runs", "can", 2)], tmp_path / "sub")
