@@ -111,8 +111,11 @@ def build_loggers(cfg: RunConfig, run: Path) -> list[Logger]:
         from lightning.pytorch.loggers import WandbLogger
 
         os.environ.setdefault("WANDB_MODE", "offline")
-        loggers.append(WandbLogger(project=cfg.logging.project, name=f"{cfg.data.category}/{run.name}",
-                                   save_dir=str(run), log_model=False))
+        wandb_logger = WandbLogger(project=cfg.logging.project, name=f"{cfg.data.category}/{run.name}",
+                                   save_dir=str(run), log_model=False)
+        # Lightning always passes `anonymous` to wandb.init, which wandb >= 0.19 answers with a deprecation warning
+        wandb_logger._wandb_init.pop("anonymous", None)
+        loggers.append(wandb_logger)
     return loggers
 
 
