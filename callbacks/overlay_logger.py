@@ -14,7 +14,8 @@ from hybridad.types import AnomalyOutput, Batch
 
 
 class OverlayLoggerCallback(L.Callback):
-    """The first `num_overlays` bad test_public images: input | heat map with GT (magenta) and prediction (white)."""
+    """The first `num_overlays` bad test_public images: input | heat map with GT (magenta) and prediction
+    (white) | colour bar."""
 
     def __init__(self, run_dir: Path, num_overlays: int = 4) -> None:
         self.out = Path(run_dir) / "overlays" / "test_public"

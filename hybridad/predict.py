@@ -314,8 +314,6 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
         overlays: write `overlays/<name>.png`.
         precision: Lightning precision (default: the run's `trainer.precision`).
     """
-    from hybridad.train import quiet_lightning
-
     if Path(run_path).suffix == ".pt2":
         if evaluation is not None:
             raise UserError("predict: --evaluation applies to run directories; an export has its threshold")
@@ -333,6 +331,8 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
     decision = read_decision(run, evaluation)
     module = load_module(run, cfg, decision)
     files = PredictionFiles(out, overlays, decision.threshold)
+    from hybridad.train import quiet_lightning
+
     quiet_lightning()  # no tips, banners or known-benign warnings between the progress bar and the result
     trainer = L.Trainer(**trainer_device(device), precision=precision or cfg.trainer.precision, logger=False,
                         callbacks=[PredictionWriterCallback(files)], enable_checkpointing=False,

@@ -113,7 +113,7 @@ def build_loggers(cfg: RunConfig, run: Path) -> list[Logger]:
         os.environ.setdefault("WANDB_MODE", "offline")
         wandb_logger = WandbLogger(project=cfg.logging.project, name=f"{cfg.data.category}/{run.name}",
                                    save_dir=str(run), log_model=False)
-        # Lightning always passes `anonymous` to wandb.init, which wandb >= 0.19 answers with a deprecation warning
+        # Lightning always passes `anonymous` to wandb.init, which recent wandb (0.31 here) answers with a warning
         wandb_logger._wandb_init.pop("anonymous", None)
         loggers.append(wandb_logger)
     return loggers
