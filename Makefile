@@ -7,6 +7,13 @@ CAT     ?= can
 DATA    ?= data/mvtec_ad2
 ARGS    ?=
 RUNS    ?= runs
+# make submission: the tree's folder, its categories (default all 8), a dataset root to take the file counts
+# from (default: the official counts) and OVERWRITE=1 to replace an existing tree
+SUBMISSION ?= submission
+CATEGORIES ?=
+DATA_ROOT  ?=
+OVERWRITE  ?=
+SUBMISSION_SCOPE = $(if $(strip $(CATEGORIES)),--categories $(CATEGORIES)) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT))
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
@@ -44,10 +51,11 @@ train-all: $(STAMP) ## train every category with its routed branch
 bench: $(STAMP) ## benchmarks (timings and memory, printed as a table)
 	$(BIN)/python -m bench
 
-submission: $(STAMP) ## write, check and pack a submission: make submission RUN_DIRS="runs/can/... runs/..."
-	$(BIN)/python -m hybridad submission write $(RUN_DIRS) --out submission
-	$(BIN)/python -m hybridad submission check submission
-	$(BIN)/python -m hybridad submission pack submission --out submission.tar.gz
+submission: $(STAMP) ## write, check, pack: make submission RUN_DIRS="runs/*/latest" [CATEGORIES="can vial"] [DATA_ROOT=<root>] [OVERWRITE=1]
+	$(if $(strip $(RUN_DIRS)),,$(error give the run or evaluation directories: make submission RUN_DIRS="runs/*/latest"))
+	$(BIN)/python -m hybridad submission write $(RUN_DIRS) --out $(SUBMISSION) $(if $(OVERWRITE),--overwrite)
+	$(BIN)/python -m hybridad submission check $(SUBMISSION) $(SUBMISSION_SCOPE)
+	$(BIN)/python -m hybridad submission pack $(SUBMISSION) --out $(SUBMISSION).tar.gz $(SUBMISSION_SCOPE)
 
 clean: ## remove caches and demo output (keeps .venv and runs/)
 	rm -rf demo_out .pytest_cache

@@ -9,12 +9,13 @@ import cv2
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
-from hybridad.report import overlay_panel
+from hybridad.visualize import overlay_panel
 from hybridad.types import AnomalyOutput, Batch
 
 
 class OverlayLoggerCallback(L.Callback):
-    """The first `num_overlays` bad test_public images: input | heat map with GT (green) and prediction (red)."""
+    """The first `num_overlays` bad test_public images: input | heat map with GT (magenta) and prediction
+    (white) | colour bar."""
 
     def __init__(self, run_dir: Path, num_overlays: int = 4) -> None:
         self.out = Path(run_dir) / "overlays" / "test_public"

@@ -17,9 +17,12 @@ from hybridad.errors import UserError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from hybridad.config import load_config
+    from hybridad.config import load_config, to_yaml
 
     cfg = load_config(args.overrides)  # config errors surface before the heavy imports
+    if args.show_config:
+        print(to_yaml(cfg), end="")
+        return 0
     from hybridad.train import train
 
     train(cfg)
@@ -78,9 +81,10 @@ def _cmd_submission_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_submission_pack(args: argparse.Namespace) -> int:
-    from hybridad.submission import pack_submission
+    from hybridad.submission import expected_counts, pack_submission
 
-    print(pack_submission(Path(args.dir), Path(args.out)))
+    counts = expected_counts(args.categories, Path(args.data_root) if args.data_root else None)
+    print(pack_submission(Path(args.dir), Path(args.out), expected_counts=counts))
     return 0
 
 
@@ -147,12 +151,37 @@ def storage_error_line(err: BaseException) -> str | None:
     return None
 
 
+def _add_scope_options(q: argparse.ArgumentParser, verb: str) -> None:
+    """`--categories` and `--data-root`: which categories a submission tree holds and how many files each."""
+    q.add_argument("--categories", nargs="+", default=None, metavar="CAT",
+                   help=f"{verb} a tree that holds only these categories (default: all 8)")
+    q.add_argument("--data-root", default=None, metavar="ROOT",
+                   help="expect as many files per private split as this dataset root has "
+                   "(default: the official counts)")
+
+
+TRAIN_EPILOG = """\
+config keys (key=value, YAML values; an unknown key is an error):
+  top level     branch, name, seed, out_dir, predict_private,
+                resume=latest (newest running/failed/killed run of data.category) or resume=<run dir>
+  data.*        root, category, batch_size, global_batch_size, eval_batch_size, num_workers, cache,
+                cache_dir, tiling.*, augment.*, cut_paste.*
+  inp_former.*  encoder, weights, checkpoint, preset, lr, warmup_steps, ...
+  cpr.*         weights, checkpoint, preset, image_size, store_dtype, ...
+  postprocess.*, threshold.*, checkpoint.every_n_steps, trainer.* (Lightning Trainer), logging.*
+every key with its value: hybridad train --show-config data.category=can   (README: Configuration)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fit, test on test_public, predict the private splits")
+    p = sub.add_parser("train", help="fit, test on test_public, predict the private splits",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. data.category=can)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved config (every key, with these overrides) and exit")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="re-score a run's cached maps with other post-processing/thresholds "
@@ -167,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("check", help="list and validate every split of a category")
-    q.add_argument("--root", required=True)
-    q.add_argument("--category", required=True)
+    q.add_argument("--root", required=True, help="dataset root (<root>/<category>/train/good/*.png)")
+    q.add_argument("--category", required=True, help="MVTec AD 2 category, e.g. can")
     q.set_defaults(func=_cmd_data_check)
 
     p = sub.add_parser("submission", help="write, check or pack the official server tree")
@@ -176,32 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     q = ssub.add_parser("write", help="write the server tree from run or evaluation directories")
     q.add_argument("sources", nargs="+", metavar="DIR",
                    help="one per category: a run directory or <run>/evaluations/<id>")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True,
+                   help="the tree's folder; its provenance goes beside it, to <out>.provenance.yaml")
     q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     q.set_defaults(func=_cmd_submission_write)
     q = ssub.add_parser("check", help="apply every rule of the official checker")
-    q.add_argument("dir")
-    q.add_argument("--categories", nargs="+", default=None, metavar="CAT",
-                   help="check a tree that holds only these categories (default: all 8)")
-    q.add_argument("--data-root", default=None,
-                   help="expect as many files per private split as this dataset root has "
-                   "(default: the official counts)")
+    q.add_argument("dir", help="the submission tree (anomaly_images/ and anomaly_images_thresholded/)")
+    _add_scope_options(q, "check")
     q.set_defaults(func=_cmd_submission_check)
-    q = ssub.add_parser("pack", help="pack a checked tree into a .tar.gz")
-    q.add_argument("dir")
-    q.add_argument("--out", required=True)
+    q = ssub.add_parser("pack", help="check a tree, then pack it into a .tar.gz")
+    q.add_argument("dir", help="the submission tree written by `submission write`")
+    q.add_argument("--out", required=True, help="the archive (.tar.gz), replaced if it exists")
+    _add_scope_options(q, "check and pack")
     q.set_defaults(func=_cmd_submission_pack)
 
     p = sub.add_parser("report", help="index.html + report.md: tables, PRO curves, histograms, lighting, overlays")
-    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="completed run directories, one per category")
     p.add_argument("--out", default=None, help="output folder (default: <first run dir>/report)")
     p.add_argument("--overlays", type=int, default=2, help="best and worst overlays per category (0 = none)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("convert", help="convert an official checkpoint into a hybridad weight file")
-    p.add_argument("branch", choices=["inp-former", "cpr"])
-    p.add_argument("ckpt")
-    p.add_argument("--out", required=True)
+    p.add_argument("branch", choices=["inp-former", "cpr"], help="which official code wrote the checkpoint")
+    p.add_argument("ckpt", help="the official checkpoint (INP-Former model.pth, CPR e.g. 01300.pth)")
+    p.add_argument("--out", required=True,
+                   help="the hybridad weight file to write (then inp_former.checkpoint= or cpr.checkpoint=)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("predict", help="maps, masks, overlays and scores.csv of new images")
@@ -217,15 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="one self-contained .pt2 (torch.export) of a run's category")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a completed run directory")
     p.add_argument("--out", required=True, help="output file (.pt2)")
     p.add_argument("--device", default="cpu", help="device the exported program runs on (cpu or cuda)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="synthetic data -> tiny models -> evaluation -> submission -> report")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--categories", nargs="*", default=None)
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--categories", nargs="*", default=None, metavar="CAT",
+                   help="the categories to run (default: all 8); put key=value overrides before this option")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo's config (as for train)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -261,6 +261,30 @@ PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
+def check_paths(cfg: RunConfig) -> None:
+    """Every file and folder the run's config names exists: cheap (no decoding, no weight loading), so a wrong
+    path stops a run at once with one `UserError` line naming the key, not after the data check.
+
+    Checked: the routed branch's `weights` and `checkpoint`, `data.cut_paste.defect_dir` and `data.root`
+    (root, category and train folders). The weight loaders and the deep data check inspect contents later.
+    """
+    from data_modules.listing import list_samples
+
+    hints = {"weights": "download it (README: Real data and weights) or set the key to the file's path",
+             "checkpoint": f"convert an official file with `hybridad convert {cfg.branch.replace('_', '-')}` "
+                           "or set the key to none"}
+    branch = getattr(cfg, cfg.branch)
+    for name, hint in hints.items():
+        path = str(getattr(branch, name) or "")
+        if path and not Path(path).is_file():
+            raise UserError(f"{cfg.branch}.{name}: file '{path}' not found; {hint}")
+    defect_dir = cfg.data.cut_paste.defect_dir
+    if defect_dir and not Path(defect_dir).is_dir():
+        raise UserError(f"data.cut_paste.defect_dir: folder '{defect_dir}' not found; point it at "
+                        "<dir>/<category> holding <type>/*.png crops, or set it to none")
+    list_samples(cfg.data.root, cfg.data.category, "train")  # root, category and split folders (a listing)
+
+
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise UserError(f"config key '{key}'={value!r}: {rule}")

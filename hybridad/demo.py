@@ -180,15 +180,17 @@ def silence_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def tables_only(report_md: str) -> str:
-    """The report's markdown without its figures: what the terminal can show (sections left empty dropped)."""
+def tables_only(report_md: str, skip: tuple[str, ...] = ("All metrics",)) -> str:
+    """The report's markdown without its figures: what the terminal can show (sections left empty dropped, and
+    the sections titled as in `skip`: the every-key table stays in the report files)."""
     sections: list[list[str]] = [[]]
     for line in report_md.splitlines():
         if line.startswith("#"):
             sections.append([])
         if not line.startswith("!["):
             sections[-1].append(line)
-    kept = [sec for sec in sections if any(ln.strip() and not ln.startswith("#") for ln in sec)]
+    kept = [sec for sec in sections if any(ln.strip() and not ln.startswith("#") for ln in sec)
+            and sec[0].lstrip("#").strip() not in skip]
     return "\n".join(line for sec in kept for line in sec).strip()
 
 

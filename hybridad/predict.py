@@ -43,9 +43,9 @@ from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.postprocess import PostProcessConfig
-from hybridad.report import overlay_panel
 from hybridad.run_dir import RunDir, atomic_write_bytes, encode_mask_png, encode_tiff, to_float16_map
 from hybridad.types import AnomalyOutput, Batch
+from hybridad.visualize import format_threshold, overlay_panel
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SCORE_COLUMNS = ("file", "image_score", "decision", "anomalous_area_px")
@@ -234,11 +234,17 @@ def trainer_device(device: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ outputs
 
 
+def overlay_caption(name: str, score: float, threshold: float | None, decision: str, area: int) -> str:
+    """The text line on a predict overlay: image score, pixel threshold and the decision (with its area)."""
+    thr = "-" if threshold is None else format_threshold(threshold)
+    return f"{name}   image score {score:.6g}   pixel threshold {thr}   decision: {decision} ({area} mask px)"
+
+
 class PredictionFiles:
     """Writes maps, masks, overlays and `scores.csv` of new images into one folder (atomic files)."""
 
-    def __init__(self, out: Path, overlays: bool = True) -> None:
-        self.out, self.overlays = Path(out), overlays
+    def __init__(self, out: Path, overlays: bool = True, threshold: float | None = None) -> None:
+        self.out, self.overlays, self.threshold = Path(out), overlays, threshold
         self.rows: list[tuple[str, float, str, int]] = []
 
     def add(self, name: str, image: np.ndarray, anomaly_map: np.ndarray, score: float, mask: np.ndarray
@@ -246,13 +252,16 @@ class PredictionFiles:
         """One image: (H,W,3) uint8 RGB, (H,W) float map, image score, (H,W) bool mask."""
         atomic_write_bytes(self.out / "maps" / f"{name}.tiff", encode_tiff(to_float16_map(anomaly_map)))
         atomic_write_bytes(self.out / "masks" / f"{name}.png", encode_mask_png(mask))
+        area = int(np.count_nonzero(mask))
+        decision = "anomalous" if area > 0 else "good"
         if self.overlays:
-            panel = overlay_panel(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), anomaly_map, None, mask)
+            caption = overlay_caption(name, score, self.threshold, decision, area)
+            panel = overlay_panel(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), anomaly_map, None, mask,
+                                  threshold=self.threshold, caption=caption)
             ok, png = cv2.imencode(".png", panel)
             if ok:
                 atomic_write_bytes(self.out / "overlays" / f"{name}.png", png.tobytes())
-        area = int(np.count_nonzero(mask))
-        self.rows.append((name, float(score), "anomalous" if area > 0 else "good", area))
+        self.rows.append((name, float(score), decision, area))
 
     def close(self, provenance: dict[str, Any]) -> Path:
         """Write `scores.csv` (rows in input order) and `prediction.yaml`; returns the csv path."""
@@ -321,7 +330,10 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
     datamodule = NewImagesDataModule(cfg, paths, names, bs)  # reads every header: bad files fail here
     decision = read_decision(run, evaluation)
     module = load_module(run, cfg, decision)
-    files = PredictionFiles(out, overlays)
+    files = PredictionFiles(out, overlays, decision.threshold)
+    from hybridad.train import quiet_lightning
+
+    quiet_lightning()  # no tips, banners or known-benign warnings between the progress bar and the result
     trainer = L.Trainer(**trainer_device(device), precision=precision or cfg.trainer.precision, logger=False,
                         callbacks=[PredictionWriterCallback(files)], enable_checkpointing=False,
                         enable_model_summary=False, default_root_dir=out)
@@ -351,7 +363,7 @@ def predict_exported(artefact: Path, inputs: list[str], out: Path, device: str =
         detector = ExportedDetector(artefact, None if device == "auto" else device)
     except (ValueError, RuntimeError) as err:
         raise UserError(f"predict: cannot load {artefact} ({str(err).splitlines()[0]})") from None
-    files = PredictionFiles(out, overlays)
+    files = PredictionFiles(out, overlays, float(detector.meta["threshold"]["value"]))
     for index in tqdm(batches, desc="predict", unit="batch"):
         batch = collate_batch([images[i] for i in index])
         add_outputs(files, batch.image, batch.sample_id, detector(batch.image))

@@ -28,6 +28,7 @@ import torch
 from hybridad.errors import UserError
 from hybridad.run_dir import RunDir, atomic_write_bytes
 from hybridad.types import CATEGORIES, Split
+from hybridad.visualize import format_threshold, overlay_panel
 
 # (metrics.json name, column title)
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -50,7 +51,6 @@ ISVL_REPORTED: dict[str, tuple[float, float, float, float]] = {
 RULES: tuple[tuple[str, str], ...] = (
     ("mean_std", "mean + k std"), ("pseudo_f1", "pseudo_f1"), ("f1_optimal", "F1-optimal (tuned on test)"))
 MISSING = "–"
-OVERLAY_LONG_SIDE = 768  # overlays are downscaled to this long side
 FPR_LIMIT = 0.05
 
 
@@ -193,6 +193,24 @@ def paper_table(runs: list[_Run]) -> Table:
     return Table("Per category (layout of the winners' report, Tables 1 and 2)", header, rows, note)
 
 
+def _raw(value: Any) -> str:
+    """A metrics.json value as stored: numbers with 6 significant digits, anything else as text."""
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def all_metrics_table(runs: list[_Run]) -> Table:
+    """Every key of every run's metrics.json (sorted), one column per category, values as stored."""
+    keys = sorted({k for r in runs for k in r.metrics})
+    rows = [[k, *[_raw(r.metrics.get(k)) for r in runs]] for k in keys]
+    note = ("Every key of metrics.json, as stored (fractions, not percentages); "
+            f"{MISSING} = the run has no such key.")
+    return Table("All metrics", ["metrics.json key", *[r.category for r in runs]], rows, note)
+
+
 def rules_table(runs: list[_Run]) -> Table | None:
     """SegF1 on test_public under each threshold rule, from `test_public/threshold=<rule>/seg_f1`."""
     found = any(_value(r.metrics, "test_public", f"threshold={rule}/seg_f1") is not None
@@ -207,7 +225,7 @@ def rules_table(runs: list[_Run]) -> Table | None:
             v = _value(r.metrics, "test_public", f"threshold={rule}/seg_f1")
             thr = _value(r.metrics, "test_public", f"threshold={rule}/value")
             cols[j].append(v)
-            cells.append(_pct(v) + (f" @ {thr:.3g}" if thr is not None else ""))
+            cells.append(_pct(v) + (f" @ {format_threshold(thr)}" if thr is not None else ""))
         rows.append(cells)
     rows.append(["mean", *[_mean_cell(c) for c in cols]])
     note = ("SegF1 % on test_public at each rule's threshold (value after @), with the run's "
@@ -433,7 +451,7 @@ def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path
         for rule, thr in thresholds.items():
             colour, style = _RULE_STYLE.get(rule, ("gray", "-"))
             name = "threshold (run)" if rule == "run" else dict(RULES).get(rule, rule)
-            ax.axvline(thr, color=colour, ls=style, lw=1.6, label=f"{name}: {thr:.3g}")
+            ax.axvline(thr, color=colour, ls=style, lw=1.6, label=f"{name}: {format_threshold(thr)}")
         ax.grid(alpha=0.25)
     handles, names = ax1.get_legend_handles_labels()
     fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9, frameon=False)
@@ -445,43 +463,6 @@ def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path
 # --------------------------------------------------------------------------------------------- overlays
 
 
-def overlay_panel(image: np.ndarray, anomaly_map: np.ndarray, gt: np.ndarray | None, pred: np.ndarray | None
-                  ) -> np.ndarray:
-    """Two panels side by side, (h, 2w, 3) uint8 BGR, downscaled so the long side is at most 768 px.
-
-    Left: the input with the ground-truth contour (green). Right: the anomaly map as a JET heat map (min-max
-    scaled per image, display only) blended over the input, with the ground-truth (green) and predicted (red)
-    contours.
-
-    Args:
-        image: (H,W,3) uint8 BGR input.
-        anomaly_map: (h,w) float scores; resized to (H,W) if needed.
-        gt, pred: (H,W) masks (nonzero = anomalous) or None; drawn as contours.
-    """
-    h, w = image.shape[:2]
-    if anomaly_map.shape != (h, w):
-        anomaly_map = cv2.resize(anomaly_map.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    lo, hi = float(anomaly_map.min()), float(anomaly_map.max())
-    scaled = ((anomaly_map - lo) / (hi - lo) * 255.0) if hi > lo else np.zeros_like(anomaly_map)
-    heat = cv2.applyColorMap(scaled.astype(np.uint8), cv2.COLORMAP_JET)  # (H,W,3)
-    scale = min(1.0, OVERLAY_LONG_SIDE / max(h, w))
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    left = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    right = cv2.addWeighted(left, 0.5, cv2.resize(heat, size, interpolation=cv2.INTER_AREA), 0.5, 0.0)
-    for mask, colour, panels in ((gt, (0, 255, 0), (left, right)), (pred, (0, 0, 255), (right,))):
-        if mask is None:
-            continue
-        if mask.shape != (h, w):
-            mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-        # contours at native resolution (tiny defects survive), then scaled to the panel
-        binary = (mask != 0).astype(np.uint8)
-        contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        contours = [np.round(c * scale).astype(np.int32) for c in contours]  # (N,1,2) xy
-        for panel in panels:
-            cv2.drawContours(panel, contours, -1, colour, 1)
-    return np.concatenate([left, right], axis=1)  # (h, 2w, 3)
-
-
 def _write_overlay(r: _Run, category_dir: Path, sid: str, out: Path, rel: Path) -> str:
     """Draw one overlay to `out/rel`; returns '' or why it was skipped."""
     stem = sid.rsplit("/", 1)[1]
@@ -491,7 +472,9 @@ def _write_overlay(r: _Run, category_dir: Path, sid: str, out: Path, rel: Path) 
     gt_path = category_dir / "test_public/ground_truth/bad" / f"{stem}_mask.png"
     gt = cv2.imread(str(gt_path), cv2.IMREAD_GRAYSCALE)
     amap = r.run.read_map(sid)
-    panel = overlay_panel(image, amap, gt, _pred_mask(r, sid, amap))
+    value = r.thresholds.get("value")
+    threshold = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    panel = overlay_panel(image, amap, gt, _pred_mask(r, sid, amap), threshold=threshold)
     ok, png = cv2.imencode(".png", panel)
     if not ok:
         return "PNG encoding failed"
@@ -521,7 +504,7 @@ th,td{padding:5px 11px;border-bottom:1px solid #e3e6ec;text-align:left;white-spa
 th{background:#f3f5f9;font-weight:600}td.num{text-align:right}tr.mean td{font-weight:600;background:#fafbfd}
 td.drop{color:#b42318}.note{color:#5b6475;font-size:13px;max-width:1100px;margin:4px 0 12px}
 img{max-width:100%;border:1px solid #e3e6ec;border-radius:4px}
-.cat{display:grid;grid-template-columns:repeat(auto-fill,minmax(290px,1fr));gap:10px 16px}.cat figure{margin:0}
+.cat{display:grid;grid-template-columns:repeat(auto-fill,minmax(600px,1fr));gap:10px 16px}.cat figure{margin:0}
 caption{text-align:left;font-weight:600;padding:6px 0}
 .cat img{width:100%;image-rendering:pixelated}
 figcaption{font-size:13px;color:#5b6475;margin-top:2px}.skip{color:#8a5a00}
@@ -628,8 +611,9 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
               "and image scores (max pixel score: an image is flagged when it reaches the threshold, before "
               "post-processing), with each rule's threshold. Overlays: the bad images whose predicted mask "
               "fits "
-              "the ground truth best and worst; left, input with ground truth (green); right, anomaly map "
-              "(min-max per image) with ground truth (green) and predicted mask (red).</p>")
+              "the ground truth best and worst; left, input with ground truth (magenta); right, anomaly map "
+              "(JET, min-max per image; the colour bar gives the real scores and marks the run's threshold) "
+              "with ground truth (magenta) and predicted mask (white), each outlined in black.</p>")
     section("categories", "Per category", legend + "".join(cat_html))
     md += cat_md
 
@@ -637,7 +621,10 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
         if any(_value(r.metrics, s.value, m) is not None for r in runs for m, _ in COLUMNS):
             t = main_table(runs, s.value)
             md += ["", *t.markdown()]
-            section(f"all-{s.value}", f"All metrics: {s.value}", t.html())
+            section(f"all-{s.value}", f"Headline metrics: {s.value}", t.html())
+    every = all_metrics_table(runs)
+    md += ["", *every.markdown()]
+    section("all-metrics", "All metrics", every.html())
 
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "report.md", text.encode("utf-8"))

@@ -25,7 +25,7 @@ from callbacks.pseudo_threshold import PseudoThresholdCallback
 from callbacks.score_writer import ScoreWriterCallback
 from callbacks.threshold_search import ThresholdCallback
 from data_modules.datamodule import MVTecAD2DataModule
-from hybridad.config import RunConfig, to_dict, to_yaml
+from hybridad.config import RunConfig, check_paths, to_dict, to_yaml
 from hybridad.errors import UserError
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.run_claim import (
@@ -111,8 +111,11 @@ def build_loggers(cfg: RunConfig, run: Path) -> list[Logger]:
         from lightning.pytorch.loggers import WandbLogger
 
         os.environ.setdefault("WANDB_MODE", "offline")
-        loggers.append(WandbLogger(project=cfg.logging.project, name=f"{cfg.data.category}/{run.name}",
-                                   save_dir=str(run), log_model=False))
+        wandb_logger = WandbLogger(project=cfg.logging.project, name=f"{cfg.data.category}/{run.name}",
+                                   save_dir=str(run), log_model=False)
+        # Lightning always passes `anonymous` to wandb.init, which recent wandb (0.31 here) answers with a warning
+        wandb_logger._wandb_init.pop("anonymous", None)
+        loggers.append(wandb_logger)
     return loggers
 
 
@@ -177,9 +180,10 @@ def train(cfg: RunConfig, callbacks: list[L.Callback] | None = None) -> Path:
                         "SLURM srun")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     owner = not launch.child and launch.rank <= 0
+    check_paths(cfg)  # a wrong weight, checkpoint, defect or data path stops the run before any decoding
+    model = build_model(cfg)  # weight files are read before the (slow) deep data check
     if owner and not launch.external:
         validate_data(cfg)  # data and weights errors stop the run before any file is written
-    model = build_model(cfg)
 
     lock: list[int] = []
 

@@ -29,6 +29,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Decoded-image caches (`data.cache_dir=""`) go to a session temp folder, never ~/.cache/hybridad:
+    `HYBRIDAD_CACHE_DIR` is the first place `data_modules.cache.default_cache_root` looks (subprocesses
+    inherit it)."""
+    before = os.environ.get("HYBRIDAD_CACHE_DIR")
+    folder = tmp_path_factory.mktemp("hybridad_cache")
+    os.environ["HYBRIDAD_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("HYBRIDAD_CACHE_DIR", None)
+    else:
+        os.environ["HYBRIDAD_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic tree: can, vial and sheet_metal, long side 96 px, small counts, seed 0."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from hybridad.run_dir import RunDir
 from hybridad.tile_grid import level_boxes
 from hybridad.train import train
 from hybridad.types import Batch, Sample, Split
+from hybridad.visualize import BAR_LABEL_WIDTH, BAR_WIDTH, CAPTION_HEIGHT, panel_scale
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["trainer.max_epochs=1", "trainer.max_steps=2", "trainer.limit_val_batches=2",
@@ -122,7 +124,10 @@ def test_predict_reproduces_the_runs_test_maps_masks_and_scores(inp_run: Path, t
         assert r["decision"] == ("anomalous" if (mask > 0).any() else "good")
         assert float(r["image_score"]) == pytest.approx(float(run_scores[sid]["image_score"]), rel=1e-6)
         overlay = cv2.imread(str(out / "overlays" / f"{r['file']}.png"))
-        assert overlay.shape[:2] == (mask.shape[0], 2 * mask.shape[1])
+        scale = panel_scale(*mask.shape)
+        assert overlay.shape[:2] == (CAPTION_HEIGHT + round(mask.shape[0] * scale),
+                                     2 * round(mask.shape[1] * scale) + BAR_WIDTH + BAR_LABEL_WIDTH)
+        assert (overlay[:CAPTION_HEIGHT].min(-1) < 100).any()  # the caption line: score, threshold, decision
 
 
 def test_predict_tiles_an_image_of_another_size_with_the_runs_test_grid(inp_run: Path, tmp_path: Path
@@ -242,3 +247,35 @@ def test_runtime_imports_no_training_code() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_overlay_caption_names_score_threshold_and_decision() -> None:
+    from hybridad.predict import overlay_caption
+
+    assert overlay_caption("bad/001", 0.51234567, 1.0039, "anomalous", 12) == (
+        "bad/001   image score 0.512346   pixel threshold 1.0039   decision: anomalous (12 mask px)")
+
+
+def test_train_and_predict_print_no_lightning_tips_banners_or_wandb_warnings(synthetic_root: Path,
+                                                                            tmp_path: Path) -> None:
+    """The command line as a user runs it: no Lightning tips or device banners, no LeafSpec deprecation, no
+    wandb 'anonymous' warning; the lines that matter are still there."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "PYTHONWARNINGS": "default"}
+    noise = ("Tip:", "litlogger", "GPU available", "TPU available", "LeafSpec", "anonymous", "Warning",
+             "WARNING")
+    train_cmd = [sys.executable, "-m", "hybridad", "train", "data.category=can", f"data.root={synthetic_root}",
+                 f"out_dir={tmp_path / 'runs'}", "name=quiet", "inp_former.preset=tiny", "inp_former.tiny_depth=2",
+                 "data.tiling.input_size=56", "data.batch_size=4", "trainer.max_steps=1", "trainer.max_epochs=1",
+                 "trainer.enable_progress_bar=false", "predict_private=false", "logging.wandb=true"]
+    proc = subprocess.run(train_cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    output = proc.stdout + proc.stderr
+    assert "run directory:" in output and not [n for n in noise if n in output], output[-3000:]
+    run = tmp_path / "runs" / "can" / "quiet"
+    predict_cmd = [sys.executable, "-m", "hybridad", "predict", str(run),
+                   str(synthetic_root / "can" / "test_public" / "bad"), "--out", str(tmp_path / "pred")]
+    proc = subprocess.run(predict_cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    output = proc.stdout + proc.stderr
+    assert "predicted" in output and not [n for n in noise if n in output], output[-3000:]

@@ -84,8 +84,46 @@ def test_missing_weights_or_data_stop_before_anything_is_written(synthetic_root:
                        f"inp_former.weights={tmp_path / 'nope.pth'}"])
     with pytest.raises(UserError, match="nope.pth"):
         train(cfg)
-    cfg = load_config([f"data.root={tmp_path / 'no_data'}", "data.category=vial", f"out_dir={runs}"])
+    cfg = load_config([f"data.root={tmp_path / 'no_data'}", "data.category=vial", f"out_dir={runs}",
+                       "cpr.preset=tiny"])
     with pytest.raises(UserError, match="mvtec-ad-2"):
+        train(cfg)
+    assert not runs.exists()
+
+
+def test_every_configured_path_is_checked_before_any_image_is_decoded(
+        synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad weight, checkpoint, defect-folder or data paths (and an unreadable weight file) stop `train` before
+    the deep data check decodes a single PNG."""
+    import data_modules.checks
+    from hybridad.config import load_config
+    from hybridad.errors import UserError
+
+    def no_decoding(*args: object, **kwargs: object) -> str:
+        raise AssertionError("the data set was decoded before the paths were checked")
+
+    monkeypatch.setattr(data_modules.checks, "validate_category", no_decoding)
+    runs = tmp_path / "runs"
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    base = [f"data.root={synthetic_root}", "data.category=can", f"out_dir={runs}",
+            "inp_former.encoder=vit_small_patch14_dinov2"]
+    cases = {  # override -> what the one-line error names
+        f"inp_former.weights={tmp_path / 'nope.pth'}": "inp_former.weights: file .*nope.pth' not found",
+        f"inp_former.checkpoint={tmp_path / 'no_ckpt.pt'}":
+            "inp_former.checkpoint: file .*no_ckpt.pt' not found",
+        f"data.cut_paste.defect_dir={tmp_path / 'no_crops'}": "defect_dir: folder .*no_crops' not found",
+        f"inp_former.weights={garbage}": "cannot read .*garbage.pth",
+    }
+    for override, message in cases.items():
+        weights = [] if override.startswith("inp_former.weights") else [f"inp_former.weights={garbage}"]
+        with pytest.raises(UserError, match=message):
+            train(load_config([*base, *weights, override]))
+    with pytest.raises(UserError, match="data root .*no_data does not exist"):
+        train(load_config([*base, f"data.root={tmp_path / 'no_data'}", f"inp_former.weights={garbage}"]))
+    cfg = load_config([f"data.root={synthetic_root}", "data.category=vial", f"out_dir={runs}",
+                       f"cpr.weights={tmp_path / 'densenet.pth'}"])
+    with pytest.raises(UserError, match="cpr.weights: file .*densenet.pth' not found"):
         train(cfg)
     assert not runs.exists()
 

@@ -195,3 +195,21 @@ def test_batch_pin_memory_pins_every_crop(tmp_path, monkeypatch):
     assert len(pinned) == 5 + 2  # five crops, label, tile_box (mask and tiles are None)
     assert all(torch.equal(a, b) and a is not b for a, b in zip(out.image, batch.image))
     assert out.sample_id == batch.sample_id and torch.equal(out.tile_box, batch.tile_box)
+
+
+def test_default_cache_root_order_and_tests_never_use_the_home_cache(monkeypatch, tmp_path):
+    """`$HYBRIDAD_CACHE_DIR`, else `$XDG_CACHE_HOME/hybridad`, else `~/.cache/hybridad`; the test session
+    points the first at a temp folder (tests/conftest.py), so `make test` leaves ~/.cache/hybridad alone."""
+    from data_modules.cache import default_cache_root
+
+    session = default_cache_root()
+    assert session == Path(os.environ["HYBRIDAD_CACHE_DIR"])
+    assert Path.home() / ".cache" not in session.parents and session.is_dir()
+    monkeypatch.setenv("HYBRIDAD_CACHE_DIR", str(tmp_path / "own"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_root() == tmp_path / "own"
+    monkeypatch.delenv("HYBRIDAD_CACHE_DIR")
+    assert default_cache_root() == tmp_path / "xdg" / "hybridad"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_root() == tmp_path / "home" / ".cache" / "hybridad"

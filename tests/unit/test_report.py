@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from hybridad.errors import UserError
-from hybridad.report import best_and_worst, lighting_table, overlay_panel, pro_curve, write_report
+from hybridad.report import best_and_worst, lighting_table, pro_curve, write_report
 from hybridad.run_dir import RunDir
+from hybridad.visualize import BAR_LABEL_WIDTH, BAR_WIDTH, GT_COLOUR, PRED_COLOUR
 
 
 def make_run(path: Path, category: str, branch: str, metrics: dict, thresholds: dict, root: str = "/nowhere"
@@ -182,20 +183,24 @@ def test_html_references_only_existing_images_and_overlays_rank_by_f1(tmp_path: 
     assert [s for s in sources if s.startswith("overlays/")] == best + worst
     assert f"![wallplugs best test_public/bad/{bad[0].stem}]({best[0]})" in text
     panel = cv2.imread(str(out / best[0]), cv2.IMREAD_COLOR)
-    assert panel.shape == (32, 80, 3)
-    assert (panel[:, :40] == (0, 255, 0)).all(-1).any()  # GT contour on the input
-    assert (panel[:, 40:] == (0, 0, 255)).all(-1).any()  # predicted contour on the heat map
+    assert panel.shape == (round(32 * 512 / 40), 2 * 512 + BAR_WIDTH + BAR_LABEL_WIDTH, 3)  # 40x32 -> 512x410
+    assert (panel[:, :512] == GT_COLOUR).all(-1).any()  # GT contour on the input
+    assert (panel[:, 512:1024] == PRED_COLOUR).all(-1).any()  # predicted contour on the heat map
 
 
-def test_overlay_panel_contours_follow_masks() -> None:
-    image = np.full((20, 30, 3), 100, np.uint8)
-    amap = np.zeros((10, 15), np.float32)  # half resolution: resized to the image
-    amap[2:4, 3:6] = 1.0
-    gt = np.zeros((20, 30), np.uint8)
-    gt[5:10, 8:14] = 255
-    panel = overlay_panel(image, amap, gt, None)
-    assert panel.shape == (20, 60, 3)
-    green = (panel[:, :30] == (0, 255, 0)).all(-1)
-    ys, xs = np.nonzero(green)
-    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (5, 9, 8, 13)  # the outline of the GT box
-    assert not (panel[:, 30:] == (0, 0, 255)).all(-1).any()  # no prediction, no red contour
+def test_all_metrics_lists_every_key_and_thresholds_keep_their_digits(tmp_path: Path) -> None:
+    metrics = {"test_public/seg_f1": 0.25, "test_public/threshold=mean_std/seg_f1": 0.125,
+               "test_public/threshold=mean_std/value": 1.0039, "validation/mean": 0.981234567,
+               "test_public/lighting=regular/aupro_0.05": 0.5, "test_private/threshold": 1.0039,
+               "threshold_source": "validation", "tuned_on_test": False, "test_public/n_images": 10}
+    run = make_run(tmp_path / "can", "can", "inp_former", metrics, {"value": 1.0039, "source": "validation"})
+    text = write_report([run], tmp_path / "rep", num_overlays=0)
+    page = (tmp_path / "rep" / "index.html").read_text()
+    for key in metrics:
+        assert f'<td class="">{key}</td>' in page and f"| {key} |" in text
+    lines = text.splitlines()
+    start = lines.index("## All metrics")
+    assert lines[start + 2:start + 4] == ["| metrics.json key | can |", "|---|---|"]
+    assert "| test_public/threshold=mean_std/value | 1.0039 |" in lines
+    assert "| validation/mean | 0.981235 |" in lines and "| tuned_on_test | False |" in lines
+    assert "| can | 12.50 @ 1.0039 | – | – |" in lines  # the rules table: 1.0039, not "@ 1"

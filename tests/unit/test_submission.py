@@ -304,3 +304,44 @@ def test_synthetic_official_private_names_pass_official_check(tmp_path: Path) ->
     write_submission(runs, tmp_path / "sub")
     assert check_submission(tmp_path / "sub") == []
     assert len(list((tmp_path / "sub" / M).rglob("*.tiff"))) == 2 * sum(submission.OFFICIAL_COUNTS.values())
+
+
+def test_cli_pack_takes_categories_and_data_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`submission pack --categories CAT --data-root ROOT` checks a one-category tree against ROOT's
+    counts."""
+    from hybridad.cli import main
+
+    write_submission([make_run(tmp_path / "runs", "can", 2)], tmp_path / "sub")
+    for split in ("test_private", "test_private_mixed"):
+        (tmp_path / "data/can" / split).mkdir(parents=True)
+    for i in range(2):
+        (tmp_path / "data/can/test_private" / f"{i:03d}_regular.png").write_bytes(b"")
+    archive = tmp_path / "sub.tar.gz"
+    with pytest.raises(SystemExit) as done:  # all 8 categories at the official counts: refused
+        main(["submission", "pack", str(tmp_path / "sub"), "--out", str(archive)])
+    assert done.value.code == 2 and not archive.exists()
+    assert "fails the submission check" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["submission", "pack", str(tmp_path / "sub"), "--out", str(archive), "--categories", "can",
+              "--data-root", str(tmp_path / "data")])
+    assert done.value.code == 0
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert len(names) == 8 and "sub/anomaly_images/can/test_private/001_regular.tiff" in names
+
+
+def test_make_submission_passes_categories_data_root_and_overwrite() -> None:
+    """`make submission` forwards CATEGORIES, DATA_ROOT and OVERWRITE to write, check and pack (a dry run)."""
+    proc = subprocess.run(["make", "-n", "submission", "STAMP=Makefile", "RUN_DIRS=runs/a runs/b",
+                           "CATEGORIES=can vial", "DATA_ROOT=/d", "OVERWRITE=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if "hybridad submission" in line]
+    assert [line.split("hybridad submission ", 1)[1] for line in lines] == [
+        "write runs/a runs/b --out submission --overwrite",
+        "check submission --categories can vial --data-root /d",
+        "pack submission --out submission.tar.gz --categories can vial --data-root /d",
+    ]
+    ignored = subprocess.run(["git", "check-ignore", "submission/x.tiff", "submission.provenance.yaml",
+                              "submission.tar.gz"], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == ["submission/x.tiff", "submission.provenance.yaml", "submission.tar.gz"]
