@@ -368,9 +368,12 @@ def _test_samples(r: _Run) -> tuple[list[Sample] | None, str]:
     from hybridad.config import load_run_config
 
     try:
-        return list_split(load_run_config(r.run.path).data, Split.TEST_PUBLIC), ""
+        data = load_run_config(r.run.path).data
+        if not Path(data.root).is_dir():
+            return None, f"dataset not found at {Path(data.root) / data.category}"
+        return list_split(data, Split.TEST_PUBLIC), ""
     except UserError as err:
-        return None, f"dataset not listed ({err})"
+        return None, f"dataset not listed: {err}"
 
 
 def _analyse(r: _Run) -> tuple[_Analysis | None, str]:

@@ -48,7 +48,8 @@ def test_branch_override_reroutes_a_category() -> None:
         ("data.bogus=1", "data.bogus"),
         ("trainer.max_epochs=ten", "trainer.max_epochs"),
         ("nonsense", "key=value"),
-        ("data.category=bolts", "valid:"),
+        ("data.category=a/b", "not a folder name"),
+        ("data.format=coco", "'data.format'='coco': use one of 'mvtec_ad2', 'mvtec_ad', 'visa'"),
         ("branch=patchcore", "unknown branch"),
     ],
 )
