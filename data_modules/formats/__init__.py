@@ -54,7 +54,7 @@ def reader(fmt: str) -> Reader:
 def list_splits(data: DataConfig) -> Listing:
     """Every split of `data.category` in `data.format`, a validation split carved when the layout has none.
 
-    Carving: `round(data.validation_fraction x N)` (at least 1) of the N normal training images, drawn with
+    Carving: `data.validation_fraction x N` rounded half up (at least 1) of the N normal training images, drawn with
     `data.validation_seed`, become the validation split; they are never trained on.
 
     Raises:
@@ -71,6 +71,7 @@ def list_splits(data: DataConfig) -> Listing:
         train, val = carve_validation(listing.splits[Split.TRAIN], data.validation_fraction, data.validation_seed)
         listing.splits[Split.TRAIN], listing.splits[Split.VALIDATION] = train, val
         listing.carved = val
+        listing.splits = {s: listing.splits[s] for s in Split if s in listing.splits}  # train, validation, ...
     for samples in listing.splits.values():
         _check_unique(samples)
     return listing
@@ -88,7 +89,7 @@ def list_split(data: DataConfig, split: Split | str) -> list[Sample]:
 def carve_validation(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(train, validation): a seeded `fraction` of the normal training images (at least 1) moved to validation."""
     n = len(train)
-    k = max(1, round(n * fraction))
+    k = max(1, int(n * fraction + 0.5))  # rounded half up
     if n - k < 1:
         where = train[0].image_path.parent if train else "?"
         raise UserError(f"{n} normal training image(s) in {where}: carving a validation split "
