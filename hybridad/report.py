@@ -679,6 +679,8 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
     md += cat_md
 
     for s in Split:
+        if s == Split.TEST_PUBLIC and not any(is_mvtec_ad2(r) for r in runs):
+            continue  # the summary is this table already
         if any(_value(r.metrics, s.value, m) is not None for r in runs for m, _ in COLUMNS):
             t = main_table(runs, s.value)
             md += ["", *t.markdown()]

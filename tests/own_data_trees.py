@@ -49,7 +49,7 @@ def mvtec_ad_tree(root: Path, category: str = "bottle") -> Path:
 
 def folder_tree(root: Path, category: str = "bracket", n_normal: int = 10, size: tuple[int, int] = (24, 32),
                 gray: bool = False) -> Path:
-    """normal: n images; normal_test: 2; abnormal: 1 at the top (type 'bad'), scratch: 2, scratch/deep: 1."""
+    """normal: n images; normal_test: 2; abnormal: 1 at the top (type 'abnormal'), scratch: 2, scratch/deep: 1."""
     h, w = size
     cat = root / category
     for i in range(n_normal):

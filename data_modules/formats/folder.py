@@ -7,7 +7,7 @@
     <root>/<category>/normal_test/*             optional normal test images (data.layout.normal_test)
 
 Folder names come from `data.layout.{normal,abnormal,masks,normal_test}` (relative to <root>/<category>, or
-absolute). Images directly in the abnormal folder get the defect type 'bad'. A mask is looked up beside the
+absolute). Images directly in the abnormal folder get its name as defect type ('abnormal'). A mask is looked up beside the
 image's relative folder first, then at the top of the mask folder. No private splits.
 """
 
@@ -46,7 +46,7 @@ def read(root: Path, category: str, layout: LayoutConfig) -> Listing:
     masks, used = mask_index(mask_dir), set()
     for p in images_in(abnormal, recursive=True):
         rel_folder = p.parent.relative_to(abnormal).as_posix()
-        defect = "bad" if rel_folder == "." else rel_folder
+        defect = abnormal.name if rel_folder == "." else rel_folder
         expected = mask_dir / rel_folder / f"{p.stem}.png"
         mask = pair_mask(masks, rel_folder, p, expected, used)
         test.append(make_sample(category, Split.TEST_PUBLIC, p, mask, defect, f"{defect}/{p.stem}"))

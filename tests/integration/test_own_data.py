@@ -48,7 +48,7 @@ def test_train_writes_a_run_without_private_splits(own_run: Path) -> None:
     rows = list(csv.DictReader((own_run / "scores" / "test_public.csv").open()))
     assert {(r["sample_id"], r["label"], r["defect_type"], r["lighting"]) for r in rows} == {
         ("test_public/good/ok_0", "0", "good", ""), ("test_public/good/ok_1", "0", "good", ""),
-        ("test_public/bad/bad/top", "1", "bad", ""), ("test_public/bad/scratch/s1", "1", "scratch", ""),
+        ("test_public/bad/abnormal/top", "1", "abnormal", ""), ("test_public/bad/scratch/s1", "1", "scratch", ""),
         ("test_public/bad/scratch/s2", "1", "scratch", ""),
         ("test_public/bad/scratch/deep/d1", "1", "scratch/deep", ""),
     }
@@ -69,6 +69,7 @@ def test_evaluate_report_predict_export_work_and_submission_refuses(
     code, _, _ = _cli(["report", str(own_run), "--out", str(tmp_path / "report")], capsys)
     text = (tmp_path / "report" / "report.md").read_text()
     assert code == 0 and "## Per defect type" in text and "| bracket | scratch/deep |" in text
+    assert "| bracket | abnormal |" in text
     assert "ISVL" not in text and "Lighting" not in text, "MVTec AD 2-only tables appear only where they apply"
     assert "## Per category: test_public (the labelled test set)" in text
     assert list((tmp_path / "report" / "overlays" / "bracket").glob("*.png"))

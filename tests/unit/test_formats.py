@@ -144,7 +144,7 @@ def test_folder_pairs_masks_by_stem_with_nested_types(tmp_path: Path) -> None:
         ("test_public/bad/scratch/deep/d1", 1, "scratch/deep", "d1.png", "d1.png"),
         ("test_public/bad/scratch/s1", 1, "scratch", "s1.PNG", "s1_mask.png"),
         ("test_public/bad/scratch/s2", 1, "scratch", "s2.bmp", "s2.png"),
-        ("test_public/bad/bad/top", 1, "bad", "top.png", "top.png"),
+        ("test_public/bad/abnormal/top", 1, "abnormal", "top.png", "top.png"),
     ]
     train = listing.splits[Split.TRAIN]
     assert len(train) == 7 and len(listing.splits[Split.VALIDATION]) == 3  # 10 normal x 0.25 = 2.5 -> 3
@@ -165,7 +165,7 @@ def test_folder_faults_are_one_line(tmp_path: Path) -> None:
         f"mask {root / 'bracket/masks/extra.png'} has no image")
     (root / "bracket/masks/extra.png").unlink()
     write_image(root / "bracket/abnormal/top.jpg", defect=True)  # same stem, another suffix: one name for two
-    assert "get one name (test_public/bad/bad/top)" in _error(_data(root, "bracket", "folder"))
+    assert "get one name (test_public/bad/abnormal/top)" in _error(_data(root, "bracket", "folder"))
     assert _error(_data(root, "bracket", "folder", abnormal="ng")).startswith(
         f"abnormal (data.layout.abnormal) folder {root / 'bracket/ng'} does not exist")
     assert _error(_data(root, "bracket", "coco")) == (
