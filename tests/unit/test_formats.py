@@ -263,3 +263,21 @@ def test_mixed_size_training_tiles_each_image_on_its_own_grid(tmp_path: Path) ->
     assert ("big.png", (0, 0, 40, 24)) in boxes and ("big.png", (0, 24, 40, 48)) in boxes
     item = next(ds[j] for j, (i, _, _, box) in enumerate(ds.triples) if ds.samples[i].image_path.name == "big.png")
     assert tuple(item["image"].shape) == (3, 40, 24)
+
+
+def test_cli_data_check_with_format_and_layout_items(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hybridad.cli import main
+
+    root = folder_tree(tmp_path)
+    args = ["data", "check", "--root", str(root), "--category", "bracket", "--format", "folder"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "data.layout.normal_test=normal_test", "data.validation_fraction=0.2"])
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln.split(None, 2)[1:] for ln in out.splitlines()[1:]}
+    assert e.value.code == 0 and lines["test_public"] == [
+        "6", "(2 good, 4 bad with masks; types: abnormal 1, scratch 2, scratch/deep 1)"]
+    assert lines["validation"][0] == "2" and lines["validation"][1].startswith("(carved from train")
+    with pytest.raises(SystemExit) as e:
+        main([*args, "data.layout.masks=nowhere"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("hybridad: error: mask (data.layout.masks) folder") and "\n" not in err
