@@ -281,3 +281,17 @@ def test_cli_data_check_with_format_and_layout_items(tmp_path: Path, capsys: pyt
         main([*args, "data.layout.masks=nowhere"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("hybridad: error: mask (data.layout.masks) folder") and "\n" not in err
+
+
+def test_jpeg_and_bmp_training_images_go_through_the_decoded_cache(tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    root = mvtec_ad_tree(tmp_path)
+    data = _data(root, "bottle", "mvtec_ad")
+    data.cache_dir = str(tmp_path / "cache")
+    ds = MVTecAD2DataModule(data).dataset(Split.TRAIN)
+    assert ds.cache is not None and ds.cache.shape == (3, 24, 32, 3)
+    for i, s in enumerate(ds.samples):  # the cache holds exactly what OpenCV decodes (JPEG, BMP, PNG alike)
+        want = cv2.cvtColor(cv2.imread(str(s.image_path)), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(ds.cache.image(i), want), s.image_path.name
