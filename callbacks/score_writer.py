@@ -22,7 +22,8 @@ class ScoreWriterCallback(L.Callback):
     """Per-image scores of validation, test and predict runs, one CSV per split, sorted by sample id.
 
     Columns: `sample_id`, `label` (0 good, 1 bad, empty where unknown), `defect_type` (`good`, the layout's
-    defect type, `bad` in MVTec AD 2, empty where unknown), `lighting` (empty outside MVTec AD 2), `image_score` (the
+    defect type, `bad` in MVTec AD 2, empty where unknown), `lighting` (empty outside MVTec AD 2),
+    `image_score` (the
     branch's image score of the smoothed native map), `anomalous_pixels` (positive pixels of the predicted
     mask, empty before a threshold exists). In-training validation epochs are skipped, like the map cache; a
     split evaluated again replaces its file. Under DDP the rows of every rank are gathered and rank 0 writes.

@@ -34,7 +34,7 @@ from hybridad.types import PRIVATE_SPLITS, Batch, Split
 class DataConfig:
     root: str = "data/mvtec_ad2"
     category: str = "can"  # any name: <root>/<category>/ (a layout's index names it otherwise)
-    format: str = "mvtec_ad2"  # layout on disk: mvtec_ad2 | mvtec_ad | visa | realiad | folder (data_modules.formats)
+    format: str = "mvtec_ad2"  # layout: mvtec_ad2 | mvtec_ad | visa | realiad | folder (data_modules.formats)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     validation_fraction: float = 0.1  # without a validation split: this share of train becomes validation
     validation_seed: int = 0  # seed of that draw

@@ -3,9 +3,10 @@
 The page, top to bottom: the per-category table laid out like the winners' report (Tables 1 and 2:
 AU-PRO(0.05) and SegF1, here on test_public, computed on float16 maps as the server does) beside the published
 ISVL numbers on the private splits (where a run is an MVTec AD 2 category; otherwise the headline metrics of
-the labelled test set); metrics per defect type (layouts that name types); SegF1 under each threshold rule (mean + k std, pseudo_f1, F1-optimal tuned
-on test); PRO curves up to FPR 0.05; lighting robustness (per condition, drop from regular lighting); per
-category, score histograms of good vs bad pixels and images with the thresholds marked and the best and worst
+the labelled test set); metrics per defect type (layouts that name types); SegF1 under each threshold rule
+(mean + k std, pseudo_f1, F1-optimal tuned on test); PRO curves up to FPR 0.05; lighting robustness (per
+condition, drop from regular lighting; MVTec AD 2 only); per category, score histograms of good vs bad
+pixels and images with the thresholds marked and the best and worst
 test_public overlays; then every metric. `report.md` holds the same tables. Plots are PNG files drawn with
 matplotlib (Agg backend, imported when a report is written).
 
@@ -655,7 +656,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
             figs = []
             for kind, items in (("best", best), ("worst", worst)):
                 for f1, sid in items:
-                    name = sid.split("/", 2)[2].replace("/", "__")  # test_public/bad/<type>/<stem> -> <type>__<stem>
+                    name = sid.split("/", 2)[2].replace("/", "__")  # test_public/bad/<t>/<stem> -> <t>__<stem>
                     rel = Path("overlays") / r.category / f"{kind}_{name}.png"
                     why = _write_overlay(r, a.samples[sid], out, rel)
                     caption = f"{kind}: {sid} (mask F1 {100 * f1:.1f} %)"

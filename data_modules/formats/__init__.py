@@ -54,8 +54,8 @@ def reader(fmt: str) -> Reader:
 def list_splits(data: DataConfig) -> Listing:
     """Every split of `data.category` in `data.format`, a validation split carved when the layout has none.
 
-    Carving: `data.validation_fraction x N` rounded half up (at least 1) of the N normal training images, drawn with
-    `data.validation_seed`, become the validation split; they are never trained on.
+    Carving: `data.validation_fraction x N` rounded half up (at least 1) of the N normal training images,
+    drawn with `data.validation_seed`, become the validation split; they are never trained on.
 
     Raises:
         UserError: unknown format, missing folder or index file, a row naming a missing file, a bad image

@@ -1,4 +1,4 @@
-"""What every layout reader shares: where files are (`LayoutConfig`), what a reader returns (`Listing`), helpers."""
+"""What every layout reader shares: where files are (`LayoutConfig`), what it returns (`Listing`), helpers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 class LayoutConfig:
     """Where a layout's files are (`data.layout.<key>`); empty = the layout's release default."""
 
-    index: str = ""  # visa: the split CSV (split_csv/1cls.csv); realiad: the JSON folder (realiad_jsons/realiad_jsons)
+    index: str = ""  # visa: split CSV (split_csv/1cls.csv); realiad: JSON folder (realiad_jsons/realiad_jsons)
     images: str = ""  # realiad: the image folder below data.root (realiad_1024)
     normal: str = "normal"  # folder: normal training images, below <root>/<category>/
     abnormal: str = "abnormal"  # folder: defective test images (sub-folders = defect types)

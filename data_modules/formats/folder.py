@@ -7,7 +7,8 @@
     <root>/<category>/normal_test/*             optional normal test images (data.layout.normal_test)
 
 Folder names come from `data.layout.{normal,abnormal,masks,normal_test}` (relative to <root>/<category>, or
-absolute). Images directly in the abnormal folder get its name as defect type ('abnormal'). A mask is looked up beside the
+absolute). Images directly in the abnormal folder get its name as defect type ('abnormal'). A mask is
+looked up beside the
 image's relative folder first, then at the top of the mask folder. No private splits.
 """
 

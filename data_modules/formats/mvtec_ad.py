@@ -31,7 +31,8 @@ LAYOUT = "mvtec_ad layout: <root>/<category>/{train/good, test/<type>, ground_tr
 def read(root: Path, category: str, layout: LayoutConfig) -> Listing:
     folder = require_dir(Path(root) / category, "category", LAYOUT)
     train_dir = require_dir(folder / "train" / "good", "training", LAYOUT)
-    train = [make_sample(category, Split.TRAIN, p, None, "good", p.relative_to(train_dir).with_suffix("").as_posix())
+    train = [make_sample(category, Split.TRAIN, p, None, "good",
+                         p.relative_to(train_dir).with_suffix("").as_posix())
              for p in images_in(train_dir, recursive=True)]
     test_dir = require_dir(folder / "test", "test", LAYOUT)
     gt_dir = folder / "ground_truth"

@@ -32,7 +32,7 @@ def _load(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("train"), list) or not isinstance(data.get("test"), list):
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("train", "test")):
         raise UserError(f"{path}: expected an object with 'train' and 'test' lists")
     return data
 

@@ -44,7 +44,8 @@ def test_a_category_without_yaml_gets_the_defaults() -> None:
     assert [(lv.cols, lv.rows) for lv in tiling.train_levels] == [(1, 1)]  # whole image
     assert (tiling.test_level.cols, tiling.test_level.rows) == (1, 1)
     p = cfg.postprocess
-    assert (p.closing_kernel, p.erosion_kernel, p.min_area, p.fill_holes, p.foreground_splits) == (0, 0, 0, False, [])
+    kernels = (p.closing_kernel, p.erosion_kernel, p.min_area, p.fill_holes, p.foreground_splits)
+    assert kernels == (0, 0, 0, False, [])
     assert (cfg.threshold.method, cfg.threshold.k) == ("mean_std", 3.0)
     assert cfg.data.augment == load_config(["data.category=bracket", "branch=inp_former"]).data.augment
     cpr = load_config(["data.category=bracket", "branch=cpr"])
