@@ -25,7 +25,8 @@ def _group_metrics(with_aupro: bool, fpr_limit: float, device: torch.device) -> 
 class MetricsCallback(L.Callback):
     """Streams test_public outputs into torchmetrics `Metric`s and logs `test_public/<name>` at epoch end.
 
-    Groups: `all` (every metric), `lighting=<tag>` and `good`/`bad` (SegF1, ClassF1; AU-PRO per lighting).
+    Groups: `all` (every metric), `lighting=<tag>`, `defect=<type>` and `good`/`bad` (SegF1, ClassF1; AU-PRO
+    per lighting and per defect type).
     Results also go to `<run>/metrics.json`. Metrics sync under DDP through torchmetrics.
     """
 
@@ -44,7 +45,7 @@ class MetricsCallback(L.Callback):
 
     def _metrics_for(self, key: str, device: torch.device) -> dict[str, Metric]:
         if key not in self.groups:
-            self.groups[key] = _group_metrics(key.startswith("lighting="), self.fpr_limit, device)
+            self.groups[key] = _group_metrics(key.startswith(("lighting=", "defect=")), self.fpr_limit, device)
         return self.groups[key]
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -53,8 +54,9 @@ class MetricsCallback(L.Callback):
             return
         maps, masks = outputs.anomaly_map, batch.mask > 0.5  # (B,1,H,W) each
         preds = outputs.pred_mask
-        for i, (sample_id, lighting) in enumerate(zip(batch.sample_id, batch.lighting)):
-            for key in group_keys(sample_id, lighting):
+        types = batch.defect_type or [""] * len(batch)
+        for i, (sample_id, lighting, defect) in enumerate(zip(batch.sample_id, batch.lighting, types)):
+            for key in group_keys(sample_id, lighting, defect):
                 for name, metric in self._metrics_for(key, maps.device).items():
                     if name in ("seg_f1", "class_f1"):
                         if preds is not None:

@@ -15,13 +15,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from hybridad.run_dir import atomic_write_bytes
 from hybridad.types import AnomalyOutput, Batch
 
-SCORE_COLUMNS = ("sample_id", "label", "lighting", "image_score", "anomalous_pixels")
+SCORE_COLUMNS = ("sample_id", "label", "defect_type", "lighting", "image_score", "anomalous_pixels")
 
 
 class ScoreWriterCallback(L.Callback):
     """Per-image scores of validation, test and predict runs, one CSV per split, sorted by sample id.
 
-    Columns: `sample_id`, `label` (0 good, 1 bad, empty where unknown), `lighting`, `image_score` (the
+    Columns: `sample_id`, `label` (0 good, 1 bad, empty where unknown), `defect_type` (`good`, the layout's
+    defect type, `bad` in MVTec AD 2, empty where unknown), `lighting` (empty outside MVTec AD 2),
+    `image_score` (the
     branch's image score of the smoothed native map), `anomalous_pixels` (positive pixels of the predicted
     mask, empty before a threshold exists). In-training validation epochs are skipped, like the map cache; a
     split evaluated again replaces its file. Under DDP the rows of every rank are gathered and rank 0 writes.
@@ -38,8 +40,10 @@ class ScoreWriterCallback(L.Callback):
         areas = (outputs.pred_mask.flatten(1).sum(1).cpu().tolist()  # (B,1,H,W) -> (B,)
                  if outputs.pred_mask is not None else [None] * len(scores))
         labels = batch.label.tolist()
-        for sid, label, light, score, area in zip(batch.sample_id, labels, batch.lighting, scores, areas):
-            row = (sid, label if label >= 0 else None, light, score, None if area is None else int(area))
+        types = batch.defect_type or [""] * len(labels)
+        for sid, label, defect, light, score, area in zip(batch.sample_id, labels, types, batch.lighting, scores,
+                                                          areas):
+            row = (sid, label if label >= 0 else None, defect, light, score, None if area is None else int(area))
             self.rows[sid.split("/", 1)[0]].append(row)
 
     def _flush(self, trainer: L.Trainer) -> None:
@@ -57,8 +61,8 @@ class ScoreWriterCallback(L.Callback):
             buf = io.StringIO()
             writer = csv.writer(buf, lineterminator="\n")
             writer.writerow(SCORE_COLUMNS)
-            for sid, label, light, score, area in sorted(items, key=lambda r: r[0]):
-                writer.writerow([sid, "" if label is None else label, light, f"{score:.9g}",
+            for sid, label, defect, light, score, area in sorted(items, key=lambda r: r[0]):
+                writer.writerow([sid, "" if label is None else label, defect, light, f"{score:.9g}",
                                  "" if area is None else area])
             atomic_write_bytes(self.folder / f"{split}.csv", buf.getvalue().encode("utf-8"))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_modules.listing import decode_image, png_size
+from data_modules.listing import decode_image, image_header
 from hybridad.errors import UserError
 from hybridad.run_dir import atomic_write_bytes
 from hybridad.types import Sample
@@ -216,10 +216,10 @@ class DecodedCache:
         index.unlink(missing_ok=True)  # invalid from here until the new index lands
         for stale in data.parent.glob(f"{data.name}.tmp-*"):
             stale.unlink(missing_ok=True)  # a killed build's leftovers (we hold the lock: nobody else writes)
-        h, w, _ = png_size(samples[0].image_path)
+        h, w, _ = image_header(samples[0].image_path)
         channels = 1
         for s in samples:  # headers only: sizes must agree, any RGB image makes the cache RGB
-            sh, sw, sc = png_size(s.image_path)
+            sh, sw, sc = image_header(s.image_path)
             if (sh, sw) != (h, w):
                 raise UserError(
                     f"image {s.image_path} is {sw}x{sh} but {samples[0].image_path} is {w}x{h}; all images "

@@ -21,7 +21,9 @@ from data_modules.augment import AugmentConfig
 from data_modules.cache import DecodedCache, default_cache_root
 from data_modules.cut_paste import CutPaste, CutPasteConfig
 from data_modules.dataset import MVTecAD2Dataset, _seed_worker, collate_batch
-from data_modules.listing import list_samples
+from data_modules.formats import list_split, list_splits
+from data_modules.formats.common import LayoutConfig
+from data_modules.listing import image_header
 from data_modules.tilers import EvalTiler, TilingConfig, TrainTiler
 from data_modules.train_sampler import EpochSampler, ResumableLoader
 from hybridad.errors import UserError
@@ -31,7 +33,11 @@ from hybridad.types import PRIVATE_SPLITS, Batch, Split
 @dataclass
 class DataConfig:
     root: str = "data/mvtec_ad2"
-    category: str = "can"
+    category: str = "can"  # any name: <root>/<category>/ (a layout's index names it otherwise)
+    format: str = "mvtec_ad2"  # layout: mvtec_ad2 | mvtec_ad | visa | realiad | folder (data_modules.formats)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    validation_fraction: float = 0.1  # without a validation split: this share of train becomes validation
+    validation_seed: int = 0  # seed of that draw
     batch_size: int = 16  # tiles per training step on each device (DDP: the global batch is devices x this)
     global_batch_size: int = 0  # > 0: tiles per step over all devices (batch_size = this / world size)
     eval_batch_size: int = 1  # native images per eval step
@@ -53,10 +59,9 @@ class MVTecAD2DataModule(L.LightningDataModule):
         config: data settings.
         seed: seeds the augmentations and the per-step cut-paste generator.
 
-    `predict_dataloader` returns one loader per split in `predict_splits` (test_private, test_private_mixed).
+    `predict_dataloader` returns one loader per split in `predict_splits`: the private splits the layout has
+    (test_private, test_private_mixed; none outside MVTec AD 2).
     """
-
-    predict_splits: tuple[Split, ...] = PRIVATE_SPLITS
 
     def __init__(self, config: DataConfig, seed: int = 0) -> None:
         super().__init__()
@@ -67,29 +72,43 @@ class MVTecAD2DataModule(L.LightningDataModule):
         self.eval_tiler = EvalTiler(tl.test_level, tl.input_size, tl.antialias)
         self.cut_paste = CutPaste(config.cut_paste) if config.cut_paste.enabled else None
 
+    @property
+    def predict_splits(self) -> tuple[Split, ...]:
+        """The private splits this category has on disk."""
+        return tuple(s for s in PRIVATE_SPLITS if s in list_splits(self.config).splits)
+
     def decoded_cache(self, split: Split | str = Split.TRAIN, progress: bool = True) -> DecodedCache:
         """The split's decoded-image cache, built (once, under a lock) when missing or stale."""
         split = Split(split)
         cfg = self.config
-        samples = list_samples(cfg.root, cfg.category, split)
+        listing = list_splits(cfg)
+        samples = listing.splits[split]
         root = cfg.cache_dir or default_cache_root()
-        return DecodedCache.open_or_build(root, cfg.root, cfg.category, split.value, samples, progress)
+        folder = listing.folder  # keys the cache entry: <folder.parent>/<folder.name>
+        return DecodedCache.open_or_build(root, folder.parent, folder.name, split.value, samples, progress)
+
+    def _one_size(self, split: Split) -> bool:
+        """Whether every image of the split has one size (the decoded cache holds one size)."""
+        return len({image_header(s.image_path)[:2] for s in list_split(self.config, split)}) == 1
 
     def prepare_data(self) -> None:
         """Build the training cache once per node before the ranks open it (Lightning hook; fit only)."""
         fitting = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING
-        if self.config.cache and fitting:
+        if self.config.cache and fitting and self._one_size(Split.TRAIN):
             self.decoded_cache(Split.TRAIN)
 
     def dataset(self, split: Split | str, keep_gray: bool = False) -> MVTecAD2Dataset:
         """The dataset of one split (training triples of tile crops for `train`; see its `keep_gray`)."""
         split = Split(split)
-        samples = list_samples(self.config.root, self.config.category, split)
+        listing = list_splits(self.config)
+        samples = list_split(self.config, split)
         if split == Split.TRAIN:
-            cache = self.decoded_cache(split) if self.config.cache else None
+            # mixed sizes: each image is tiled on its own grid and decoded per item (the cache holds one size)
+            cache = self.decoded_cache(split) if self.config.cache and self._one_size(split) else None
             levels, augment = self.config.tiling.train_levels, self.config.augment
-            return MVTecAD2Dataset(samples, levels, augment, self.seed, cache=cache, keep_gray=keep_gray)
-        return MVTecAD2Dataset(samples)
+            return MVTecAD2Dataset(samples, levels, augment, self.seed, cache=cache, keep_gray=keep_gray,
+                                   one_size=listing.one_size)
+        return MVTecAD2Dataset(samples, one_size=listing.one_size)
 
     def _loader(self, ds: MVTecAD2Dataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.config.num_workers

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from data_modules.augment import AugmentConfig, build_augment
 from data_modules.cache import DecodedCache
-from data_modules.listing import png_size, read_image, read_mask
+from data_modules.listing import image_header, read_image, read_mask
 from data_modules.tilers import train_tile_boxes
 from data_modules.train_sampler import decode_item_index, item_seed
 from hybridad.errors import UserError
@@ -43,7 +43,8 @@ class MVTecAD2Dataset(Dataset):
     """MVTec AD 2 images: whole native images (eval) or native-size tile crops (training).
 
     Args:
-        samples: from `list_samples`; all of one size.
+        samples: from `data_modules.formats.list_split`; of one size with `cache`, else any sizes (each
+            image is tiled on its own grid).
         train_levels: when given, items are (image, level, tile) triples over these levels (training);
             otherwise one item per image.
         augment: CPU augmentations (training only), applied to each tile crop.
@@ -52,6 +53,8 @@ class MVTecAD2Dataset(Dataset):
             instead of decoding the PNG. Without it every item decodes its PNG.
         keep_gray: training crops of a gray category stay 1-channel, (1,h,w), when no CPU augmentation runs
             (a third of the bytes to ship; the device hook expands them to 3 channels). Needs `cache`.
+        one_size: every image must have the first one's size (MVTec AD 2); false: mixed sizes are read as
+            they are.
 
     Items are dicts: `image` (3,h,w) uint8 (training: the tile's native crop, h,w = box size, (1,h,w) with
     `keep_gray`; eval: the whole image), `mask` (1,H,W) float or None, `label`, `sample_id`, `lighting`,
@@ -66,6 +69,7 @@ class MVTecAD2Dataset(Dataset):
         seed: int | None = None,
         cache: DecodedCache | None = None,
         keep_gray: bool = False,
+        one_size: bool = True,
     ) -> None:
         if not samples:
             raise ValueError("no samples")
@@ -76,19 +80,23 @@ class MVTecAD2Dataset(Dataset):
             if cache.shape[0] != len(samples):
                 raise ValueError(f"cache holds {cache.shape[0]} images for {len(samples)} samples")
             h, w = cache.shape[1:3]
+            self.sizes = [(h, w)] * len(samples)
+        elif train_levels is not None:
+            self.sizes = [image_header(s.image_path)[:2] for s in samples]  # (H,W) per image, from headers
         else:
-            h, w, _ = png_size(samples[0].image_path)
-        self.image_size = (h, w)
+            self.sizes = []  # eval: each image is read at its own size
+        self.image_size = self.sizes[0] if self.sizes else image_header(samples[0].image_path)[:2]
         self.triples = None
         if train_levels is not None:
-            boxes = train_tile_boxes(h, w, train_levels)
+            boxes_of = {hw: train_tile_boxes(*hw, train_levels) for hw in set(self.sizes)}
             # (sample index, level index, tile index, box): one epoch = every tile of every image once
-            self.triples = [(i, li, ti, box) for i in range(len(samples)) for (li, ti, box) in boxes]
+            self.triples = [(i, li, ti, box) for i, hw in enumerate(self.sizes) for (li, ti, box) in boxes_of[hw]]
         train = augment is not None and train_levels is not None
         self.augment = build_augment(augment, seed) if train else None
         self.keep_gray = keep_gray and self.augment is None and cache is not None and cache.shape[3] == 1
         self._last: tuple[int, np.ndarray] | None = None  # last decoded image (uncached path)
         self.seed = seed or 0
+        self.one_size = one_size
 
     def __len__(self) -> int:
         return len(self.triples) if self.triples is not None else len(self.samples)
@@ -99,11 +107,12 @@ class MVTecAD2Dataset(Dataset):
             return self._last[1]
         s = self.samples[index]
         img = read_image(s.image_path)
-        if img.shape[:2] != self.image_size:
-            ref = self.samples[0].image_path
+        expected = self.image_size if self.one_size else (self.sizes[index] if self.sizes else None)
+        if expected is not None and img.shape[:2] != expected:
+            ref = self.samples[0].image_path if self.one_size else "its header"
             raise UserError(
                 f"image {s.image_path} is {img.shape[1]}x{img.shape[0]} but {ref} is "
-                f"{self.image_size[1]}x{self.image_size[0]}; all images of a category must have one size"
+                f"{expected[1]}x{expected[0]}; all images of a category must have one size"
             )
         self._last = (index, img)
         return img
@@ -136,7 +145,7 @@ class MVTecAD2Dataset(Dataset):
             img = self.augment(np.array(img))  # per tile, on a writable copy
         mask = None
         if self.with_masks:
-            hw = self.image_size
+            hw = tuple(img.shape[:2])
             mask_np = read_mask(s.mask_path, s.image_path, hw) if s.mask_path else np.zeros(hw, np.float32)
             mask = torch.from_numpy(mask_np)[None]  # (1,H,W)
         return {
@@ -145,6 +154,7 @@ class MVTecAD2Dataset(Dataset):
             "label": s.label,
             "sample_id": s.sample_id,
             "lighting": s.lighting,
+            "defect_type": s.defect_type,
             "tile_box": None if box is None else torch.tensor(box, dtype=torch.long),
         }
 
@@ -164,6 +174,7 @@ def collate_batch(items: list[dict[str, Any]]) -> Batch:
         label=torch.tensor([it["label"] for it in items], dtype=torch.long),
         sample_id=[it["sample_id"] for it in items],
         lighting=[it["lighting"] for it in items],
+        defect_type=[it.get("defect_type", "") for it in items],
         mask=None if masks[0] is None else torch.stack(masks),
         tile_box=None if boxes[0] is None else torch.stack(boxes),  # (B,4)
     )

@@ -7,6 +7,7 @@ Disk layout (one category):
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import cv2
 import numpy as np
 
 from hybridad.errors import UserError
-from hybridad.types import CATEGORIES, PRIVATE_SPLITS, Sample, Split
+from hybridad.types import PRIVATE_SPLITS, Sample, Split
 
 DOWNLOAD_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad-2"
 _LAYOUT = (
@@ -22,15 +23,16 @@ _LAYOUT = (
     "test_private, test_private_mixed}"
 )
 
+_LIGHTING = re.compile(r"\d+_(regular|overexposed|underexposed|shift_\d+|mixed)")
+
+
 def _lighting(stem: str) -> str:
-    """`000_regular` -> `regular`, `000_shift_2` -> `shift_2`, `000_mixed` -> `mixed`."""
-    parts = stem.split("_", 1)
-    return parts[1] if len(parts) == 2 and parts[1] else "unknown"
+    """`000_regular` -> `regular`, `000_shift_2` -> `shift_2`, `000_mixed` -> `mixed`; '' for other names."""
+    match = _LIGHTING.fullmatch(stem)
+    return match.group(1) if match else ""
 
 
-def _category_dir(root: str | Path, category: str) -> Path:
-    if category not in CATEGORIES:
-        raise UserError(f"unknown category '{category}'; valid: {', '.join(CATEGORIES)}")
+def category_dir(root: str | Path, category: str) -> Path:
     root = Path(root)
     hint = (
         f"download MVTec AD 2 from {DOWNLOAD_URL} and unpack it so that "
@@ -39,7 +41,9 @@ def _category_dir(root: str | Path, category: str) -> Path:
     if not root.is_dir():
         raise UserError(f"data root {root} does not exist: {hint} (layout: {_LAYOUT})")
     if not (root / category).is_dir():
-        raise UserError(f"category folder {root / category} does not exist: {hint} (layout: {_LAYOUT})")
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))[:12]
+        raise UserError(f"category folder {root / category} does not exist (found: {', '.join(found) or 'none'}): "
+                        f"{hint} (layout: {_LAYOUT})")
     return root / category
 
 
@@ -56,16 +60,16 @@ def list_samples(root: str | Path, category: str, split: Split | str) -> list[Sa
     """Every image of one split, in a sorted, deterministic order (test_public: good first, then bad).
 
     Raises:
-        UserError: missing root/category/split folder, empty split, unknown category, bad image without mask.
+        UserError: missing root/category/split folder, empty split, bad image without mask.
     """
     try:
         split = Split(split)
     except ValueError:
         raise UserError(f"unknown split '{split}'; valid: {', '.join(s.value for s in Split)}") from None
-    cat_dir = _category_dir(root, category)
+    cat_dir = category_dir(root, category)
     if split in PRIVATE_SPLITS:
         return [
-            Sample(category, split, p, None, -1, _lighting(p.stem), f"{split.value}/{p.stem}")
+            Sample(category, split, p, None, -1, _lighting(p.stem), f"{split.value}/{p.stem}", "")
             for p in _pngs(cat_dir / split.value, split)
         ]
     kinds = ("good", "bad") if split == Split.TEST_PUBLIC else ("good",)
@@ -79,7 +83,7 @@ def list_samples(root: str | Path, category: str, split: Split | str) -> list[Sa
                     raise UserError(f"bad image {p} has no mask: expected {mask}")
             label = int(kind == "bad")
             sample_id = f"{split.value}/{kind}/{p.stem}"
-            samples.append(Sample(category, split, p, mask, label, _lighting(p.stem), sample_id))
+            samples.append(Sample(category, split, p, mask, label, _lighting(p.stem), sample_id, kind))
     return samples
 
 
@@ -106,8 +110,24 @@ def png_size(path: Path, kind: str = "image") -> tuple[int, int, int]:
     return height, width, channels_of.get(head[25], 0)
 
 
+def image_header(path: Path, kind: str = "image") -> tuple[int, int, int]:
+    """(height, width, channels) from the file header: `png_size` for PNG, PIL for the other formats."""
+    if path.suffix.lower() == ".png":
+        return png_size(path, kind)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            channels = {"1": 1, "L": 1, "I;16": 1, "I": 1, "LA": 2, "RGBA": 4}.get(img.mode, 3)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {kind} {path} ({err})") from None
+    return h, w, channels
+
+
 def decode_image(path: Path) -> np.ndarray:
-    """Decode a PNG at native size -> (H,W,1) gray or (H,W,3) RGB uint8 (16-bit scaled down, alpha dropped).
+    """Decode an image (PNG, JPEG, BMP, TIFF) at native size -> (H,W,1) gray or (H,W,3) RGB uint8 (16-bit
+    scaled down, alpha dropped).
 
     The whole pixel stream is decoded, so a truncated or corrupt PNG fails here (UserError naming the file).
     """

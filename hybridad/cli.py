@@ -51,9 +51,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from data_modules.checks import check_dataset
+    from omegaconf import OmegaConf
 
-    print(check_dataset(Path(args.root), args.category))
+    from data_modules.checks import check_dataset
+    from data_modules.datamodule import DataConfig
+    from hybridad.config import parse_overrides
+
+    overrides = parse_overrides(list(args.overrides))
+    bad = [k for k in overrides if k != "data"]
+    if bad:
+        raise UserError(f"data check: only data.* keys apply (got {', '.join(map(str, bad))})")
+    data = OmegaConf.structured(DataConfig)
+    try:
+        data = OmegaConf.merge(data, overrides.get("data") or {}, {"format": args.format})
+    except Exception as err:  # an unknown data.* key or a wrong type
+        raise UserError(f"data check: {str(err).splitlines()[0]}") from None
+    print(check_dataset(Path(args.root), args.category, OmegaConf.to_object(data)))
     return 0
 
 
@@ -179,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fit, test on test_public, predict the private splits",
                        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. data.category=can)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. data.category=can), and "
+                   "config=my.yaml (a YAML file of overrides, merged before them)")
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved config (every key, with these overrides) and exit")
     p.set_defaults(func=_cmd_train)
@@ -195,9 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    q = dsub.add_parser("check", help="list and validate every split of a category")
-    q.add_argument("--root", required=True, help="dataset root (<root>/<category>/train/good/*.png)")
-    q.add_argument("--category", required=True, help="MVTec AD 2 category, e.g. can")
+    q = dsub.add_parser("check", help="list and validate every split of a category (any layout)")
+    q.add_argument("--root", required=True, help="dataset root (<root>/<category>/...)")
+    q.add_argument("--category", required=True, help="category folder name, e.g. can or bracket")
+    q.add_argument("--format", default="mvtec_ad2",
+                   help="layout: mvtec_ad2 (default), mvtec_ad, visa, realiad, folder (docs/own_data.md)")
+    q.add_argument("overrides", nargs="*", help="data.* settings, e.g. data.layout.normal_test=good_test")
     q.set_defaults(func=_cmd_data_check)
 
     p = sub.add_parser("submission", help="write, check or pack the official server tree")

@@ -1,8 +1,12 @@
 """Run configuration: structured dataclass schema <- experiments/*.yaml <- command-line `key=value`.
 
 Merge order: schema defaults, `experiments/base.yaml`, `experiments/<branch>.yaml`,
-`experiments/categories/<category>.yaml`, then the command line. Unknown keys and wrong types raise
-`UserError` naming the key.
+`experiments/categories/<category>.yaml` (where it exists), the user's `config=<file.yaml>`, then the
+command line. Unknown keys and wrong types raise `UserError` naming the key.
+
+Any category name is accepted: one without a category file runs on the defaults (branch `inp_former`, or
+`branch=cpr`; whole-image tiling; grey or colour as the images are; no post-processing kernels; mean + 3 std
+threshold). The eight MVTec AD 2 categories keep the winners' settings from their category files.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from hybridad.models.cpr.config import CprConfig
 from hybridad.models.inp_former.config import InpFormerConfig
 from hybridad.postprocess import PostProcessConfig
 from hybridad.thresholds import ThresholdConfig
-from hybridad.types import CATEGORIES
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 BRANCHES = ("inp_former", "cpr")
@@ -118,22 +121,29 @@ def _reason(err: OmegaConfBaseException) -> str:
 def load_config(overrides: list[str] | None = None, experiments_dir: Path | None = None) -> RunConfig:
     """Build the run config from the schema, the experiment YAMLs and `key=value` overrides."""
     exp = experiments_dir or EXPERIMENTS_DIR
+    user_file, overrides = _user_config(overrides)
     cli = parse_overrides(overrides)
     if OmegaConf.select(cli, "resume", default=None):
+        if user_file is not None:
+            raise UserError(f"resume keeps the run's config: drop config={user_file}")
         return load_resume_config(cli)
 
     cfg = OmegaConf.structured(RunConfig)
     cfg = _merge(cfg, _load_yaml(exp / "base.yaml"), "experiments/base.yaml")
-    # the category decides the routing, so read it from the command line before merging YAMLs
-    category = OmegaConf.select(cli, "data.category", default=None) or cfg.data.category
-    if category not in CATEGORIES:
-        raise UserError(f"unknown category '{category}'; valid: {', '.join(CATEGORIES)}")
-    cat_yaml = _load_yaml(exp / "categories" / f"{category}.yaml")
-    branch = OmegaConf.select(cli, "branch", default=None) or cat_yaml.get("branch", cfg.branch)
+    user = _load_yaml(user_file) if user_file else OmegaConf.create({})
+    # the category decides the routing, so read it from the command line (or the user's file) before merging
+    category = str(OmegaConf.select(cli, "data.category", default=None)
+                   or OmegaConf.select(user, "data.category", default=None) or cfg.data.category)
+    _check_category_name(category)
+    cat_file = exp / "categories" / f"{category}.yaml"
+    cat_yaml = _load_yaml(cat_file) if cat_file.is_file() else OmegaConf.create({})
+    branch = (OmegaConf.select(cli, "branch", default=None) or user.get("branch")
+              or cat_yaml.get("branch", cfg.branch))
     if branch not in BRANCHES:
         raise UserError(f"unknown branch '{branch}'; valid: {', '.join(BRANCHES)}")
     cfg = _merge(cfg, _load_yaml(exp / f"{branch}.yaml"), f"experiments/{branch}.yaml")
     cfg = _merge(cfg, cat_yaml, f"experiments/categories/{category}.yaml")
+    cfg = _merge(cfg, user, str(user_file))
     cfg = _merge(cfg, cli, "the command line")
     for branch_key in BRANCHES:  # the tiny presets are random-init: a weight file from the YAMLs is not needed
         if cfg[branch_key].preset == "tiny" and OmegaConf.select(cli, f"{branch_key}.weights") is None:
@@ -145,6 +155,29 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
     assert isinstance(obj, RunConfig)
     validate_config(obj)
     return obj
+
+
+def _user_config(overrides: list[str] | None) -> tuple[Path | None, list[str]]:
+    """Take `config=<file.yaml>` out of the overrides: (the file, the other items)."""
+    user: Path | None = None
+    rest = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if key != "config" or not sep:
+            rest.append(item)
+            continue
+        if user is not None:
+            raise UserError(f"config= given twice ({user} and {value}); merge them into one file")
+        user = Path(value).expanduser()
+        if not user.is_file():
+            raise UserError(f"config={value}: file not found (a YAML file of overrides, e.g. my_line.yaml)")
+    return user, rest
+
+
+def _check_category_name(category: str) -> None:
+    """A category names a folder: no path separators, not empty, '.' or '..'."""
+    if not category or "/" in category or "\\" in category or category in (".", ".."):
+        raise UserError(f"data.category '{category}' is not a folder name (no '/', not empty, '.' or '..')")
 
 
 def parse_overrides(overrides: list[str] | None) -> DictConfig:
@@ -313,8 +346,11 @@ def validate_config(cfg: RunConfig) -> None:
 
     from hybridad.thresholds import METHODS, PERCENTILE_METHODS
 
+    from data_modules.formats import READERS
+
     _check_enum("branch", cfg.branch, BRANCHES)
-    _check_enum("data.category", cfg.data.category, CATEGORIES)
+    _check_category_name(cfg.data.category)
+    _check_enum("data.format", cfg.data.format, tuple(READERS))
     t = cfg.trainer
     _check_enum("trainer.precision", str(t.precision), PRECISIONS)
     _check_enum("trainer.accelerator", t.accelerator, ACCELERATORS)
@@ -345,6 +381,8 @@ def validate_config(cfg: RunConfig) -> None:
            "must be >= 0 (0 = only at epoch ends)")
 
     d = cfg.data
+    _check(0.0 < d.validation_fraction < 1.0, "data.validation_fraction", d.validation_fraction,
+           "is a share of the training images in (0, 1)")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _check(d.global_batch_size >= 0, "data.global_batch_size", d.global_batch_size, "must be >= 0 (0 = off)")
     if d.global_batch_size > 0 and isinstance(t.devices, int) and t.devices > 0:

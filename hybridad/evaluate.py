@@ -37,7 +37,8 @@ import yaml
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from data_modules.listing import list_samples, read_mask
+from data_modules.formats import list_split, list_splits
+from data_modules.listing import read_mask
 from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
 from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1, process_local
@@ -126,7 +127,7 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResu
 def _labelled_maps(run: RunDir, cfg: RunConfig, desc: str
                    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(sample id, (1,1,H,W) map, (1,1,H,W) GT) of test_public, one image at a time."""
-    for s in tqdm(list_samples(cfg.data.root, cfg.data.category, Split.TEST_PUBLIC), desc=desc, leave=False):
+    for s in tqdm(list_split(cfg.data, Split.TEST_PUBLIC), desc=desc, leave=False):
         m = _load_map(run, s.sample_id)
         yield s.sample_id, m, torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]
 
@@ -151,9 +152,10 @@ def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult],
     }
     metrics.update({f"{split}/threshold": float(r.value) for split, r in thresholds.items()})
     if masks_to is not None:
+        on_disk = list_splits(cfg.data).splits
         for split in (Split.VALIDATION, Split.TEST_PRIVATE, Split.TEST_PRIVATE_MIXED):
             maps = list(run.iter_maps(split))
-            if not maps:
+            if not maps and split in on_disk:  # a layout without private splits has nothing to binarise
                 print(f"warning: {run.path}/maps/{split.value} is empty; no {split.value} masks written",
                       file=sys.stderr)
             for sid, _ in tqdm(maps, desc=f"{split.value} masks", leave=False):

@@ -145,9 +145,16 @@ def candidate_thresholds(thresholds: dict[str, Any], k: float) -> dict[str, floa
 def _test_pairs(run: RunDir, root: str, category: str) -> Iterator[tuple[Tensor, Tensor]]:
     """(1,1,H,W) cached map and GT of every test_public image with a cached map (all of them, unless the run
     limited its test batches), one at a time."""
-    from data_modules.listing import list_samples, read_mask
+    from data_modules.formats import list_split
+    from data_modules.listing import read_mask
+    from hybridad.config import load_run_config
 
-    for s in list_samples(root, category, Split.TEST_PUBLIC):
+    data = load_run_config(run.path).data if (run.path / "config.yaml").is_file() else None
+    if data is None or (data.root, data.category) != (root, category):
+        from data_modules.datamodule import DataConfig
+
+        data = DataConfig(root=root, category=category)  # an MVTec AD 2 tree
+    for s in list_split(data, Split.TEST_PUBLIC):
         if not run.map_path(s.sample_id).is_file():
             continue
         m = torch.from_numpy(run.read_map(s.sample_id))[None, None]  # (1,1,H,W)

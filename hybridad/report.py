@@ -2,9 +2,11 @@
 
 The page, top to bottom: the per-category table laid out like the winners' report (Tables 1 and 2:
 AU-PRO(0.05) and SegF1, here on test_public, computed on float16 maps as the server does) beside the published
-ISVL numbers on the private splits; SegF1 under each threshold rule (mean + k std, pseudo_f1, F1-optimal tuned
-on test); PRO curves up to FPR 0.05; lighting robustness (per condition, drop from regular lighting); per
-category, score histograms of good vs bad pixels and images with the thresholds marked and the best and worst
+ISVL numbers on the private splits (where a run is an MVTec AD 2 category; otherwise the headline metrics of
+the labelled test set); metrics per defect type (layouts that name types); SegF1 under each threshold rule
+(mean + k std, pseudo_f1, F1-optimal tuned on test); PRO curves up to FPR 0.05; lighting robustness (per
+condition, drop from regular lighting; MVTec AD 2 only); per category, score histograms of good vs bad
+pixels and images with the thresholds marked and the best and worst
 test_public overlays; then every metric. `report.md` holds the same tables. Plots are PNG files drawn with
 matplotlib (Agg backend, imported when a report is written).
 
@@ -27,7 +29,7 @@ import torch
 
 from hybridad.errors import UserError
 from hybridad.run_dir import RunDir, atomic_write_bytes
-from hybridad.types import CATEGORIES, Split
+from hybridad.types import CATEGORIES, Sample, Split
 from hybridad.visualize import format_threshold, overlay_panel
 
 # (metrics.json name, column title)
@@ -211,6 +213,40 @@ def all_metrics_table(runs: list[_Run]) -> Table:
     return Table("All metrics", ["metrics.json key", *[r.category for r in runs]], rows, note)
 
 
+def is_mvtec_ad2(r: _Run) -> bool:
+    """A run of one of MVTec AD 2's eight categories in its own layout (the winners' columns apply)."""
+    data = r.config.get("data") or {}
+    return r.category in ISVL_REPORTED and data.get("format", "mvtec_ad2") == "mvtec_ad2"
+
+
+def summary_table(runs: list[_Run]) -> Table:
+    """The winners' table where some run is an MVTec AD 2 category, else the headline metrics of test_public."""
+    if any(is_mvtec_ad2(r) for r in runs):
+        return paper_table(runs)
+    t = main_table(runs, Split.TEST_PUBLIC.value)
+    t.title = "Per category: test_public (the labelled test set)"
+    return t
+
+
+DEFECT_METRICS: tuple[tuple[str, str], ...] = (
+    ("aupro_0.05", "AU-PRO(0.05) %"), ("seg_f1", "SegF1 %"), ("class_f1", "ClassF1 %"))
+
+
+def defect_table(runs: list[_Run], split: str = "test_public") -> Table | None:
+    """Per defect type (layouts that name types): AU-PRO(0.05), SegF1 and ClassF1 of that type's images."""
+    prefix = f"{split}/defect="
+    rows = []
+    for r in runs:
+        types = sorted({k[len(prefix):].rsplit("/", 1)[0] for k in r.metrics if k.startswith(prefix)})
+        for t in types:
+            rows.append([r.category, t, *[_pct(_value(r.metrics, f"{prefix}{t}", m)) for m, _ in DEFECT_METRICS]])
+    if not rows:
+        return None
+    note = (f"Metrics of each defect type's {split} images alone (AU-PRO: normal pixels of those images give "
+            "the false positive rate; ClassF1 without good images counts only missed images).")
+    return Table("Per defect type", ["category", "defect type", *[t for _, t in DEFECT_METRICS]], rows, note)
+
+
 def rules_table(runs: list[_Run]) -> Table | None:
     """SegF1 on test_public under each threshold rule, from `test_public/threshold=<rule>/seg_f1`."""
     found = any(_value(r.metrics, "test_public", f"threshold={rule}/seg_f1") is not None
@@ -320,6 +356,7 @@ class _Analysis:
     pixel_neg: np.ndarray
     image_scores: list[tuple[float, int]]  # (max pixel score, label) per image
     per_image_f1: list[tuple[float, str]]  # (F1 of the predicted mask, sample id) per bad image
+    samples: dict[str, Sample] = field(default_factory=dict)  # test_public samples by id (overlay inputs)
 
 
 def _postprocess_config(config: dict[str, Any]) -> Any:
@@ -344,23 +381,28 @@ def _pred_mask(r: _Run, sid: str, amap: np.ndarray) -> np.ndarray | None:
     return mask[0, 0].numpy()
 
 
-def _category_dir(r: _Run) -> tuple[Path | None, str]:
-    root = (r.config.get("data") or {}).get("root")
-    category_dir = Path(root) / r.category if root else None
-    if category_dir is None or not category_dir.is_dir():
-        return None, f"dataset not found at {category_dir}" if category_dir else "no data.root in config.yaml"
-    return category_dir, ""
+def _test_samples(r: _Run) -> tuple[list[Sample] | None, str]:
+    """The run's test_public samples, listed in its layout (`data.format`); else None and why not."""
+    from data_modules.formats import list_split
+    from hybridad.config import load_run_config
+
+    try:
+        data = load_run_config(r.run.path).data
+        if not Path(data.root).is_dir():
+            return None, f"dataset not found at {Path(data.root) / data.category}"
+        return list_split(data, Split.TEST_PUBLIC), ""
+    except UserError as err:
+        return None, f"dataset not listed: {err}"
 
 
 def _analyse(r: _Run) -> tuple[_Analysis | None, str]:
-    from data_modules.listing import list_samples, read_mask
+    from data_modules.listing import read_mask
     from hybridad.metrics.functional import PixelHistograms, ProHistograms, f1_from_counts
 
-    category_dir, why = _category_dir(r)
-    if category_dir is None:
+    listed, why = _test_samples(r)
+    if listed is None:
         return None, why
-    samples = [s for s in list_samples(category_dir.parent, r.category, Split.TEST_PUBLIC)
-               if r.run.map_path(s.sample_id).is_file()]
+    samples = [s for s in listed if r.run.map_path(s.sample_id).is_file()]
     if not samples:
         return None, "no test_public maps in the run"
     pro_hists, pixel_hists = ProHistograms(), PixelHistograms()
@@ -382,7 +424,8 @@ def _analyse(r: _Run) -> tuple[_Analysis | None, str]:
     normal, region = pro_hists.key_order()  # (65536,) float64 each, key order
     pos, neg = pixel_hists.key_order()
     fpr, pro = pro_curve(normal, region, pro_hists.n_regions)
-    return _Analysis(fpr, pro, np.asarray(pos), np.asarray(neg), image_scores, per_image), ""
+    return _Analysis(fpr, pro, np.asarray(pos), np.asarray(neg), image_scores, per_image,
+                     {s.sample_id: s for s in samples}), ""
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -463,14 +506,13 @@ def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path
 # --------------------------------------------------------------------------------------------- overlays
 
 
-def _write_overlay(r: _Run, category_dir: Path, sid: str, out: Path, rel: Path) -> str:
+def _write_overlay(r: _Run, sample: Sample, out: Path, rel: Path) -> str:
     """Draw one overlay to `out/rel`; returns '' or why it was skipped."""
-    stem = sid.rsplit("/", 1)[1]
-    image = cv2.imread(str(category_dir / f"{sid}.png"), cv2.IMREAD_COLOR)  # (H,W,3) BGR, gray -> 3 ch
+    sid = sample.sample_id
+    image = cv2.imread(str(sample.image_path), cv2.IMREAD_COLOR)  # (H,W,3) BGR, gray -> 3 ch
     if image is None:
-        return f"image {category_dir / sid}.png missing"
-    gt_path = category_dir / "test_public/ground_truth/bad" / f"{stem}_mask.png"
-    gt = cv2.imread(str(gt_path), cv2.IMREAD_GRAYSCALE)
+        return f"image {sample.image_path} missing"
+    gt = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE) if sample.mask_path else None
     amap = r.run.read_map(sid)
     value = r.thresholds.get("value")
     threshold = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
@@ -543,9 +585,13 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
         nav.append((anchor, title))
         body.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>{content}')
 
-    paper = paper_table(runs)
+    paper = summary_table(runs)
     md += ["", *paper.markdown()]
     section("summary", "Summary", paper.html())
+    defects = defect_table(runs)
+    if defects is not None:
+        md += ["", *defects.markdown()]
+        section("defects", "Per defect type", defects.html())
     rules = rules_table(runs)
     if rules is not None:
         md += ["", *rules.markdown()]
@@ -589,13 +635,13 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
         parts.append(f'<img src="{rel.as_posix()}" alt="{r.category} score histograms">')
         cat_md += ["", f"![{r.category} histograms]({rel.as_posix()})"]
         if num_overlays > 0 and a.per_image_f1:
-            category_dir, _ = _category_dir(r)
             best, worst = best_and_worst(a.per_image_f1, num_overlays)
             figs = []
             for kind, items in (("best", best), ("worst", worst)):
                 for f1, sid in items:
-                    rel = Path("overlays") / r.category / f"{kind}_{sid.rsplit('/', 1)[1]}.png"
-                    why = _write_overlay(r, category_dir, sid, out, rel) if category_dir else "no dataset"
+                    name = sid.split("/", 2)[2].replace("/", "__")  # test_public/bad/<t>/<stem> -> <t>__<stem>
+                    rel = Path("overlays") / r.category / f"{kind}_{name}.png"
+                    why = _write_overlay(r, a.samples[sid], out, rel)
                     caption = f"{kind}: {sid} (mask F1 {100 * f1:.1f} %)"
                     if why:
                         figs.append(f'<p class="skip">{html.escape(caption)} skipped: {html.escape(why)}</p>')
@@ -618,6 +664,8 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
     md += cat_md
 
     for s in Split:
+        if s == Split.TEST_PUBLIC and not any(is_mvtec_ad2(r) for r in runs):
+            continue  # the summary is this table already
         if any(_value(r.metrics, s.value, m) is not None for r in runs for m, _ in COLUMNS):
             t = main_table(runs, s.value)
             md += ["", *t.markdown()]

@@ -2,6 +2,7 @@
 
 ```
 <run>/config.yaml                  resolved config (written by `hybridad train`)
+<run>/validation_images.txt        images carved out of train as validation (layouts without a validation split)
 <run>/state.json                   {"state": "running"|"completed"|"failed", "reason": str|null, "updated": iso time}
 <run>/thresholds.yaml              {value, method, source, tuned_on_test, stats: {...}}
 <run>/metrics.json                 flat {"test_public/aupro_0.05": 0.61, ..., "threshold_source": "..."}
@@ -13,7 +14,8 @@
 <run>/overlays/                    PNG overlays
 ```
 `sample_id` is `Sample.sample_id`: `test_public/bad/000_regular`, `validation/good/003_regular`,
-`test_private/000_regular`. Since the split is its first component, the map of a sample lives at
+`test_private/000_regular`; other layouts nest the defect type: `test_public/bad/scratch/000`. Since the
+split is its first component, the map of a sample lives at
 `maps/<split>/<good|bad>/<stem>.tiff` (labelled splits) or `maps/<split>/<stem>.tiff` (private splits).
 
 Every file is written to a hidden temporary name in its final folder and renamed with `os.replace`, so a
@@ -97,8 +99,8 @@ def split_of(sample_id: str) -> str:
     parts = sample_id.split("/")
     if any(p in ("", ".", "..") for p in parts) or parts[0] not in _SPLITS:
         raise ValueError(f"malformed sample id '{sample_id}' (expected '<split>/[good|bad/]<stem>')")
-    expected_len = 2 if parts[0] in _PRIVATE else 3
-    if len(parts) != expected_len or (expected_len == 3 and parts[1] not in ("good", "bad")):
+    private = parts[0] in _PRIVATE  # labelled ids may nest the defect type: test_public/bad/<type>/<stem>
+    if (len(parts) != 2) if private else (len(parts) < 3 or parts[1] not in ("good", "bad")):
         raise ValueError(f"malformed sample id '{sample_id}' for split '{parts[0]}'")
     return parts[0]
 

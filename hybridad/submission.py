@@ -131,9 +131,11 @@ def write_submission(sources: list[Path], out: Path, overwrite: bool = False) ->
         run, evaluation = _resolve_source(source)
         run.require_completed("submission write")
         category = run.category
-        if category not in CATEGORIES:
-            raise UserError(f"{run.path / 'config.yaml'}: data.category '{category}' is not an MVTec AD 2 "
-                            "category")
+        data = run.read_config().get("data") or {}
+        if category not in CATEGORIES or data.get("format", "mvtec_ad2") != "mvtec_ad2":
+            layout = data.get("format", "mvtec_ad2")
+            raise UserError(f"submission is for MVTec AD 2's eight categories only: run {run.path} is "
+                            f"'{category}' ({layout} layout); use evaluate, report, predict or export")
         if category in seen:
             raise UserError(f"{seen[category]} and {source} are both '{category}'; "
                             "pass one run or evaluation per category")

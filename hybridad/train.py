@@ -83,12 +83,28 @@ def quiet_lightning() -> None:
 
 def validate_data(cfg: RunConfig) -> str:
     """List and deep-check every split this run reads before any training step (a `UserError` names the file:
-    every PNG decoded, sizes agreeing, masks binary and of their image's size; `data_modules.checks`)."""
-    from data_modules.checks import validate_category
+    every image decoded, sizes as the layout needs, masks binary and of their image's size;
+    `data_modules.checks`). Private splits the layout lacks are skipped: nothing is predicted for them."""
+    from data_modules.checks import validate_data as check
 
     private = PRIVATE_SPLITS if cfg.predict_private else ()
     splits = [Split.TRAIN, Split.VALIDATION, Split.TEST_PUBLIC, *private]
-    return validate_category(cfg.data.root, cfg.data.category, splits)
+    return check(cfg.data, splits)
+
+
+VALIDATION_LIST = "validation_images.txt"
+
+
+def write_validation_list(cfg: RunConfig, run_dir: RunDir) -> None:
+    """`<run>/validation_images.txt`: the images carved out of train as validation (never trained on)."""
+    from data_modules.formats import list_splits
+
+    carved = list_splits(cfg.data).carved
+    if carved:
+        d = cfg.data
+        head = (f"# validation carved from train (data.validation_fraction={d.validation_fraction}, "
+                f"data.validation_seed={d.validation_seed}); never trained on\n")
+        run_dir.write_text(VALIDATION_LIST, head + "".join(f"{s.image_path}\n" for s in carved))
 
 
 def build_model(cfg: RunConfig) -> AnomalyModule:
@@ -208,6 +224,7 @@ def train(cfg: RunConfig, callbacks: list[L.Callback] | None = None) -> Path:
         if owner:
             if not cfg.resume:
                 run_dir.write_text("config.yaml", to_yaml(cfg))
+                write_validation_list(cfg, run_dir)
             else:
                 _keep_csv_log(run)
             run_dir.write_state("running")
@@ -256,7 +273,9 @@ def _fit_and_predict(cfg: RunConfig, model: AnomalyModule, run: Path, owner: boo
             evaluate_run(run, [], write=True)  # process-local metrics: the other ranks wait in the broadcast
             value = float(RunDir(run).read_thresholds()["value"])
         model.set_threshold(float(trainer.strategy.broadcast(value, src=0)))  # every rank binarises its share
-    if cfg.predict_private:
+    if cfg.predict_private and not datamodule.predict_splits and owner:
+        print(f"{cfg.data.category}: no private splits in this layout, nothing to predict", flush=True)
+    if cfg.predict_private and datamodule.predict_splits:
         trainer.predict(model, datamodule=datamodule, return_predictions=False)
         if has_split_overrides(cfg.threshold):  # per-split private thresholds: re-binarise from the cached maps
             trainer.strategy.barrier("private maps written")

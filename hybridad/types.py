@@ -41,7 +41,8 @@ class Sample:
     """One image of the dataset on disk.
 
     `sample_id` keeps split and good/bad, since the same stem exists in `good/` and `bad/`:
-    `"test_public/bad/000_regular"`, `"train/good/012_regular"`, `"test_private/000_regular"`.
+    `"test_public/bad/000_regular"`, `"train/good/012_regular"`, `"test_private/000_regular"`; other layouts
+    add the defect type: `"test_public/bad/scratch/000"` (`data_modules.formats`).
     """
 
     category: str
@@ -49,8 +50,9 @@ class Sample:
     image_path: Path
     mask_path: Path | None
     label: int  # 0 good, 1 bad, -1 unknown (private splits)
-    lighting: str  # "regular", "overexposed", "underexposed", "shift_1", ..., "mixed"
+    lighting: str  # "regular", "overexposed", "underexposed", "shift_1", ..., "mixed"; "" outside MVTec AD 2
     sample_id: str
+    defect_type: str = ""  # "good", or the layout's defect type ("bad" in MVTec AD 2); "" where unknown
 
     @property
     def stem(self) -> str:
@@ -96,6 +98,7 @@ class Batch:
     tiles: Tensor | None = None
     layout: TileLayout | None = None
     tile_box: Tensor | None = None  # train only: (B,4) long (y0, x0, y1, x1) of the tile each item stands for
+    defect_type: list[str] | None = None  # per item: "good", the defect type, or "" where unknown
 
     def __len__(self) -> int:
         return len(self.sample_id)

@@ -36,18 +36,22 @@ from hybridad.metrics.functional import (
 )
 
 
-def group_keys(sample_id: str, lighting: str) -> list[str]:
-    """Breakdown keys a sample belongs to: `"all"`, `"lighting=<lighting>"` and `"good"`/`"bad"`.
+def group_keys(sample_id: str, lighting: str, defect_type: str = "") -> list[str]:
+    """Breakdown keys a sample belongs to: `"all"`, `"lighting=<lighting>"`, `"good"`/`"bad"` and
+    `"defect=<type>"`.
 
     The good/bad key comes from the `good`/`bad` folder in `sample_id` (`"test_public/bad/000_regular"`); it
-    is left out for private samples, whose ids carry neither.
+    is left out for private samples, whose ids carry neither. The lighting key is left out where the layout
+    has no lighting (`""`), the defect key where the type says no more than good/bad.
     """
-    keys = ["all", f"lighting={lighting}"]
+    keys = ["all", f"lighting={lighting}"] if lighting else ["all"]
     parts = sample_id.split("/")
     if "bad" in parts[:-1]:
         keys.append("bad")
     elif "good" in parts[:-1]:
         keys.append("good")
+    if defect_type not in ("", "good", "bad"):
+        keys.append(f"defect={defect_type}")
     return keys
 
 

@@ -37,6 +37,46 @@ def test_merge_order_schema_base_branch_category_cli() -> None:
     assert cfg.data.tiling.input_size == 320 and cfg.trainer.max_steps == 1300  # cpr.yaml, then vial.yaml
 
 
+def test_a_category_without_yaml_gets_the_defaults() -> None:
+    cfg = load_config(["data.category=bracket"])
+    assert cfg.branch == "inp_former" and cfg.data.format == "mvtec_ad2"
+    tiling = cfg.data.tiling
+    assert [(lv.cols, lv.rows) for lv in tiling.train_levels] == [(1, 1)]  # whole image
+    assert (tiling.test_level.cols, tiling.test_level.rows) == (1, 1)
+    p = cfg.postprocess
+    kernels = (p.closing_kernel, p.erosion_kernel, p.min_area, p.fill_holes, p.foreground_splits)
+    assert kernels == (0, 0, 0, False, [])
+    assert (cfg.threshold.method, cfg.threshold.k) == ("mean_std", 3.0)
+    assert cfg.data.augment == load_config(["data.category=bracket", "branch=inp_former"]).data.augment
+    cpr = load_config(["data.category=bracket", "branch=cpr"])
+    assert cpr.branch == "cpr" and cpr.data.tiling.input_size == 320 and cpr.postprocess.closing_kernel == 0
+
+
+def test_the_eight_categories_keep_their_yaml_settings_exactly() -> None:
+    from omegaconf import OmegaConf
+
+    for category in CATEGORIES:
+        cfg = OmegaConf.structured(load_config([f"data.category={category}"]))
+        own = OmegaConf.load(EXPERIMENTS_DIR / "categories" / f"{category}.yaml")
+        assert OmegaConf.merge(cfg, own) == cfg, f"{category}: a setting of its YAML is not in effect"
+
+
+def test_user_yaml_merges_after_the_category_file_and_before_the_command_line(tmp_path: Path) -> None:
+    mine = tmp_path / "my_line.yaml"
+    mine.write_text("data:\n  category: can\n  format: folder\n  layout: {normal: ok, normal_test: ok_test}\n"
+                    "postprocess: {closing_kernel: 7}\ntrainer: {max_epochs: 3}\n")
+    cfg = load_config([f"config={mine}", "trainer.max_epochs=2"])
+    assert cfg.data.category == "can" and cfg.data.format == "folder" and cfg.data.layout.normal == "ok"
+    assert cfg.postprocess.closing_kernel == 7  # over categories/can.yaml
+    assert [(lv.cols, lv.rows) for lv in cfg.data.tiling.train_levels] == [(2, 1), (4, 2)]  # can.yaml stays
+    assert cfg.trainer.max_epochs == 2  # the command line wins
+    with pytest.raises(UserError, match="config=nope.yaml: file not found"):
+        load_config(["config=nope.yaml"])
+    (tmp_path / "bad.yaml").write_text("data: {colour: red}\n")
+    with pytest.raises(UserError, match=f"config key 'data.colour' from {tmp_path / 'bad.yaml'}"):
+        load_config([f"config={tmp_path / 'bad.yaml'}"])
+
+
 def test_branch_override_reroutes_a_category() -> None:
     cfg = load_config(["data.category=vial", "branch=inp_former"])
     assert cfg.branch == "inp_former" and cfg.data.tiling.input_size == 448
@@ -48,7 +88,8 @@ def test_branch_override_reroutes_a_category() -> None:
         ("data.bogus=1", "data.bogus"),
         ("trainer.max_epochs=ten", "trainer.max_epochs"),
         ("nonsense", "key=value"),
-        ("data.category=bolts", "valid:"),
+        ("data.category=a/b", "not a folder name"),
+        ("data.format=coco", "'data.format'='coco': use one of 'mvtec_ad2', 'mvtec_ad', 'visa'"),
         ("branch=patchcore", "unknown branch"),
     ],
 )

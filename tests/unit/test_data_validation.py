@@ -49,7 +49,7 @@ def _corrupt_pixels(path: Path) -> None:
 
 def test_clean_tree_passes_and_summarises(tree):
     text = _check(tree)
-    assert text.splitlines()[0].endswith("every PNG decodes, sizes agree, masks binary and fit")
+    assert text.splitlines()[0].endswith("every image decodes, sizes agree, masks binary and fit")
     assert f"{W}x{H} RGB" in text and "(2 good, 3 bad with masks)" in text
 
 
