@@ -299,9 +299,9 @@ def check_paths(cfg: RunConfig) -> None:
     path stops a run at once with one `UserError` line naming the key, not after the data check.
 
     Checked: the routed branch's `weights` and `checkpoint`, `data.cut_paste.defect_dir` and `data.root`
-    (root, category and train folders). The weight loaders and the deep data check inspect contents later.
+    (root, category and split folders in `data.format`'s layout). The weight loaders and the deep data check inspect contents later.
     """
-    from data_modules.listing import list_samples
+    from data_modules.formats import list_splits
 
     hints = {"weights": "download it (README: Real data and weights) or set the key to the file's path",
              "checkpoint": f"convert an official file with `hybridad convert {cfg.branch.replace('_', '-')}` "
@@ -315,7 +315,7 @@ def check_paths(cfg: RunConfig) -> None:
     if defect_dir and not Path(defect_dir).is_dir():
         raise UserError(f"data.cut_paste.defect_dir: folder '{defect_dir}' not found; point it at "
                         "<dir>/<category> holding <type>/*.png crops, or set it to none")
-    list_samples(cfg.data.root, cfg.data.category, "train")  # root, category and split folders (a listing)
+    list_splits(cfg.data)  # root, category and split folders in the run's layout (a listing, no decoding)
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
