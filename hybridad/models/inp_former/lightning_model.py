@@ -89,14 +89,16 @@ class InpFormer(AnomalyModule):
         """(N,3,S,S) float tiles in [0,1] -> (N,1,S,S) maps (mean over groups of 1 - cos)."""
         return self.model.anomaly_map(tiles)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images = batch.image
         if not self.cfg.train_on_pasted and batch.mask is not None:
             normal = batch.mask.flatten(1).amax(dim=1) == 0  # (N,) tiles without pasted defects
             if not bool(normal.all()):
                 images = images[normal]
         if images.shape[0] == 0:
-            return None  # every tile got a pseudo-defect: skip this step
+            # every tile got a pseudo-defect: a zero loss that still reaches every trainable parameter, so
+            # backward (and DDP's gradient all-reduce) runs on every rank; skipping it here would stall the others
+            return sum(p.sum() for p in self.model.trainable_parameters()) * 0.0
         losses = self.loss_fn(self.model(images))
         bs = images.shape[0]
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
