@@ -8,7 +8,7 @@
 - Every rank of a job uses the folder rank 0 chose: Lightning's own launcher re-runs the command for the
   other local ranks with `HYBRIDAD_CLAIMED_RUN` in their environment; under an external launcher (torchrun,
   SLURM `srun`) every process starts on its own, so the process group is initialised first and rank 0
-  broadcasts the folder (or its error) to the others.
+  broadcasts the folder (or its error, any error, as one line) to the others.
 - `<category>/latest` is a relative symlink that moves only to a completed run.
 """
 
@@ -174,11 +174,21 @@ def agree_on_run(choose: Callable[[], Path], launch: Launch, backend: str) -> Pa
     if launch.rank == 0:
         try:
             message = [str(choose())]
-        except UserError as err:
-            message = [UserError(str(err))]
-            dist.broadcast_object_list(message, src=0)
-            raise
+        except Exception as err:  # any failure (claim, lock, validation, OSError) ends every rank at once
+            line = setup_failure_line(err)
+            dist.broadcast_object_list([UserError(line)], src=0)
+            if isinstance(err, UserError):
+                raise
+            raise UserError(line) from err
     dist.broadcast_object_list(message, src=0)
     if isinstance(message[0], UserError):
         raise message[0]
     return Path(str(message[0]))
+
+
+def setup_failure_line(err: Exception) -> str:
+    """The one line every rank reports when rank 0 could not set the run up (a `UserError`'s own text)."""
+    if isinstance(err, UserError):
+        return str(err)
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"setting up the run failed on rank 0: {type(err).__name__}: {text}"[:500]
