@@ -91,6 +91,10 @@ class MVTecAD2DataModule(L.LightningDataModule):
             return MVTecAD2Dataset(samples, levels, augment, self.seed, cache=cache, keep_gray=keep_gray)
         return MVTecAD2Dataset(samples)
 
+    def _pin_memory(self) -> bool:
+        """Pin host batches (`Batch.pin_memory` pins the tile crops) when the Trainer runs on CUDA."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
     def _loader(self, ds: MVTecAD2Dataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.config.num_workers
         sampler = None
@@ -100,7 +104,6 @@ class MVTecAD2DataModule(L.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             ds,
             batch_size=batch_size,
@@ -110,7 +113,7 @@ class MVTecAD2DataModule(L.LightningDataModule):
             num_workers=workers,
             collate_fn=collate_batch,
             persistent_workers=workers > 0,
-            pin_memory=pin,  # Batch.pin_memory pins the tile crops
+            pin_memory=self._pin_memory(),
             worker_init_fn=_seed_worker if train else None,
         )
 
@@ -134,7 +137,7 @@ class MVTecAD2DataModule(L.LightningDataModule):
         return ResumableLoader(
             ds, batch_size=self.config.batch_size, sampler=EpochSampler(ds, self.seed, world, rank), drop_last=True,
             num_workers=workers, collate_fn=collate_batch, persistent_workers=workers > 0,
-            started_batches=started_batches,
+            pin_memory=self._pin_memory(), started_batches=started_batches,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -195,3 +195,20 @@ def test_batch_pin_memory_pins_every_crop(tmp_path, monkeypatch):
     assert len(pinned) == 5 + 2  # five crops, label, tile_box (mask and tiles are None)
     assert all(torch.equal(a, b) and a is not b for a, b in zip(out.image, batch.image))
     assert out.sample_id == batch.sample_id and torch.equal(out.tile_box, batch.tile_box)
+
+
+@pytest.mark.parametrize("device,pinned", [("cuda", True), ("cpu", False)])
+def test_training_and_eval_loaders_pin_batches_on_cuda_only(tmp_path, device: str, pinned: bool):
+    from types import SimpleNamespace
+
+    root = make_tree(tmp_path / "data")
+    tiling = TilingConfig(input_size=16, train_levels=[TileLevel()])
+    cfg = DataConfig(root=str(root), category="can", batch_size=2, num_workers=0, tiling=tiling,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    dm = MVTecAD2DataModule(cfg)
+    assert not dm.train_dataloader().pin_memory  # no Trainer: nothing to pin for
+    # a Trainer whose strategy runs on `device` (mocked: no CUDA on this machine)
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0,
+                                 strategy=SimpleNamespace(root_device=torch.device(device)))
+    assert dm.train_dataloader().pin_memory is pinned
+    assert dm.val_dataloader().pin_memory is pinned
