@@ -49,7 +49,7 @@ class TrainerConfig:
     limit_predict_batches: Any = None
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 10
-    check_val_every_n_epoch: int = 1
+    check_val_every_n_epoch: int = 0  # 0 = no validation while training (as the winners); validate runs after fit
     num_sanity_val_steps: int = 0
     deterministic: Any = "warn"  # "warn": deterministic algorithms where PyTorch has them | True | False
     enable_progress_bar: bool = True
@@ -304,8 +304,8 @@ def validate_config(cfg: RunConfig) -> None:
     _check(t.max_steps >= -1, "trainer.max_steps", t.max_steps,
            "must be >= 0 (0 = evaluate the untrained model), or -1 for no limit")
     _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be >= 1")
-    _check(t.check_val_every_n_epoch >= 1, "trainer.check_val_every_n_epoch", t.check_val_every_n_epoch,
-           "must be >= 1")
+    _check(t.check_val_every_n_epoch >= 0, "trainer.check_val_every_n_epoch", t.check_val_every_n_epoch,
+           "must be >= 0 (0 = no validation while training)")
     _check(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches,
            "must be >= 1")
     _check(t.num_sanity_val_steps >= -1, "trainer.num_sanity_val_steps", t.num_sanity_val_steps,

@@ -116,8 +116,13 @@ def build_loggers(cfg: RunConfig, run: Path) -> list[Logger]:
     return loggers
 
 
+NO_VALIDATION_WHILE_FITTING = 1_000_000  # a validation period in epochs that no run reaches
+
+
 def build_trainer(cfg: RunConfig, run: Path, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
     kwargs = {k: v for k, v in dataclasses.asdict(cfg.trainer).items() if v is not None}
+    if kwargs["check_val_every_n_epoch"] == 0:  # no validation while fitting; `validate` after fit still runs
+        kwargs["check_val_every_n_epoch"] = NO_VALIDATION_WHILE_FITTING
     callbacks: list[L.Callback] = [
         ThresholdCallback(cfg.threshold, run),
         PseudoThresholdCallback(cfg.threshold, run),
