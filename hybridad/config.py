@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_modules.datamodule import DataConfig
 from hybridad.errors import UserError
+from hybridad.inp_map_path import MAP_SMOOTHING
 from hybridad.models.cpr.config import CprConfig
 from hybridad.models.inp_former.config import InpFormerConfig
 from hybridad.postprocess import PostProcessConfig
@@ -357,7 +358,7 @@ def validate_config(cfg: RunConfig) -> None:
            f"{cp.library_size}/{cp.patch_size}", "must be >= 1")
 
     p = cfg.postprocess
-    _check(p.gaussian_sigma >= 0, "postprocess.gaussian_sigma", p.gaussian_sigma, "must be >= 0 (0 = off)")
+    _check(p.whole_map_blur_sigma >= 0, "postprocess.whole_map_blur_sigma", p.whole_map_blur_sigma, "must be >= 0 (0 = off)")
     for key in ("closing_kernel", "erosion_kernel", "min_area"):
         v = getattr(p, key)
         _check(v >= 0, f"postprocess.{key}", v, "must be >= 0 (0 = off)")
@@ -373,6 +374,7 @@ def validate_config(cfg: RunConfig) -> None:
     m = cfg.inp_former
     _check_enum("inp_former.preset", m.preset, ("", "tiny"))
     _check_enum("inp_former.pos_embed", m.pos_embed, ("dinov2", "timm"))
+    _check_enum("inp_former.map_smoothing", m.map_smoothing, MAP_SMOOTHING)
     _check(m.num_inps >= 1, "inp_former.num_inps", m.num_inps, "must be >= 1")
     _check(m.lr > 0 and m.final_lr >= 0, "inp_former.lr/final_lr", f"{m.lr}/{m.final_lr}",
            "need lr > 0, final_lr >= 0")

@@ -94,9 +94,9 @@ def _check_overrides(overrides: list[str]) -> None:
 def _load_config(run: RunDir, overrides: list[str]) -> RunConfig:
     _check_overrides(overrides)
     cfg = load_run_config(run.path, overrides)
-    cached_sigma = load_run_config(run.path).postprocess.gaussian_sigma
-    if cfg.postprocess.gaussian_sigma != cached_sigma:
-        raise UserError("postprocess.gaussian_sigma is applied before the maps are cached "
+    cached_sigma = load_run_config(run.path).postprocess.whole_map_blur_sigma
+    if cfg.postprocess.whole_map_blur_sigma != cached_sigma:
+        raise UserError("postprocess.whole_map_blur_sigma is applied before the maps are cached "
                         f"(this run: {cached_sigma}); change it with `hybridad train`, not `evaluate`")
     return cfg
 

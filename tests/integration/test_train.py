@@ -130,5 +130,5 @@ def test_evaluate_refuses_to_smooth_maps_that_were_cached_smoothed(can_run: Path
     from hybridad.errors import UserError
     from hybridad.evaluate import evaluate_run
 
-    with pytest.raises(UserError, match="gaussian_sigma"):
-        evaluate_run(can_run, ["postprocess.gaussian_sigma=2.0"])
+    with pytest.raises(UserError, match="whole_map_blur_sigma"):
+        evaluate_run(can_run, ["postprocess.whole_map_blur_sigma=2.0"])

@@ -111,7 +111,7 @@ def test_every_swept_key_exists_in_the_schema() -> None:
         ("data.tiling.test_level={cols: 0, rows: 1}", "data.tiling.test_level"),
         ("postprocess.closing_kernel=-3", "postprocess.closing_kernel"),
         ("postprocess.erosion_kernel=-1", "postprocess.erosion_kernel"),
-        ("postprocess.gaussian_sigma=-0.5", "postprocess.gaussian_sigma"),
+        ("postprocess.whole_map_blur_sigma=-0.5", "postprocess.whole_map_blur_sigma"),
         ("data.augment.hflip=1.5", "data.augment.hflip"),
         ("inp_former.preset=huge", "inp_former.preset"),
         ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps"),

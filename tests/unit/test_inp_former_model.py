@@ -230,7 +230,7 @@ def test_all_pasted_batch_still_runs_backward_with_zero_gradients() -> None:
 
     module = InpFormer(tiny_cfg())
     loss = module.training_step(_batch(2, pasted=2), 0)
-    assert isinstance(loss, torch.Tensor) and loss.requires_grad and float(loss) == 0.0
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad and float(loss.detach()) == 0.0
     loss.backward()
     params = list(module.model.trainable_parameters())
     assert params and all(p.grad is not None and not p.grad.any() for p in params)

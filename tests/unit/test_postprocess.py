@@ -95,11 +95,11 @@ def test_erosion_after_closing_in_binarize() -> None:
 def test_smooth_matches_scipy_mirror(sigma: float) -> None:
     rng = np.random.default_rng(1)
     x = rng.random((2, 1, 30, 41)).astype(np.float32)
-    got = smooth(torch.from_numpy(x), PostProcessConfig(gaussian_sigma=sigma)).numpy()
+    got = smooth(torch.from_numpy(x), PostProcessConfig(whole_map_blur_sigma=sigma)).numpy()
     for i in range(2):
         ref = ndi.gaussian_filter(x[i, 0].astype(np.float64), sigma, mode="mirror", truncate=4.0)
         np.testing.assert_allclose(got[i, 0], ref, atol=1e-5)
-    assert smooth(torch.ones(1, 1, 3, 3), PostProcessConfig(gaussian_sigma=4.0)).shape == (1, 1, 3, 3)
+    assert smooth(torch.ones(1, 1, 3, 3), PostProcessConfig(whole_map_blur_sigma=4.0)).shape == (1, 1, 3, 3)
 
 
 def test_normalize() -> None:

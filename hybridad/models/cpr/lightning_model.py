@@ -167,8 +167,9 @@ class Cpr(AnomalyModule):
         return torch.optim.AdamW(self.model.heads.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     # ------------------------------------------------------------ eval path
-    def tile_maps(self, tiles: Tensor) -> Tensor:
-        """(N, 3, S, S) float tiles -> (N, 1, S, S) anomaly maps (winners' unblurred map unless cfg.blur_map)."""
+    def tile_maps(self, tiles: Tensor, native_size: tuple[int, int] | None = None) -> Tensor:
+        """(N, 3, S, S) float tiles -> (N, 1, S, S) anomaly maps (winners' unblurred map unless cfg.blur_map);
+        `untile` resizes them to the native boxes (`native_size` is not used)."""
         if self._bank_stale or not self.model.bank:
             self._ensure_bank()
         return self.model.tile_maps(tiles)
