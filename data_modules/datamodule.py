@@ -25,6 +25,7 @@ from data_modules.listing import list_samples
 from data_modules.tilers import EvalTiler, TilingConfig, TrainTiler
 from data_modules.train_sampler import EpochSampler, ResumableLoader
 from hybridad.errors import UserError
+from hybridad.training_seed import micro_batch_seed, trainer_micro_batch
 from hybridad.types import PRIVATE_SPLITS, Batch, Split
 
 
@@ -51,7 +52,7 @@ class MVTecAD2DataModule(L.LightningDataModule):
 
     Args:
         config: data settings.
-        seed: seeds the augmentations and the per-step cut-paste generator.
+        seed: seeds the augmentations and the per-micro-batch cut-paste generator.
 
     `predict_dataloader` returns one loader per split in `predict_splits` (test_private, test_private_mixed).
     """
@@ -157,9 +158,8 @@ class MVTecAD2DataModule(L.LightningDataModule):
         return self.eval_transform(batch)
 
     def _step_generator(self, device: torch.device) -> torch.Generator:
-        """A generator on `device` seeded from (seed, global_step, global_rank)."""
-        step, rank = self.trainer.global_step, self.trainer.global_rank
-        seed = ((self.seed * 1_000_003 + step) * 1009 + rank) % 2**62
+        """A generator on `device` seeded from (seed, micro-batch index, global_rank) (`hybridad.training_seed`)."""
+        seed = micro_batch_seed(self.seed, trainer_micro_batch(self.trainer), self.trainer.global_rank)
         return torch.Generator(device=device).manual_seed(seed)
 
     def train_transform(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:

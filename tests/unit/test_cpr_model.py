@@ -364,10 +364,11 @@ def test_training_makes_pseudo_anomalous_pixels_score_above_normal_ones(one_thre
 
 
 def test_pair_generator_depends_on_the_rank(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hybridad.models.cpr.lightning_model import Cpr, pair_seed
+    from hybridad.models.cpr.lightning_model import Cpr
+    from hybridad.training_seed import micro_batch_seed
     from hybridad.types import Batch
 
-    assert len({pair_seed(1, step, rank) for step in range(50) for rank in range(8)}) == 400
+    assert len({micro_batch_seed(1, step, rank) for step in range(50) for rank in range(8)}) == 400
     torch.manual_seed(0)
     images = torch.rand(6, 3, 32, 32)
     ids = [f"train/good/{i:03d}" for i in range(6)]
@@ -385,3 +386,35 @@ def test_pair_generator_depends_on_the_rank(monkeypatch: pytest.MonkeyPatch) -> 
 
     assert loss_on_rank(0) == loss_on_rank(0)
     assert loss_on_rank(0) != loss_on_rank(1)  # other references, noise and pairs on another rank
+
+
+def test_every_micro_batch_of_an_accumulation_window_draws_its_own_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accumulate_grad_batches > 1: the optimiser step (global_step) stays fixed over the window, the draws
+    (reference pick, noise, pairs) must not; the same micro-batch index gives the same draws."""
+    from types import SimpleNamespace
+
+    from hybridad.models.cpr.lightning_model import Cpr
+    from hybridad.types import Batch
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 32, 32)
+    ids = [f"train/good/{i:03d}" for i in range(6)]
+    module = Cpr(tiny_cfg(image_size=32))
+    module.fit_references(images, ids)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    batch = Batch(image=images[:2], label=torch.zeros(2, dtype=torch.long), sample_id=ids[:2],
+                  lighting=["regular"] * 2)
+
+    def loss_at(micro_batch: int) -> float:
+        progress = SimpleNamespace(total=SimpleNamespace(completed=micro_batch))
+        module._trainer = SimpleNamespace(global_step=7, global_rank=0, fit_loop=SimpleNamespace(
+            epoch_loop=SimpleNamespace(batch_progress=progress)))
+        torch.manual_seed(0)
+        module.model.heads.train()
+        try:
+            return float(module.training_step(batch, 0).detach())
+        finally:
+            module._trainer = None
+
+    assert loss_at(14) == loss_at(14)
+    assert loss_at(14) != loss_at(15)

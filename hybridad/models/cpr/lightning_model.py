@@ -15,13 +15,8 @@ from hybridad.models.cpr.foreground import positive_sampling_weight
 from hybridad.models.cpr.loss import cpr_loss, perlin_anomalies, salt_pepper, sample_pairs
 from hybridad.models.cpr.torch_model import CprModel
 from hybridad.postprocess import PostProcessConfig
+from hybridad.training_seed import micro_batch_seed, trainer_micro_batch
 from hybridad.types import Batch
-
-
-def pair_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of a training step's generator (reference pick, noise, pair sampling), distinct per step and
-    rank so that DDP ranks draw different pairs (the DataModule's cut-paste generator uses this formula)."""
-    return ((seed * 1_000_003 + step) * 1009 + rank) % 2**62
 
 
 class Cpr(AnomalyModule):
@@ -130,13 +125,19 @@ class Cpr(AnomalyModule):
         pick = torch.randint(cand.shape[1], (n,), generator=gen, device=self.device)
         return src, cand.gather(1, pick[:, None])[:, 0]
 
+    def _step_generator(self) -> torch.Generator:
+        """A generator seeded from (cpr.seed, micro-batch index, rank) (`hybridad.training_seed`); micro-batch 0
+        outside a Trainer."""
+        index = trainer_micro_batch(self._trainer) if self._trainer is not None else 0
+        seed = micro_batch_seed(self.cfg.seed, index, self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         cfg = self.cfg
         x = batch.image.float()  # (N, 3, S, S) in [0, 1]
         n, s = x.shape[0], x.shape[-1]
         mask = batch.mask if batch.mask is not None else x.new_zeros(n, 1, s, s)
-        seed = pair_seed(cfg.seed, self.global_step, self.global_rank)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = self._step_generator()  # reference pick, perlin, noise and pairs of this micro-batch
         assert self._ref_images is not None and self.model.bank_fg is not None
         src, ref = self._reference_for(x, list(batch.sample_id), gen)
         bank_fg = self.model.bank_fg.to(self.device).float()  # (Ntrain, 1, h, w)
