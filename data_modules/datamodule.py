@@ -9,9 +9,11 @@ augment it; only these crops (pinned on CUDA) cross to the device, where resizin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
@@ -21,8 +23,8 @@ from data_modules.augment import AugmentConfig
 from data_modules.cache import DecodedCache, default_cache_root
 from data_modules.cut_paste import CutPaste, CutPasteConfig
 from data_modules.dataset import MVTecAD2Dataset, _seed_worker, collate_batch
-from data_modules.listing import list_samples
-from data_modules.tilers import EvalTiler, TilingConfig, TrainTiler
+from data_modules.listing import list_samples, read_image
+from data_modules.tilers import EvalTiler, TilingConfig, TrainTiler, train_tile_boxes
 from data_modules.train_sampler import EpochSampler, ResumableLoader
 from hybridad.errors import UserError
 from hybridad.training_seed import micro_batch_seed, trainer_micro_batch
@@ -91,6 +93,21 @@ class MVTecAD2DataModule(L.LightningDataModule):
             levels, augment = self.config.tiling.train_levels, self.config.augment
             return MVTecAD2Dataset(samples, levels, augment, self.seed, cache=cache, keep_gray=keep_gray)
         return MVTecAD2Dataset(samples)
+
+    def reference_tiles(self) -> Iterator[tuple[str, tuple[int, int, int, int], torch.Tensor]]:
+        """Every training tile of every whole, un-augmented training image (from the decoded cache when
+        `data.cache`), in (image, level, tile) order: (sample id, native box (y0,x0,y1,x1), (3,h,w) uint8 crop).
+
+        For a branch that stores clean references (CPR), not for training: no augmentation, no cut-paste."""
+        cfg = self.config
+        samples = list_samples(cfg.root, cfg.category, Split.TRAIN)
+        cache = self.decoded_cache(Split.TRAIN) if cfg.cache else None
+        for i, sample in enumerate(samples):
+            image = cache.image(i) if cache is not None else read_image(sample.image_path)  # (H,W,3) uint8
+            h, w = image.shape[:2]
+            for _, _, (y0, x0, y1, x1) in train_tile_boxes(h, w, cfg.tiling.train_levels):
+                crop = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1)  # (3,h,w)
+                yield sample.sample_id, (y0, x0, y1, x1), crop
 
     def _pin_memory(self) -> bool:
         """Pin host batches (`Batch.pin_memory` pins the tile crops) when the Trainer runs on CUDA."""

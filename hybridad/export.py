@@ -26,7 +26,6 @@ import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -84,12 +83,8 @@ def build_cpr_bank(module: AnomalyModule, cfg: RunConfig) -> None:
     """Rebuild CPR's memory bank from the training images, as `Cpr.on_predict_start` does under a Trainer."""
     from data_modules.datamodule import MVTecAD2DataModule
 
-    datamodule = MVTecAD2DataModule(cfg.data, seed=cfg.seed)
-    module._trainer = SimpleNamespace(datamodule=datamodule)  # all Cpr reads from its trainer
-    try:
-        module.on_predict_start()
-    finally:
-        module._trainer = None
+    module.fit_references_from(MVTecAD2DataModule(cfg.data, seed=cfg.seed))  # type: ignore[attr-defined]
+    module.on_predict_start()  # builds the memory bank from those references
 
 
 def _image_score_rule(module: AnomalyModule, cfg: RunConfig) -> dict[str, Any]:

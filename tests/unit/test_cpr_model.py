@@ -418,3 +418,39 @@ def test_every_micro_batch_of_an_accumulation_window_draws_its_own_pairs(monkeyp
 
     assert loss_at(14) == loss_at(14)
     assert loss_at(14) != loss_at(15)
+
+
+def test_reference_store_holds_every_tile_of_a_2x2_grid_from_whole_clean_images(tmp_path) -> None:
+    """With a 2x2 training grid every tile of every training image is stored (not only the top-left one),
+    cut from the whole un-augmented image, and a training query finds its own tile's entry."""
+    import torch.nn.functional as F
+    from test_data_layer import H, W, make_tree  # tests/unit is on sys.path
+
+    from data_modules.augment import AugmentConfig
+    from data_modules.datamodule import DataConfig, MVTecAD2DataModule
+    from data_modules.listing import list_samples, read_image
+    from data_modules.tilers import TilingConfig
+    from hybridad.models.cpr.lightning_model import Cpr, reference_key
+    from hybridad.tile_grid import TileLevel, level_boxes
+
+    root = make_tree(tmp_path / "data", n_train=3)
+    tiling = TilingConfig(input_size=32, train_levels=[TileLevel(2, 2)], test_level=TileLevel(2, 2))
+    augment = AugmentConfig(hflip=1.0)  # training crops are flipped: references must not be
+    dm = MVTecAD2DataModule(DataConfig(root=str(root), category="can", num_workers=0, tiling=tiling,
+                                       augment=augment, cache_dir=str(tmp_path / "cache")))
+    module = Cpr(tiny_cfg(image_size=32))
+    module.fit_references_from(dm)
+    boxes = level_boxes(H, W, TileLevel(2, 2))
+    samples = list_samples(root, "can", "train")
+    assert module._ref_images is not None and module._ref_images.shape == (3 * 4, 3, 32, 32)
+    for i, sample in enumerate(samples):
+        image = torch.from_numpy(read_image(sample.image_path)).permute(2, 0, 1)  # (3,H,W) uint8
+        for y0, x0, y1, x1 in boxes:
+            crop = image[None, :, y0:y1, x0:x1].float()
+            expected = F.interpolate(crop, size=(32, 32), mode="bilinear", align_corners=False).round().to(torch.uint8)
+            index = module._ref_index[reference_key(sample.sample_id, (y0, x0, y1, x1))]
+            assert torch.equal(module._ref_images[index], expected[0])
+    ids = [samples[1].sample_id] * 2
+    tile_boxes = torch.tensor([boxes[3], boxes[2]])
+    src, _ = module._reference_for(torch.rand(2, 3, 32, 32), ids, torch.Generator().manual_seed(0), tile_boxes)
+    assert src.tolist() == [module._ref_index[reference_key(ids[0], tuple(b))] for b in tile_boxes.tolist()]
