@@ -34,6 +34,9 @@ class AnomalyModule(L.LightningModule):
             if split not in valid:
                 raise UserError(f"postprocess.foreground_splits: unknown split '{split}'; use one of {valid}")
         self.top_ratio = top_ratio
+        # which images get the object mask: None = those of the dataset splits in `postprocess.foreground_splits`
+        # (run eval); True / False = every image / none (`predict --foreground`: new images have no split)
+        self.foreground_images: bool | None = None
         self.register_buffer("threshold", torch.tensor(float("nan")))
 
     def tile_maps(self, tiles: Tensor, native_size: tuple[int, int] | None = None) -> Tensor:
@@ -52,12 +55,16 @@ class AnomalyModule(L.LightningModule):
         self.threshold.fill_(value)
 
     def foreground(self, batch: Batch) -> Tensor | None:
-        """(B,1,H,W) bool object mask of the images whose split is in `postprocess.foreground_splits`
-        (True for the others), or None when no image of the batch needs one.
+        """(B,1,H,W) bool object mask of the images that need one (True for the others), or None when none does.
 
+        Which images: every one / none when `foreground_images` is True / False; otherwise (None, the run's own
+        splits) those whose split is in `postprocess.foreground_splits`.
         `batch.image` is the native (B,3,H,W) uint8 image of eval batches."""
         pp = self.postprocess
-        picked = [i for i, sid in enumerate(batch.sample_id) if sid.split("/")[0] in pp.foreground_splits]
+        if self.foreground_images is None:
+            picked = [i for i, sid in enumerate(batch.sample_id) if sid.split("/")[0] in pp.foreground_splits]
+        else:
+            picked = list(range(len(batch.sample_id))) if self.foreground_images else []
         if not picked:
             return None
         b, _, h, w = batch.image.shape

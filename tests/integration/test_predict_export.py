@@ -22,6 +22,7 @@ from hybridad.demo import demo_config
 from hybridad.errors import UserError
 from hybridad.export import build_cpr_bank, export_run
 from hybridad.export_runtime import ExportedDetector, read_metadata
+from hybridad.postprocess import hsv_kmeans_foreground
 from hybridad.predict import load_module, predict, read_decision
 from hybridad.run_dir import RunDir
 from hybridad.tile_grid import level_boxes
@@ -221,6 +222,14 @@ def _check_export(run: Path, tmp_path: Path) -> float:
 
 def test_exported_inp_former_gives_the_runs_maps_and_masks(inp_run: Path, tmp_path: Path) -> None:
     _check_export(inp_run, tmp_path)
+    # the object mask is explicit in the runtime too: the thresholded map ANDed with the HSV k-means mask
+    detector = ExportedDetector(tmp_path / "model.pt2")
+    image = torch.from_numpy(read_image(_test_samples(inp_run)[0].image_path)).permute(2, 0, 1)[None]
+    detector.threshold = -1.0  # every pixel above it: the mask is the object mask itself
+    pp = detector.postprocess
+    assert torch.equal(detector(image, foreground=True).pred_mask,
+                       hsv_kmeans_foreground(image, pp.foreground_dilation, pp.foreground_seed))
+    assert bool(detector(image).pred_mask.all())
     # `predict` runs the artefact through the runtime alone and writes the run's masks
     data = Path(load_run_config(inp_run).data.root) / "can" / "test_public" / "bad"
     predict(tmp_path / "model.pt2", [str(data / "*.png")], tmp_path / "pred", batch_size=2)
