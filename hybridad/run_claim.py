@@ -99,12 +99,17 @@ def run_dirs_of(out_dir: str | Path, category: str) -> list[Path]:
 
 
 def resolve_resume_target(spec: str, out_dir: str | Path, category: str) -> Path:
-    """`resume=latest` (the newest run of the category) or `resume=<run dir>` -> the run folder to continue."""
+    """`resume=latest` (the newest run of the category that has not completed: running, failed or killed) or
+    `resume=<run dir>` -> the run folder to continue."""
     if spec == "latest":
         runs = run_dirs_of(out_dir, category)
         if not runs:
             raise UserError(f"resume=latest: no run of {category} in {Path(out_dir) / category}")
-        return runs[-1].resolve()
+        unfinished = [r for r in runs if RunDir(r).read_state().get("state") != "completed"]
+        if not unfinished:
+            raise UserError(f"resume=latest: every run of {category} in {Path(out_dir) / category} has completed; "
+                            "nothing to resume (start a new run without resume=)")
+        return unfinished[-1].resolve()
     run = Path(spec)
     if not (run / "config.yaml").is_file():
         raise UserError(f"resume={spec}: not a hybridad run directory (no config.yaml); "

@@ -74,6 +74,23 @@ def test_resume_latest_is_the_newest_run_by_its_config(tmp_path: Path) -> None:
         resolve_resume_target(str(tmp_path / "can"), tmp_path, "can")
 
 
+def test_resume_latest_is_the_newest_run_that_has_not_completed(tmp_path: Path) -> None:
+    """README: `resume=latest` continues the newest running, failed or killed run; completed ones are skipped."""
+    from hybridad.run_dir import RunDir
+
+    for name, stamp, state in (("killed", 1_000, "running"), ("failed", 2_000, "failed"), ("done", 3_000, "completed")):
+        run = claim_new_run(tmp_path, "can", name)
+        (run / "config.yaml").write_text("{}")
+        RunDir(run).write_state(state)
+        os.utime(run / "config.yaml", ns=(stamp, stamp))
+    assert resolve_resume_target("latest", tmp_path, "can") == (tmp_path / "can" / "failed").resolve()
+    RunDir(tmp_path / "can" / "failed").write_state("completed")
+    assert resolve_resume_target("latest", tmp_path, "can") == (tmp_path / "can" / "killed").resolve()
+    RunDir(tmp_path / "can" / "killed").write_state("completed")
+    with pytest.raises(UserError, match="every run of can .* has completed"):
+        resolve_resume_target("latest", tmp_path, "can")
+
+
 def test_launch_detection_reads_the_launchers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("HYBRIDAD_CLAIMED_RUN", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
         monkeypatch.delenv(key, raising=False)
