@@ -252,9 +252,11 @@ def _fit_and_predict(cfg: RunConfig, model: AnomalyModule, run: Path, owner: boo
         value = 0.0
         trainer.strategy.barrier("test maps written")
         if trainer.is_global_zero:
-            from hybridad.evaluate import evaluate_run
+            from hybridad.evaluate import TEST_PUBLIC_MASKS_ONLY, evaluate_run
 
-            evaluate_run(run, [], write=True)  # process-local metrics: the other ranks wait in the broadcast
+            # process-local metrics (the other ranks wait in the broadcast); the test_public masks now that there
+            # is a threshold, as the other rules write them at test (the private splits get theirs when predicted)
+            evaluate_run(run, [], write=True, write_masks=TEST_PUBLIC_MASKS_ONLY)
             value = float(RunDir(run).read_thresholds()["value"])
         model.set_threshold(float(trainer.strategy.broadcast(value, src=0)))  # every rank binarises its share
     if cfg.predict_private:
