@@ -189,7 +189,7 @@ def load_resume_config(cli: DictConfig) -> RunConfig:
     if spec == "latest" and not category:
         raise UserError("resume=latest needs data.category (e.g. `make train CAT=can ARGS=resume=latest`)")
     run = resolve_resume_target(spec, out_dir, str(category or ""))
-    saved = _merge(OmegaConf.structured(RunConfig), _load_yaml(run / "config.yaml"), str(run / "config.yaml"))
+    saved = _merge(OmegaConf.structured(RunConfig), _load_saved_run_yaml(run / "config.yaml"), str(run / "config.yaml"))
     for key, value in _flatten(OmegaConf.to_container(cli)):
         if key in RESUME_MUTABLE or key in ("resume", "out_dir", "name"):  # the last two only locate the run
             continue
@@ -244,12 +244,22 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def _load_saved_run_yaml(path: Path) -> DictConfig:
+    """A run's saved config.yaml; runs saved before `postprocess.gaussian_sigma` was renamed
+    `whole_map_blur_sigma` still load (the value moves to the new key)."""
+    cfg = _load_yaml(path)
+    pp = cfg.get("postprocess")
+    if isinstance(pp, DictConfig) and "gaussian_sigma" in pp:
+        pp["whole_map_blur_sigma"] = pp.pop("gaussian_sigma")
+    return cfg
+
+
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
     """The resolved config a run saved (`<run>/config.yaml`), with `key=value` overrides on top."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a hybridad run directory (made by `hybridad train`)?")
-    cfg = _merge(OmegaConf.structured(RunConfig), _load_yaml(path), str(path))
+    cfg = _merge(OmegaConf.structured(RunConfig), _load_saved_run_yaml(path), str(path))
     cfg = _merge(cfg, parse_overrides(overrides), "the command line")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig)
