@@ -454,3 +454,18 @@ def test_reference_store_holds_every_tile_of_a_2x2_grid_from_whole_clean_images(
     tile_boxes = torch.tensor([boxes[3], boxes[2]])
     src, _ = module._reference_for(torch.rand(2, 3, 32, 32), ids, torch.Generator().manual_seed(0), tile_boxes)
     assert src.tolist() == [module._ref_index[reference_key(ids[0], tuple(b))] for b in tile_boxes.tolist()]
+
+
+def test_checkpoints_load_with_weights_only(tmp_path) -> None:
+    """A resume reads last.ckpt with torch.load(weights_only=True): the hyper-parameters are plain values."""
+    import lightning as L
+
+    from hybridad.models.cpr.lightning_model import Cpr
+
+    module = Cpr(tiny_cfg(image_size=32))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    ckpt = torch.load(tmp_path / "c.ckpt", map_location="cpu", weights_only=True)
+    assert Cpr(**ckpt["hyper_parameters"]).cfg == module.cfg

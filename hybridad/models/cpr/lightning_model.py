@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -43,10 +44,14 @@ class Cpr(AnomalyModule):
         top_ratio: unused by CPR (image score = top-T sum), kept for the base class.
     """
 
-    def __init__(self, cfg: CprConfig | None = None, postprocess: PostProcessConfig | None = None, top_ratio: float = 0.01) -> None:
-        super().__init__(postprocess=postprocess, top_ratio=top_ratio)
-        self.cfg = cfg or CprConfig()
-        self.save_hyperparameters(ignore=["postprocess"])
+    def __init__(self, cfg: CprConfig | dict[str, Any] | None = None,
+                 postprocess: PostProcessConfig | dict[str, Any] | None = None, top_ratio: float = 0.01) -> None:
+        pp = PostProcessConfig(**postprocess) if isinstance(postprocess, dict) else postprocess
+        super().__init__(postprocess=pp, top_ratio=top_ratio)
+        self.cfg = CprConfig(**cfg) if isinstance(cfg, dict) else (cfg or CprConfig())
+        # plain dicts, so checkpoints (last.ckpt for resume included) load with torch.load(weights_only=True)
+        self.save_hyperparameters({"cfg": asdict(self.cfg), "postprocess": asdict(self.postprocess),
+                                   "top_ratio": top_ratio})
         self.model = CprModel(self.cfg)
         self._ref_images: Tensor | None = None  # (N, 3, S, S) uint8, CPU
         self._ref_index: dict[str, int] = {}
