@@ -313,7 +313,8 @@ def _claim(root: Path, tmp: Path) -> Path:
 
 
 def _print_summary(metrics: dict[str, float], record: dict[str, Any]) -> None:
-    line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    """One line: the overall metrics and thresholds (`<split>/<name>`); per-group values stay in the files."""
+    line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.count("/") == 1)
     print(f"{line}  [threshold: {record['source']}]", flush=True)
 
 
