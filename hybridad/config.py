@@ -50,7 +50,7 @@ class TrainerConfig:
     limit_predict_batches: Any = None
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 10
-    check_val_every_n_epoch: int = 0  # 0 = no validation while training (as the winners); validate runs after fit
+    check_val_every_n_epoch: int = 0  # 0 = no validation while training (as the winners); validate after fit
     num_sanity_val_steps: int = 0
     deterministic: Any = "warn"  # "warn": deterministic algorithms where PyTorch has them | True | False
     enable_progress_bar: bool = True
@@ -189,7 +189,8 @@ def load_resume_config(cli: DictConfig) -> RunConfig:
     if spec == "latest" and not category:
         raise UserError("resume=latest needs data.category (e.g. `make train CAT=can ARGS=resume=latest`)")
     run = resolve_resume_target(spec, out_dir, str(category or ""))
-    saved = _merge(OmegaConf.structured(RunConfig), _load_saved_run_yaml(run / "config.yaml"), str(run / "config.yaml"))
+    saved_path = run / "config.yaml"
+    saved = _merge(OmegaConf.structured(RunConfig), _load_saved_run_yaml(saved_path), str(saved_path))
     for key, value in _flatten(OmegaConf.to_container(cli)):
         if key in RESUME_MUTABLE or key in ("resume", "out_dir", "name"):  # the last two only locate the run
             continue

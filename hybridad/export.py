@@ -9,8 +9,8 @@ second runtime for the same graph.
 
 What is in the graph and what is not: the graph maps (N,3,S,S) tiles to (N,1,S,S) tile maps (CPR) or to
 (N,G,h,w) per-group token maps (INP-Former; the runtime upsamples them to each tile's native size and applies
-`inp_former.map_smoothing`). Tiling, untiling, smoothing, image score, threshold and mask post-processing (OpenCV / scipy morphology, connected
-components) are the thin runtime `hybridad.export_runtime`, driven by the metadata stored beside the program
+`inp_former.map_smoothing`). Tiling, untiling, smoothing, image score, threshold and mask post-processing
+(OpenCV / scipy morphology, connected components) are the thin runtime `hybridad.export_runtime`, driven by the metadata stored beside the program
 in the same file. INP-Former takes any number of tiles per call; CPR's program is traced for one tile per
 call (its retrieval chunks queries by a byte budget, which fixes the batch size at trace time), so the runtime
 feeds it one tile at a time. The program is specific to the device it was exported on (`--device`, recorded

@@ -112,7 +112,8 @@ def test_map_writer_encodes_off_the_main_thread_with_bounded_memory(tmp_path: Pa
     def feed() -> None:
         for sid in ids:
             amap = torch.rand(1, 1, 4, 6)
-            cb.on_predict_batch_end(_trainer(), module, AnomalyOutput(amap, amap.mean((1, 2, 3))), _batch([sid], None, [-1]), 0)
+            out = AnomalyOutput(amap, amap.mean((1, 2, 3)))
+            cb.on_predict_batch_end(_trainer(), module, out, _batch([sid], None, [-1]), 0)
 
     feeder = threading.Thread(target=feed)
     feeder.start()
@@ -122,14 +123,16 @@ def test_map_writer_encodes_off_the_main_thread_with_bounded_memory(tmp_path: Pa
     feeder.join(timeout=60)
     cb.on_predict_epoch_end(_trainer(), module)
     assert threading.get_ident() not in threads and started == ids
-    assert sorted(p.stem for p in (tmp_path / "maps" / "test_private").glob("*.tiff")) == [s.split("/")[1] for s in ids]
+    written = sorted(p.stem for p in (tmp_path / "maps" / "test_private").glob("*.tiff"))
+    assert written == [s.split("/")[1] for s in ids]
 
     def broken(self: RunDir, sample_id: str, anomaly_map: object) -> Path:
         raise OSError(28, "No space left on device", str(tmp_path))
 
     monkeypatch.setattr(RunDir, "write_map", broken)
     amap = torch.rand(1, 1, 4, 6)
-    cb.on_test_batch_end(_trainer(), module, AnomalyOutput(amap, amap.mean((1, 2, 3))), _batch(["test_private/009_regular"], None, [-1]), 0)
+    out = AnomalyOutput(amap, amap.mean((1, 2, 3)))
+    cb.on_test_batch_end(_trainer(), module, out, _batch(["test_private/009_regular"], None, [-1]), 0)
     with pytest.raises(OSError, match="No space left"):
         cb.on_test_epoch_end(_trainer(), module)
     cb.teardown(_trainer(), module, "test")

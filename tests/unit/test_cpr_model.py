@@ -447,7 +447,8 @@ def test_reference_store_holds_every_tile_of_a_2x2_grid_from_whole_clean_images(
         image = torch.from_numpy(read_image(sample.image_path)).permute(2, 0, 1)  # (3,H,W) uint8
         for y0, x0, y1, x1 in boxes:
             crop = image[None, :, y0:y1, x0:x1].float()
-            expected = F.interpolate(crop, size=(32, 32), mode="bilinear", align_corners=False).round().to(torch.uint8)
+            expected = F.interpolate(crop, size=(32, 32), mode="bilinear", align_corners=False)
+            expected = expected.round().to(torch.uint8)
             index = module._ref_index[reference_key(sample.sample_id, (y0, x0, y1, x1))]
             assert torch.equal(module._ref_images[index], expected[0])
     ids = [samples[1].sample_id] * 2

@@ -33,7 +33,8 @@ def official_gaussian_filter(kernel_size: int = 5, sigma: float = 4, channels: i
     return conv
 
 
-def official_maps(encoder: list[torch.Tensor], decoder: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
+def official_maps(encoder: list[torch.Tensor], decoder: list[torch.Tensor], out_size: tuple[int, int]
+                  ) -> torch.Tensor:
     """Transcription of `cal_anomaly_maps` (1 - cos per group, upsampled with align_corners=True, mean)
     followed by the 5x5 sigma-4 filter at `out_size`."""
     a_map_list = []

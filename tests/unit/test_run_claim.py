@@ -78,7 +78,8 @@ def test_resume_latest_is_the_newest_run_that_has_not_completed(tmp_path: Path) 
     """README: `resume=latest` continues the newest running, failed or killed run; completed ones are skipped."""
     from hybridad.run_dir import RunDir
 
-    for name, stamp, state in (("killed", 1_000, "running"), ("failed", 2_000, "failed"), ("done", 3_000, "completed")):
+    runs = (("killed", 1_000, "running"), ("failed", 2_000, "failed"), ("done", 3_000, "completed"))
+    for name, stamp, state in runs:
         run = claim_new_run(tmp_path, "can", name)
         (run / "config.yaml").write_text("{}")
         RunDir(run).write_state(state)

@@ -76,7 +76,8 @@ class Cpr(AnomalyModule):
         s = self.cfg.image_size
         images, keys = [], []
         for sample_id, box, crop in datamodule.reference_tiles():  # crop: (3,h,w) uint8
-            img = F.interpolate(crop[None].float(), size=(s, s), mode="bilinear", align_corners=False, antialias=False)
+            img = F.interpolate(crop[None].float(), size=(s, s), mode="bilinear", align_corners=False,
+                                antialias=False)
             images.append(img.round().clamp(0, 255).to(torch.uint8))  # (1,3,S,S)
             keys.append(reference_key(sample_id, box))
         if not images:
