@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import torch.nn.functional as F
 
 from data_modules.listing import list_samples, read_image
 from data_modules.tilers import EvalTiler
