@@ -8,10 +8,12 @@ What is measured here and what is estimated (every estimate is labelled in the t
 - FLOPs per tile: counted exactly by `torch.utils.flop_counter` on our own models, built on the meta device
   (no compute): INP-Former ViT-L/14 reg4 at 448 (training step = forward + loss + backward; the frozen encoder
   runs forward only) and CPR DenseNet201 at 320.
-- GPU time per tile: ESTIMATED = FLOPs / (RTX 4090 dense bf16 tensor peak 165.2 TFLOP/s with fp32 accumulate
-  x an assumed efficiency: 0.45 for the ViT, 0.10 for DenseNet201). CPR's evaluation counts trunk + heads only,
+- GPU time per tile: ESTIMATED = FLOPs / (the RTX 4090 peak of the run's `trainer.precision`: 82.6 TFLOP/s
+  fp32 for the default `32-true` (the official code has no AMP; no TF32 is switched on), 165.2 dense bf16/fp16
+  tensor with fp32 accumulate for `bf16-mixed` / `16-mixed` x an assumed efficiency: 0.45 for the ViT, 0.10
+  for DenseNet201). CPR's evaluation counts trunk + heads only,
   not the nearest-neighbour search over its bank. `python -m bench --gpu` measures the models on CUDA instead.
-- Peak memory of ViT-L/448 batch 16 bf16: ESTIMATED = fp32 weights + fp32 grads and 3 StableAdamW(amsgrad)
+- Peak memory of ViT-L/448 batch 16 (fp32 under `32-true`, a bf16-fp32 range under mixed precision): ESTIMATED = fp32 weights + fp32 grads and 3 StableAdamW(amsgrad)
   states of the trainable part + the tensors autograd saves for backward (counted on the meta device, in bf16:
   the lower bound; fp32 copies of norm/softmax inputs under autocast push it towards the fp32 count, also
   given).
@@ -38,7 +40,8 @@ from hybridad.tile_grid import level_boxes
 
 TRAIN_IMAGES = {"can": 412, "fabric": 387, "fruit_jelly": 263, "rice": 313, "sheet_metal": 137, "vial": 291,
                 "wallplugs": 293, "walnuts": 432}  # fmt: skip
-PEAK_BF16_TFLOPS = 165.2  # RTX 4090, dense bf16 tensor cores, fp32 accumulate (NVIDIA Ada whitepaper)
+# RTX 4090 dense peaks (NVIDIA Ada whitepaper): fp32 CUDA cores; bf16/fp16 tensor cores with fp32 accumulate
+PEAK_TFLOPS = {"32-true": 82.6, "bf16-mixed": 165.2, "16-mixed": 165.2}
 EFFICIENCY = 0.45  # assumed fraction of peak reached by a ViT-L training step (model FLOP utilisation)
 EFFICIENCY_CNN = 0.10  # assumed for CPR's DenseNet201 (concatenation-heavy, memory-bound at batch 8)
 GPU_MEMORY_GB = 24.0
@@ -135,16 +138,25 @@ def _level(cols: int, rows: int):  # noqa: ANN202
     return TileLevel(cols=cols, rows=rows)
 
 
-def plan_rows() -> list[dict]:
-    """One row per category plus the total."""
+def peak_tflops(precision: str) -> float:
+    """The RTX 4090 dense peak (TFLOP/s) that training at Lightning `precision` can use."""
+    if precision not in PEAK_TFLOPS:
+        raise ValueError(f"no peak for trainer.precision={precision}; known: {sorted(PEAK_TFLOPS)}")
+    return PEAK_TFLOPS[precision]
+
+
+def plan_rows(overrides: list[str] | None = None) -> list[dict]:
+    """One row per category plus the total, for the routed configs (+ `overrides`, e.g. a precision)."""
     from hybridad.config import load_config
 
     inp, cpr = inp_former_costs(), cpr_costs()
-    rate, rate_cnn = (PEAK_BF16_TFLOPS * 1e12 * e for e in (EFFICIENCY, EFFICIENCY_CNN))
     feed = feed_tiles_per_s()
-    rows, total_h, total_disk = [], 0.0, 0.0
+    rows, total_h, total_disk, precisions = [], 0.0, 0.0, set()
     for cat, (w, h) in NATIVE_WH.items():
-        cfg = load_config([f"data.category={cat}"])
+        cfg = load_config([f"data.category={cat}", *(overrides or [])])
+        precision = str(cfg.trainer.precision)
+        precisions.add(precision)
+        rate, rate_cnn = (peak_tflops(precision) * 1e12 * e for e in (EFFICIENCY, EFFICIENCY_CNN))
         tiling = cfg.data.tiling
         per_image = sum(len(level_boxes(h, w, lv)) for lv in tiling.train_levels)
         eval_tiles = MAPS_PER_RUN[cat] * len(level_boxes(h, w, tiling.test_level))
@@ -162,17 +174,22 @@ def plan_rows() -> list[dict]:
         disk_gb = MAPS_PER_RUN[cat] * len(encode_tiff(realistic_map(w, h, pitch, seed=len(cat)))) / 1e9
         total_h, total_disk = total_h + seconds / 3600, total_disk + disk_gb
         rows.append({
-            "category": cat, "branch": cfg.branch, "input": tiling.input_size, "tiles/image": per_image,
+            "category": cat, "branch": cfg.branch, "precision": precision, "input": tiling.input_size,
+            "tiles/image": per_image,
             "tiles/epoch": per_epoch, "train tiles": train_tiles, "eval tiles": eval_tiles,
             "feed tiles/s (est.)": round(feed), "GPU tiles/s (est.)": round(1e3 / ms_tile),
             "GPU min (est.)": round(seconds / 60, 1), "maps GB": round(disk_gb, 2),
         })  # fmt: skip
     mem = inp["weights_gb"] + inp["grads_and_optimizer_gb"]
-    mem_lo, mem_hi = mem + inp["saved_gb_bfloat16"], mem + inp["saved_gb_float32"]
+    mixed = precisions != {"32-true"}  # autocast saves bf16 activations, with fp32 copies of some inputs
+    mem_lo = mem + (inp["saved_gb_bfloat16"] if mixed else inp["saved_gb_float32"])
+    mem_hi = mem + inp["saved_gb_float32"]
+    span = f"{mem_lo:.0f}-{mem_hi:.0f}" if mixed else f"{mem_hi:.0f}"
     rows.append({
         "category": "all 8, one 24 GB GPU", "GPU min (est.)": f"{total_h:.1f} h (winners {WINNERS_HOURS:g} h)",
         "maps GB": f"{total_disk:.0f} (winners {WINNERS_DISK_GB:g} in all)",
-        "eval tiles": f"ViT-L/448 b16 bf16 peak (est.) {mem_lo:.0f}-{mem_hi:.0f} of {GPU_MEMORY_GB:g} GB",
+        "precision": "/".join(sorted(precisions)),
+        "eval tiles": f"ViT-L/448 b16 training peak (est.) {span} of {GPU_MEMORY_GB:g} GB",
         "train tiles": f"INP {inp['train_flops_per_tile'] / 1e12:.2f} TFLOP/train tile",
         "tiles/epoch": f"INP {inp['infer_flops_per_tile'] / 1e12:.2f} TFLOP/eval tile",
         "tiles/image": f"CPR {cpr['train_flops_per_image'] / 1e9:.0f} GFLOP/train image",
@@ -180,15 +197,17 @@ def plan_rows() -> list[dict]:
     return rows
 
 
-def run() -> list[dict]:
-    return plan_rows()
+def run(overrides: list[str] | None = None) -> list[dict]:
+    return plan_rows(overrides)
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.precision=bf16-mixed")
+    args = parser.parse_args()
     from bench.__main__ import markdown_table
 
-    print(markdown_table(plan_rows()))
+    print(markdown_table(plan_rows(args.overrides)))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ augment it; only these crops (pinned on CUDA) cross to the device, where resizin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
@@ -23,10 +25,11 @@ from data_modules.cut_paste import CutPaste, CutPasteConfig
 from data_modules.dataset import MVTecAD2Dataset, _seed_worker, collate_batch
 from data_modules.formats import list_split, list_splits
 from data_modules.formats.common import LayoutConfig
-from data_modules.listing import image_header
-from data_modules.tilers import EvalTiler, TilingConfig, TrainTiler
+from data_modules.listing import image_header, read_image
+from data_modules.tilers import EvalTiler, TilingConfig, TrainTiler, train_tile_boxes
 from data_modules.train_sampler import EpochSampler, ResumableLoader
 from hybridad.errors import UserError
+from hybridad.training_seed import micro_batch_seed, trainer_micro_batch
 from hybridad.types import PRIVATE_SPLITS, Batch, Split
 
 
@@ -57,7 +60,7 @@ class MVTecAD2DataModule(L.LightningDataModule):
 
     Args:
         config: data settings.
-        seed: seeds the augmentations and the per-step cut-paste generator.
+        seed: seeds the augmentations and the per-micro-batch cut-paste generator.
 
     `predict_dataloader` returns one loader per split in `predict_splits`: the private splits the layout has
     (test_private, test_private_mixed; none outside MVTec AD 2).
@@ -110,6 +113,25 @@ class MVTecAD2DataModule(L.LightningDataModule):
                                    one_size=listing.one_size)
         return MVTecAD2Dataset(samples, one_size=listing.one_size)
 
+    def reference_tiles(self) -> Iterator[tuple[str, tuple[int, int, int, int], torch.Tensor]]:
+        """Every training tile of every whole, un-augmented training image (from the decoded cache when
+        `data.cache`), in (image, level, tile) order: (sample id, native box (y0,x0,y1,x1), (3,h,w) uint8 crop).
+
+        For a branch that stores clean references (CPR), not for training: no augmentation, no cut-paste."""
+        cfg = self.config
+        samples = list_split(cfg, Split.TRAIN)
+        cache = self.decoded_cache(Split.TRAIN) if cfg.cache and self._one_size(Split.TRAIN) else None
+        for i, sample in enumerate(samples):
+            image = cache.image(i) if cache is not None else read_image(sample.image_path)  # (H,W,3) uint8
+            h, w = image.shape[:2]
+            for _, _, (y0, x0, y1, x1) in train_tile_boxes(h, w, cfg.tiling.train_levels):
+                crop = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1)  # (3,h,w)
+                yield sample.sample_id, (y0, x0, y1, x1), crop
+
+    def _pin_memory(self) -> bool:
+        """Pin host batches (`Batch.pin_memory` pins the tile crops) when the Trainer runs on CUDA."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
     def _loader(self, ds: MVTecAD2Dataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.config.num_workers
         sampler = None
@@ -119,7 +141,6 @@ class MVTecAD2DataModule(L.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             ds,
             batch_size=batch_size,
@@ -129,7 +150,7 @@ class MVTecAD2DataModule(L.LightningDataModule):
             num_workers=workers,
             collate_fn=collate_batch,
             persistent_workers=workers > 0,
-            pin_memory=pin,  # Batch.pin_memory pins the tile crops
+            pin_memory=self._pin_memory(),
             worker_init_fn=_seed_worker if train else None,
         )
 
@@ -153,7 +174,7 @@ class MVTecAD2DataModule(L.LightningDataModule):
         return ResumableLoader(
             ds, batch_size=self.config.batch_size, sampler=EpochSampler(ds, self.seed, world, rank), drop_last=True,
             num_workers=workers, collate_fn=collate_batch, persistent_workers=workers > 0,
-            started_batches=started_batches,
+            pin_memory=self._pin_memory(), started_batches=started_batches,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -173,9 +194,8 @@ class MVTecAD2DataModule(L.LightningDataModule):
         return self.eval_transform(batch)
 
     def _step_generator(self, device: torch.device) -> torch.Generator:
-        """A generator on `device` seeded from (seed, global_step, global_rank)."""
-        step, rank = self.trainer.global_step, self.trainer.global_rank
-        seed = ((self.seed * 1_000_003 + step) * 1009 + rank) % 2**62
+        """A generator on `device` seeded from (seed, micro-batch index, global_rank) (`hybridad.training_seed`)."""
+        seed = micro_batch_seed(self.seed, trainer_micro_batch(self.trainer), self.trainer.global_rank)
         return torch.Generator(device=device).manual_seed(seed)
 
     def train_transform(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:

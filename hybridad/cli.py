@@ -124,7 +124,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from hybridad.predict import predict
 
     predict(Path(args.run_dir), args.images, Path(args.out), device=args.device, batch_size=args.batch_size,
-            evaluation=Path(args.evaluation) if args.evaluation else None, overlays=not args.no_overlays)
+            evaluation=Path(args.evaluation) if args.evaluation else None, overlays=not args.no_overlays,
+            foreground=args.foreground)
     return 0
 
 
@@ -260,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluation", default=None,
                    help="take threshold and post-processing from this evaluation directory")
     p.add_argument("--no-overlays", action="store_true", help="skip overlays/<name>.png")
+    p.add_argument("--foreground", action="store_true",
+                   help="AND every mask with the image's HSV k-means object mask (walnuts' rule for mixed "
+                        "lighting; never inferred from the image paths)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="one self-contained .pt2 (torch.export) of a run's category")

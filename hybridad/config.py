@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_modules.datamodule import DataConfig
 from hybridad.errors import UserError
+from hybridad.inp_map_path import MAP_SMOOTHING
 from hybridad.models.cpr.config import CprConfig
 from hybridad.models.inp_former.config import InpFormerConfig
 from hybridad.postprocess import PostProcessConfig
@@ -52,7 +53,7 @@ class TrainerConfig:
     limit_predict_batches: Any = None
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 10
-    check_val_every_n_epoch: int = 1
+    check_val_every_n_epoch: int = 0  # 0 = no validation while training (as the winners); validate after fit
     num_sanity_val_steps: int = 0
     deterministic: Any = "warn"  # "warn": deterministic algorithms where PyTorch has them | True | False
     enable_progress_bar: bool = True
@@ -221,7 +222,8 @@ def load_resume_config(cli: DictConfig) -> RunConfig:
     if spec == "latest" and not category:
         raise UserError("resume=latest needs data.category (e.g. `make train CAT=can ARGS=resume=latest`)")
     run = resolve_resume_target(spec, out_dir, str(category or ""))
-    saved = _merge(OmegaConf.structured(RunConfig), _load_yaml(run / "config.yaml"), str(run / "config.yaml"))
+    saved_path = run / "config.yaml"
+    saved = _merge(OmegaConf.structured(RunConfig), _load_saved_run_yaml(saved_path), str(saved_path))
     for key, value in _flatten(OmegaConf.to_container(cli)):
         if key in RESUME_MUTABLE or key in ("resume", "out_dir", "name"):  # the last two only locate the run
             continue
@@ -276,12 +278,22 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def _load_saved_run_yaml(path: Path) -> DictConfig:
+    """A run's saved config.yaml; runs saved before `postprocess.gaussian_sigma` was renamed
+    `whole_map_blur_sigma` still load (the value moves to the new key)."""
+    cfg = _load_yaml(path)
+    pp = cfg.get("postprocess")
+    if isinstance(pp, DictConfig) and "gaussian_sigma" in pp:
+        pp["whole_map_blur_sigma"] = pp.pop("gaussian_sigma")
+    return cfg
+
+
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
     """The resolved config a run saved (`<run>/config.yaml`), with `key=value` overrides on top."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a hybridad run directory (made by `hybridad train`)?")
-    cfg = _merge(OmegaConf.structured(RunConfig), _load_yaml(path), str(path))
+    cfg = _merge(OmegaConf.structured(RunConfig), _load_saved_run_yaml(path), str(path))
     cfg = _merge(cfg, parse_overrides(overrides), "the command line")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig)
@@ -364,8 +376,8 @@ def validate_config(cfg: RunConfig) -> None:
     _check(t.max_steps >= -1, "trainer.max_steps", t.max_steps,
            "must be >= 0 (0 = evaluate the untrained model), or -1 for no limit")
     _check(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be >= 1")
-    _check(t.check_val_every_n_epoch >= 1, "trainer.check_val_every_n_epoch", t.check_val_every_n_epoch,
-           "must be >= 1")
+    _check(t.check_val_every_n_epoch >= 0, "trainer.check_val_every_n_epoch", t.check_val_every_n_epoch,
+           "must be >= 0 (0 = no validation while training)")
     _check(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches,
            "must be >= 1")
     _check(t.num_sanity_val_steps >= -1, "trainer.num_sanity_val_steps", t.num_sanity_val_steps,
@@ -419,7 +431,7 @@ def validate_config(cfg: RunConfig) -> None:
            f"{cp.library_size}/{cp.patch_size}", "must be >= 1")
 
     p = cfg.postprocess
-    _check(p.gaussian_sigma >= 0, "postprocess.gaussian_sigma", p.gaussian_sigma, "must be >= 0 (0 = off)")
+    _check(p.whole_map_blur_sigma >= 0, "postprocess.whole_map_blur_sigma", p.whole_map_blur_sigma, "must be >= 0 (0 = off)")
     for key in ("closing_kernel", "erosion_kernel", "min_area"):
         v = getattr(p, key)
         _check(v >= 0, f"postprocess.{key}", v, "must be >= 0 (0 = off)")
@@ -435,6 +447,7 @@ def validate_config(cfg: RunConfig) -> None:
     m = cfg.inp_former
     _check_enum("inp_former.preset", m.preset, ("", "tiny"))
     _check_enum("inp_former.pos_embed", m.pos_embed, ("dinov2", "timm"))
+    _check_enum("inp_former.map_smoothing", m.map_smoothing, MAP_SMOOTHING)
     _check(m.num_inps >= 1, "inp_former.num_inps", m.num_inps, "must be >= 1")
     _check(m.lr > 0 and m.final_lr >= 0, "inp_former.lr/final_lr", f"{m.lr}/{m.final_lr}",
            "need lr > 0, final_lr >= 0")

@@ -41,7 +41,7 @@ from data_modules.formats import list_split, list_splits
 from data_modules.listing import read_mask
 from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
-from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1, process_local
+from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1, group_keys, process_local
 from hybridad.postprocess import binarize
 from hybridad.run_dir import RunDir
 from hybridad.thresholds import (
@@ -95,9 +95,9 @@ def _check_overrides(overrides: list[str]) -> None:
 def _load_config(run: RunDir, overrides: list[str]) -> RunConfig:
     _check_overrides(overrides)
     cfg = load_run_config(run.path, overrides)
-    cached_sigma = load_run_config(run.path).postprocess.gaussian_sigma
-    if cfg.postprocess.gaussian_sigma != cached_sigma:
-        raise UserError("postprocess.gaussian_sigma is applied before the maps are cached "
+    cached_sigma = load_run_config(run.path).postprocess.whole_map_blur_sigma
+    if cfg.postprocess.whole_map_blur_sigma != cached_sigma:
+        raise UserError("postprocess.whole_map_blur_sigma is applied before the maps are cached "
                         f"(this run: {cached_sigma}); change it with `hybridad train`, not `evaluate`")
     return cfg
 
@@ -127,33 +127,47 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResu
 def _labelled_maps(run: RunDir, cfg: RunConfig, desc: str
                    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(sample id, (1,1,H,W) map, (1,1,H,W) GT) of test_public, one image at a time."""
+    for s, m, g in _labelled_samples(run, cfg, desc):
+        yield s.sample_id, m, g
+
+
+def _labelled_samples(run: RunDir, cfg: RunConfig, desc: str
+                      ) -> Iterator[tuple[Sample, torch.Tensor, torch.Tensor]]:
+    """(sample, (1,1,H,W) map, (1,1,H,W) GT) of test_public, one image at a time."""
     for s in tqdm(list_split(cfg.data, Split.TEST_PUBLIC), desc=desc, leave=False):
         m = _load_map(run, s.sample_id)
-        yield s.sample_id, m, torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]
+        yield s, m, torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]
 
 
-def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult],
-           masks_to: RunDir | None) -> dict[str, float]:
-    """test_public metrics; with `masks_to`, also the masks of every split with cached maps written there."""
+def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult], masks_to: RunDir | None,
+           mask_splits: tuple[Split, ...] = (Split.VALIDATION, Split.TEST_PRIVATE, Split.TEST_PRIVATE_MIXED),
+           ) -> dict[str, float]:
+    """test_public metrics, overall and per group as `MetricsCallback` names them (`test_public/<group>/<name>`:
+    SegF1 and ClassF1 per lighting and good/bad, AU-PRO per lighting); with `masks_to`, also the masks of
+    test_public and of every split of `mask_splits` with cached maps written there."""
     thr = thresholds[Split.TEST_PUBLIC.value].value
     local = process_local()
-    aupro, seg_f1, class_f1 = AUPRO(fpr_limit=0.05, **local), SegF1(**local), ClassF1(**local)
-    for sample_id, m, g in _labelled_maps(run, cfg, "test_public maps"):
+    groups: dict[str, dict[str, Any]] = {}
+    for sample, m, g in _labelled_samples(run, cfg, "test_public maps"):
         pred = binarize(m, thr, cfg.postprocess)  # (1,1,H,W) bool
-        aupro.update(m, g)
-        seg_f1.update(pred, g)
-        class_f1.update(pred, g)
+        for key in group_keys(sample.sample_id, sample.lighting):
+            if key not in groups:
+                groups[key] = {"seg_f1": SegF1(**local), "class_f1": ClassF1(**local)}
+                if key == "all" or key.startswith("lighting="):
+                    groups[key]["aupro_0.05"] = AUPRO(fpr_limit=0.05, **local)
+            for name, metric in groups[key].items():
+                if name.startswith("aupro"):
+                    metric.update(m, g)
+                else:
+                    metric.update(pred, g)
         if masks_to is not None:
-            masks_to.write_mask(sample_id, pred[0, 0])
-    metrics = {
-        "test_public/aupro_0.05": float(aupro.compute()),
-        "test_public/seg_f1": float(seg_f1.compute()),
-        "test_public/class_f1": float(class_f1.compute()),
-    }
+            masks_to.write_mask(sample.sample_id, pred[0, 0])
+    metrics = {f"test_public/{name}" if key == "all" else f"test_public/{key}/{name}": float(metric.compute())
+               for key in sorted(groups) for name, metric in groups[key].items()}
     metrics.update({f"{split}/threshold": float(r.value) for split, r in thresholds.items()})
     if masks_to is not None:
         on_disk = list_splits(cfg.data).splits
-        for split in (Split.VALIDATION, Split.TEST_PRIVATE, Split.TEST_PRIVATE_MIXED):
+        for split in mask_splits:
             maps = list(run.iter_maps(split))
             if not maps and split in on_disk:  # a layout without private splits has nothing to binarise
                 print(f"warning: {run.path}/maps/{split.value} is empty; no {split.value} masks written",
@@ -193,21 +207,28 @@ def _threshold_record(thresholds: dict[str, ThresholdResult], reasons: list[str]
     return record
 
 
+TEST_PUBLIC_MASKS_ONLY: tuple[Split, ...] = ()  # `evaluate_run(write_masks=...)`: no split beyond test_public
+
+
 def evaluate_run(run_path: Path, overrides: list[str], write: bool = False,
-                 write_masks: bool = False) -> dict[str, float]:
+                 write_masks: bool | tuple[Split, ...] = False) -> dict[str, float]:
     """Re-score cached maps; returns `{"test_public/<metric>": value, ...}` and prints a summary.
 
     With `write=True` (what `hybridad train` uses for `f1_optimal`, and after predicting when a private split
     has its own threshold) the metrics and thresholds replace the run's own `metrics.json` and
-    `thresholds.yaml`, and `write_masks` rewrites the run's own masks; otherwise a new evaluation directory is
-    written (`create_evaluation`) and the run's files stay untouched.
+    `thresholds.yaml`, and `write_masks` rewrites the run's own masks (True: every split; a tuple of splits:
+    test_public and those, e.g. validation before the private splits are predicted); otherwise a new
+    evaluation directory is written (`create_evaluation`) and the run's files stay untouched.
     """
     if not write:
         return json.loads((create_evaluation(run_path, overrides, write_masks) / "metrics.json").read_text())
     run = RunDir(Path(run_path))
     cfg = _load_config(run, overrides)
     thresholds = fit_split_thresholds(run, cfg)
-    metrics = _score(run, cfg, thresholds, run if write_masks else None)
+    if isinstance(write_masks, tuple):
+        metrics = _score(run, cfg, thresholds, run, write_masks)
+    else:
+        metrics = _score(run, cfg, thresholds, run if write_masks else None)
     record = _threshold_record(thresholds, _tuned_on_test_reasons(thresholds, None))
     candidates = run.read_thresholds().get("candidates")
     if candidates:  # the label-free candidates found at training time (mean_std, pseudo_f1) stay on record
@@ -294,7 +315,8 @@ def _claim(root: Path, tmp: Path) -> Path:
 
 
 def _print_summary(metrics: dict[str, float], record: dict[str, Any]) -> None:
-    line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    """One line: the overall metrics and thresholds (`<split>/<name>`); per-group values stay in the files."""
+    line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.count("/") == 1)
     print(f"{line}  [threshold: {record['source']}]", flush=True)
 
 

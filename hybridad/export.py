@@ -7,9 +7,10 @@ windowed nearest-neighbour search, with the memory bank folded in as constants. 
 ahead of time for a C++ deployment (not tried here). ONNX is not installed: it would add a dependency and a
 second runtime for the same graph.
 
-What is in the graph and what is not: the graph maps (N,3,S,S) tiles to (N,1,S,S) tile maps. Tiling,
-untiling, smoothing, image score, threshold and mask post-processing (OpenCV / scipy morphology, connected
-components) are the thin runtime `hybridad.export_runtime`, driven by the metadata stored beside the program
+What is in the graph and what is not: the graph maps (N,3,S,S) tiles to (N,1,S,S) tile maps (CPR) or to
+(N,G,h,w) per-group token maps (INP-Former; the runtime upsamples them to each tile's native size and applies
+`inp_former.map_smoothing`). Tiling, untiling, smoothing, image score, threshold and mask post-processing
+(OpenCV / scipy morphology, connected components) are the thin runtime `hybridad.export_runtime`, driven by the metadata stored beside the program
 in the same file. INP-Former takes any number of tiles per call; CPR's program is traced for one tile per
 call (its retrieval chunks queries by a byte budget, which fixes the batch size at trace time), so the runtime
 feeds it one tile at a time. The program is specific to the device it was exported on (`--device`, recorded
@@ -25,7 +26,6 @@ import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ MAX_TILES = 4096  # upper bound of the dynamic tile dimension
 
 
 class TileNet(nn.Module):
-    """The exported function: (N,3,S,S) float tiles in [0,1] -> (N,1,S,S) float32 tile maps."""
+    """The exported function of CPR: (N,3,S,S) float tiles in [0,1] -> (N,1,S,S) float32 tile maps."""
 
     def __init__(self, tile_maps: nn.Module) -> None:
         super().__init__()
@@ -50,6 +50,19 @@ class TileNet(nn.Module):
 
     def forward(self, tiles: Tensor) -> Tensor:
         return self.inner.tile_maps(tiles).float()
+
+
+class GroupMapNet(nn.Module):
+    """The exported function of INP-Former: (N,3,S,S) tiles -> (N,G,h,w) float32 1 - cos per fused group at the
+    token grid; the runtime upsamples and smooths them (`hybridad.inp_map_path`), since the native tile size
+    depends on each image's size."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tiles: Tensor) -> Tensor:
+        return self.model.group_maps(self.model(tiles)).float()
 
 
 def freeze_flags(model: nn.Module) -> nn.Module:
@@ -70,12 +83,8 @@ def build_cpr_bank(module: AnomalyModule, cfg: RunConfig) -> None:
     """Rebuild CPR's memory bank from the training images, as `Cpr.on_predict_start` does under a Trainer."""
     from data_modules.datamodule import MVTecAD2DataModule
 
-    datamodule = MVTecAD2DataModule(cfg.data, seed=cfg.seed)
-    module._trainer = SimpleNamespace(datamodule=datamodule)  # all Cpr reads from its trainer
-    try:
-        module.on_predict_start()
-    finally:
-        module._trainer = None
+    module.fit_references_from(MVTecAD2DataModule(cfg.data, seed=cfg.seed))  # type: ignore[attr-defined]
+    module.on_predict_start()  # builds the memory bank from those references
 
 
 def _image_score_rule(module: AnomalyModule, cfg: RunConfig) -> dict[str, Any]:
@@ -106,7 +115,7 @@ def export_run(run_path: Path, out: Path, device: str = "cpu") -> Path:
         net = TileNet(freeze_flags(copy.deepcopy(module.model)))
         example, dynamic = torch.rand(1, 3, s, s), None
     else:
-        net = TileNet(module)
+        net = GroupMapNet(module.model)
         example = torch.rand(2, 3, s, s)
         dynamic = {"tiles": {0: torch.export.Dim("tiles", min=1, max=MAX_TILES)}}
     with torch.no_grad():
@@ -123,6 +132,8 @@ def export_run(run_path: Path, out: Path, device: str = "cpu") -> Path:
         "threshold": {"value": decision.threshold, "source": decision.source},
         "postprocess": asdict(decision.postprocess),
         "image_score": _image_score_rule(module, cfg),
+        # null: the program returns tile maps at the input size; else it returns per-group token maps
+        "map_smoothing": cfg.inp_former.map_smoothing if cfg.branch == "inp_former" else None,
         "run": str(run.path.resolve()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,

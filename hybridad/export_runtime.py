@@ -1,7 +1,7 @@
 """Run a category exported by `hybridad export` (a `.pt2` file) without the training code.
 
-Needs torch, numpy, OpenCV and scipy, plus three small pure modules of this repository (`hybridad.tile_grid`,
-`hybridad.postprocess`, `data_modules.tilers`); no Lightning, no timm, no model code. The `.pt2` holds:
+Needs torch, numpy, OpenCV and scipy, plus four small pure modules of this repository (`hybridad.tile_grid`,
+`hybridad.postprocess`, `hybridad.inp_map_path`, `data_modules.tilers`); no Lightning, no timm, no model code. The `.pt2` holds:
 
 - the tile network as a `torch.export` program: (N,3,S,S) float tiles in [0,1] -> (N,1,S,S) float32 maps
   (INP-Former: DINOv2 encoder + INP decoder; CPR: DenseNet trunk, heads, retrieval and its memory bank as
@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_modules.tilers import EvalTiler
-from hybridad.postprocess import PostProcessConfig, binarize, smooth
-from hybridad.tile_grid import TileLevel, untile
+from hybridad.inp_map_path import tile_maps_from_groups
+from hybridad.postprocess import PostProcessConfig, binarize, hsv_kmeans_foreground, smooth
+from hybridad.tile_grid import TileLevel, native_tile_size, untile
 from hybridad.types import AnomalyOutput
 
-FORMAT = "hybridad-export/1"
+FORMAT = "hybridad-export/2"  # /2: INP-Former programs return per-group token maps (`map_smoothing`)
 META_NAME = "hybridad.json"
 
 
@@ -109,10 +110,19 @@ class ExportedDetector:
         raise ValueError(f"unknown image score rule {rule['rule']!r}")
 
     @torch.no_grad()
-    def __call__(self, images: Tensor) -> AnomalyOutput:
-        """(B,3,H,W) uint8 RGB images of one size -> maps (B,1,H,W), scores (B,), masks (B,1,H,W) bool."""
+    def __call__(self, images: Tensor, foreground: bool = False) -> AnomalyOutput:
+        """(B,3,H,W) uint8 RGB images of one size -> maps (B,1,H,W), scores (B,), masks (B,1,H,W) bool.
+
+        `foreground`: AND the masks with each image's HSV k-means object mask (the walnuts rule; the stored
+        `postprocess.foreground_dilation` / `foreground_seed`)."""
         tiles, layout = self.tiler(images.to(self.device))  # (B*n,3,S,S) float [0,1]
         step = self.tile_batch or tiles.shape[0]
-        tile_maps = torch.cat([self.net(chunk) for chunk in tiles.split(step)]).float()  # (B*n,1,S,S)
+        tile_maps = torch.cat([self.net(chunk) for chunk in tiles.split(step)]).float()  # (B*n,1,S,S) | (B*n,G,h,w)
+        smoothing = self.meta.get("map_smoothing")
+        if smoothing is not None:  # INP-Former: token maps -> tile maps, as the run's eval path
+            tile_maps = tile_maps_from_groups(tile_maps, smoothing, native_tile_size(layout),
+                                              (int(tiles.shape[-2]), int(tiles.shape[-1])))
         maps = smooth(untile(tile_maps, layout), self.postprocess)  # (B,1,H,W)
-        return AnomalyOutput(maps, self.image_score(maps), binarize(maps, self.threshold, self.postprocess))
+        pp = self.postprocess
+        fg = hsv_kmeans_foreground(images, pp.foreground_dilation, pp.foreground_seed) if foreground else None
+        return AnomalyOutput(maps, self.image_score(maps), binarize(maps, self.threshold, pp, fg))

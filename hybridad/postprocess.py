@@ -20,7 +20,9 @@ from torch import Tensor
 
 @dataclass
 class PostProcessConfig:
-    gaussian_sigma: float = 0.0  # smoothing of the continuous map; 0 = off
+    # optional blur of the whole stitched native map (scipy-style separable Gaussian, radius int(4 sigma + 0.5),
+    # mirrored borders); 0 = off. INP-Former's own per-tile 5x5 kernel is `inp_former.map_smoothing`.
+    whole_map_blur_sigma: float = 0.0
     closing_kernel: int = 0  # square kernel side of morphological closing of the binary mask; 0 = off
     fill_holes: bool = False
     min_area: int = 0  # remove connected components smaller than this (pixels); 0 = off
@@ -44,14 +46,14 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device: torch.device 
 
 
 def smooth(anomaly_map: Tensor, cfg: PostProcessConfig) -> Tensor:
-    """Separable Gaussian blur of (B,1,H,W) maps with `cfg.gaussian_sigma` (identity when 0).
+    """Separable Gaussian blur of (B,1,H,W) maps with `cfg.whole_map_blur_sigma` (identity when 0).
 
     Borders are reflected without repeating the edge pixel (OpenCV BORDER_REFLECT_101, scipy mode "mirror");
     maps smaller than the kernel radius fall back to edge replication.
     """
-    if cfg.gaussian_sigma <= 0:
+    if cfg.whole_map_blur_sigma <= 0:
         return anomaly_map
-    k = gaussian_kernel1d(cfg.gaussian_sigma, device=anomaly_map.device).to(anomaly_map.dtype)
+    k = gaussian_kernel1d(cfg.whole_map_blur_sigma, device=anomaly_map.device).to(anomaly_map.dtype)
     r = (k.numel() - 1) // 2
     h, w = anomaly_map.shape[-2:]
     mode = "reflect" if r < min(h, w) else "replicate"

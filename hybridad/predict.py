@@ -301,7 +301,8 @@ class PredictionWriterCallback(L.Callback):
 
 
 def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", batch_size: int | None = None,
-            evaluation: Path | None = None, overlays: bool = True, precision: str | None = None) -> Path:
+            evaluation: Path | None = None, overlays: bool = True, precision: str | None = None,
+            foreground: bool = False) -> Path:
     """Predict new images with a completed run; returns the path of `scores.csv`.
 
     Args:
@@ -313,11 +314,14 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
         evaluation: take the threshold and post-processing from this evaluation directory, not the run's.
         overlays: write `overlays/<name>.png`.
         precision: Lightning precision (default: the run's `trainer.precision`).
+        foreground: AND every mask with the image's HSV k-means object mask (`postprocess.foreground_dilation`,
+            `foreground_seed`; the walnuts rule the run applies to its `foreground_splits`). New images have no
+            split, so this is never inferred from their paths.
     """
     if Path(run_path).suffix == ".pt2":
         if evaluation is not None:
             raise UserError("predict: --evaluation applies to run directories; an export has its threshold")
-        return predict_exported(Path(run_path), inputs, out, device, batch_size or 1, overlays)
+        return predict_exported(Path(run_path), inputs, out, device, batch_size or 1, overlays, foreground)
     run = RunDir(run_path)
     run.read_config()  # "not a run directory" before anything else
     run.require_completed("predict")
@@ -330,6 +334,7 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
     datamodule = NewImagesDataModule(cfg, paths, names, bs)  # reads every header: bad files fail here
     decision = read_decision(run, evaluation)
     module = load_module(run, cfg, decision)
+    module.foreground_images = foreground
     files = PredictionFiles(out, overlays, decision.threshold)
     from hybridad.train import quiet_lightning
 
@@ -342,14 +347,14 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     provenance = {"run": str(run.path.resolve()), "category": cfg.data.category,
                   "branch": cfg.branch, "threshold": decision.threshold, "threshold_from": decision.source,
-                  "postprocess": asdict(decision.postprocess), "images": len(paths)}
+                  "postprocess": asdict(decision.postprocess), "foreground": foreground, "images": len(paths)}
     path = files.close(provenance)
     print(f"predicted {len(paths)} image(s): {path}")
     return path
 
 
 def predict_exported(artefact: Path, inputs: list[str], out: Path, device: str = "auto", batch_size: int = 1,
-                     overlays: bool = True) -> Path:
+                     overlays: bool = True, foreground: bool = False) -> Path:
     """`predict` with an exported `.pt2` through `hybridad.export_runtime` (no Lightning, no model code)."""
     from hybridad.export_runtime import ExportedDetector
 
@@ -366,12 +371,12 @@ def predict_exported(artefact: Path, inputs: list[str], out: Path, device: str =
     files = PredictionFiles(out, overlays, float(detector.meta["threshold"]["value"]))
     for index in tqdm(batches, desc="predict", unit="batch"):
         batch = collate_batch([images[i] for i in index])
-        add_outputs(files, batch.image, batch.sample_id, detector(batch.image))
+        add_outputs(files, batch.image, batch.sample_id, detector(batch.image, foreground=foreground))
     meta = detector.meta
     provenance = {"export": str(artefact.resolve()), "run": meta["run"], "category": meta["category"],
                   "branch": meta["branch"], "threshold": meta["threshold"]["value"],
                   "threshold_from": meta["threshold"]["source"], "postprocess": meta["postprocess"],
-                  "images": len(paths)}
+                  "foreground": foreground, "images": len(paths)}
     path = files.close(provenance)
     print(f"predicted {len(paths)} image(s): {path}")
     return path

@@ -8,7 +8,7 @@
 - Every rank of a job uses the folder rank 0 chose: Lightning's own launcher re-runs the command for the
   other local ranks with `HYBRIDAD_CLAIMED_RUN` in their environment; under an external launcher (torchrun,
   SLURM `srun`) every process starts on its own, so the process group is initialised first and rank 0
-  broadcasts the folder (or its error) to the others.
+  broadcasts the folder (or its error, any error, as one line) to the others.
 - `<category>/latest` is a relative symlink that moves only to a completed run.
 """
 
@@ -99,12 +99,17 @@ def run_dirs_of(out_dir: str | Path, category: str) -> list[Path]:
 
 
 def resolve_resume_target(spec: str, out_dir: str | Path, category: str) -> Path:
-    """`resume=latest` (the newest run of the category) or `resume=<run dir>` -> the run folder to continue."""
+    """`resume=latest` (the newest run of the category that has not completed: running, failed or killed) or
+    `resume=<run dir>` -> the run folder to continue."""
     if spec == "latest":
         runs = run_dirs_of(out_dir, category)
         if not runs:
             raise UserError(f"resume=latest: no run of {category} in {Path(out_dir) / category}")
-        return runs[-1].resolve()
+        unfinished = [r for r in runs if RunDir(r).read_state().get("state") != "completed"]
+        if not unfinished:
+            raise UserError(f"resume=latest: every run of {category} in {Path(out_dir) / category} has completed; "
+                            "nothing to resume (start a new run without resume=)")
+        return unfinished[-1].resolve()
     run = Path(spec)
     if not (run / "config.yaml").is_file():
         raise UserError(f"resume={spec}: not a hybridad run directory (no config.yaml); "
@@ -174,11 +179,21 @@ def agree_on_run(choose: Callable[[], Path], launch: Launch, backend: str) -> Pa
     if launch.rank == 0:
         try:
             message = [str(choose())]
-        except UserError as err:
-            message = [UserError(str(err))]
-            dist.broadcast_object_list(message, src=0)
-            raise
+        except Exception as err:  # any failure (claim, lock, validation, OSError) ends every rank at once
+            line = setup_failure_line(err)
+            dist.broadcast_object_list([UserError(line)], src=0)
+            if isinstance(err, UserError):
+                raise
+            raise UserError(line) from err
     dist.broadcast_object_list(message, src=0)
     if isinstance(message[0], UserError):
         raise message[0]
     return Path(str(message[0]))
+
+
+def setup_failure_line(err: Exception) -> str:
+    """The one line every rank reports when rank 0 could not set the run up (a `UserError`'s own text)."""
+    if isinstance(err, UserError):
+        return str(err)
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"setting up the run failed on rank 0: {type(err).__name__}: {text}"[:500]

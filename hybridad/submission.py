@@ -163,10 +163,21 @@ def write_submission(sources: list[Path], out: Path, overwrite: bool = False) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        for src, rel in tqdm(jobs, desc="writing submission", unit="file", disable=None):
+        def write_one(job: tuple[Path, str]) -> None:
+            src, rel = job
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(_reencode_map(src) if rel.endswith(".tiff") else _reencode_mask(src))
+
+        # on a few threads: TIFF/PNG decoding and zlib encoding release the GIL; one file in memory per thread.
+        # The first error stops the rest (queued files are cancelled) and is raised here.
+        pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        try:
+            for _ in tqdm(pool.map(write_one, jobs), total=len(jobs), desc="writing submission", unit="file",
+                          disable=None):
+                pass
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         _honour_umask(tmp)
         _move_into_place(tmp, out)
     except BaseException:

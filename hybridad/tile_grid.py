@@ -77,6 +77,12 @@ def tile(images: Tensor, level: TileLevel, out_size: int | None = None) -> tuple
     return tiles, TileLayout(image_size=(h, w), boxes=boxes, num_images=b)
 
 
+def native_tile_size(layout: TileLayout) -> tuple[int, int]:
+    """(h, w) of the layout's boxes (every box of a level has the same size)."""
+    y0, x0, y1, x1 = layout.boxes[0]
+    return (y1 - y0, x1 - x0)
+
+
 def untile(tile_maps: Tensor, layout: TileLayout) -> Tensor:
     """Put tile maps back on the native canvas, averaging where tiles overlap.
 

@@ -135,8 +135,13 @@ def build_loggers(cfg: RunConfig, run: Path) -> list[Logger]:
     return loggers
 
 
+NO_VALIDATION_WHILE_FITTING = 1_000_000  # a validation period in epochs that no run reaches
+
+
 def build_trainer(cfg: RunConfig, run: Path, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
     kwargs = {k: v for k, v in dataclasses.asdict(cfg.trainer).items() if v is not None}
+    if kwargs["check_val_every_n_epoch"] == 0:  # no validation while fitting; `validate` after fit still runs
+        kwargs["check_val_every_n_epoch"] = NO_VALIDATION_WHILE_FITTING
     callbacks: list[L.Callback] = [
         ThresholdCallback(cfg.threshold, run),
         PseudoThresholdCallback(cfg.threshold, run),
@@ -268,9 +273,11 @@ def _fit_and_predict(cfg: RunConfig, model: AnomalyModule, run: Path, owner: boo
         value = 0.0
         trainer.strategy.barrier("test maps written")
         if trainer.is_global_zero:
-            from hybridad.evaluate import evaluate_run
+            from hybridad.evaluate import TEST_PUBLIC_MASKS_ONLY, evaluate_run
 
-            evaluate_run(run, [], write=True)  # process-local metrics: the other ranks wait in the broadcast
+            # process-local metrics (the other ranks wait in the broadcast); the test_public masks now that there
+            # is a threshold, as the other rules write them at test (the private splits get theirs when predicted)
+            evaluate_run(run, [], write=True, write_masks=TEST_PUBLIC_MASKS_ONLY)
             value = float(RunDir(run).read_thresholds()["value"])
         model.set_threshold(float(trainer.strategy.broadcast(value, src=0)))  # every rank binarises its share
     if cfg.predict_private and not datamodule.predict_splits and owner:

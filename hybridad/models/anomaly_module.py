@@ -10,7 +10,7 @@ from torch import Tensor
 
 from hybridad.errors import UserError
 from hybridad.postprocess import PostProcessConfig, binarize, hsv_kmeans_foreground, smooth
-from hybridad.tile_grid import untile
+from hybridad.tile_grid import native_tile_size, untile
 from hybridad.types import AnomalyOutput, Batch, Split
 
 
@@ -34,10 +34,15 @@ class AnomalyModule(L.LightningModule):
             if split not in valid:
                 raise UserError(f"postprocess.foreground_splits: unknown split '{split}'; use one of {valid}")
         self.top_ratio = top_ratio
+        # which images get the object mask: None = those of the dataset splits in `postprocess.foreground_splits`
+        # (run eval); True / False = every image / none (`predict --foreground`: new images have no split)
+        self.foreground_images: bool | None = None
         self.register_buffer("threshold", torch.tensor(float("nan")))
 
-    def tile_maps(self, tiles: Tensor) -> Tensor:
-        """(N,3,S,S) float tiles in [0,1] -> (N,1,h,w) anomaly maps (any h,w; untile resizes)."""
+    def tile_maps(self, tiles: Tensor, native_size: tuple[int, int] | None = None) -> Tensor:
+        """(N,3,S,S) float tiles in [0,1] -> (N,1,h,w) anomaly maps (any h,w; untile resizes each to its box).
+
+        `native_size`: the (H, W) of the tiles' boxes in the native image, for a branch that upsamples there."""
         raise NotImplementedError
 
     def image_score(self, anomaly_map: Tensor) -> Tensor:
@@ -50,12 +55,16 @@ class AnomalyModule(L.LightningModule):
         self.threshold.fill_(value)
 
     def foreground(self, batch: Batch) -> Tensor | None:
-        """(B,1,H,W) bool object mask of the images whose split is in `postprocess.foreground_splits`
-        (True for the others), or None when no image of the batch needs one.
+        """(B,1,H,W) bool object mask of the images that need one (True for the others), or None when none does.
 
+        Which images: every one / none when `foreground_images` is True / False; otherwise (None, the run's own
+        splits) those whose split is in `postprocess.foreground_splits`.
         `batch.image` is the native (B,3,H,W) uint8 image of eval batches."""
         pp = self.postprocess
-        picked = [i for i, sid in enumerate(batch.sample_id) if sid.split("/")[0] in pp.foreground_splits]
+        if self.foreground_images is None:
+            picked = [i for i, sid in enumerate(batch.sample_id) if sid.split("/")[0] in pp.foreground_splits]
+        else:
+            picked = list(range(len(batch.sample_id))) if self.foreground_images else []
         if not picked:
             return None
         b, _, h, w = batch.image.shape
@@ -66,8 +75,13 @@ class AnomalyModule(L.LightningModule):
     @torch.no_grad()
     def predict_batch(self, batch: Batch) -> AnomalyOutput:
         assert batch.tiles is not None and batch.layout is not None, "eval batches must be tiled by the DataModule"
-        tile_maps = self.tile_maps(batch.tiles).float()  # (N,1,h,w)
-        maps = untile(tile_maps, batch.layout)  # (B,1,H,W) native
+        tile_maps = self.tile_maps(batch.tiles, native_tile_size(batch.layout))  # (N,1,h,w)
+        return self.output_from_tile_maps(tile_maps, batch)
+
+    def output_from_tile_maps(self, tile_maps: Tensor, batch: Batch) -> AnomalyOutput:
+        """(N,1,h,w) tile maps of an eval batch -> stitched native maps, image scores and masks."""
+        assert batch.layout is not None
+        maps = untile(tile_maps.float(), batch.layout)  # (B,1,H,W) native
         maps = smooth(maps, self.postprocess)
         scores = self.image_score(maps)
         thr = float(self.threshold)

@@ -1,5 +1,6 @@
-"""Run directory life cycle on real tiny runs: kill -9 + resume gives the uninterrupted weights; failed runs are
-recorded and never take `latest`; completed runs cannot be resumed."""
+"""Run directory life cycle on real tiny runs: kill -9 + resume gives the uninterrupted weights (INP-Former, no
+workers); a failed CPR run with 2 loader workers resumed by resume=latest does too (INP-Former with workers: slow);
+failed runs are recorded and never take `latest`; completed runs cannot be resumed."""
 
 from __future__ import annotations
 
@@ -101,3 +102,56 @@ def test_failed_run_records_its_reason_and_keeps_latest(
         train(load_config([*_args(synthetic_root, out), "name=broken"]))
     with pytest.raises(UserError, match="resume: trainer.max_steps=3 differs"):
         load_config([*_args(synthetic_root, out), "resume=latest", "trainer.max_steps=3"])
+
+
+class _FailAfterStep(Exception):
+    pass
+
+
+def _fail_after(step: int):  # noqa: ANN202
+    import lightning as L
+
+    class FailAfter(L.Callback):
+        """Stops fitting with an error after optimiser step `step` (last.ckpt holds an earlier step)."""
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+            if trainer.global_step >= step:
+                raise _FailAfterStep(f"stopped after step {step}")
+
+    return FailAfter()
+
+
+def _cpr_args(data: Path, out: Path) -> list[str]:
+    return [
+        f"data.root={data}", "data.category=vial", f"out_dir={out}", "cpr.preset=tiny", "cpr.image_size=64",
+        "data.tiling.input_size=64", "data.batch_size=2", "data.num_workers=2", "logging.wandb=false",
+        "trainer.accelerator=cpu", "trainer.max_epochs=-1", "trainer.max_steps=4", "checkpoint.every_n_steps=2",
+        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "predict_private=false",
+        "trainer.enable_progress_bar=false", "data.augment.hflip=0.5",
+    ]
+
+
+@pytest.mark.parametrize("branch", ["cpr", pytest.param("inp_former", marks=pytest.mark.slow)])
+def test_failed_then_resumed_with_workers_gives_the_uninterrupted_weights(
+    branch: str, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """CPR (cut-paste, pairs, noise) and INP-Former with 2 loader workers: a run that failed after step 3
+    (last.ckpt at step 2), continued with resume=latest, ends with the weights of a run that never stopped."""
+    if branch == "cpr":
+        args = _cpr_args(synthetic_root, tmp_path / "runs")
+    else:
+        args = [*_args(synthetic_root, tmp_path / "runs"), "data.num_workers=2", "trainer.max_steps=4"]
+        args.remove(f"trainer.max_steps={MAX_STEPS}")
+    category = "vial" if branch == "cpr" else "can"
+    reference = train(load_config([*args, "name=reference"]))
+    with pytest.raises(_FailAfterStep):
+        train(load_config([*args, "name=r"]), callbacks=[_fail_after(3)])
+    run = tmp_path / "runs" / category / "r"
+    assert RunDir(run).read_state()["state"] == "failed"
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)  # our own file
+    assert last["global_step"] == 2
+    assert train(load_config([*args, "resume=latest"])) == run.resolve()  # the failed run, not the completed one
+    want, got = _weights(reference), _weights(run)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)

@@ -24,6 +24,7 @@ from hybridad.demo import demo_config
 from hybridad.errors import UserError
 from hybridad.export import build_cpr_bank, export_run
 from hybridad.export_runtime import ExportedDetector, read_metadata
+from hybridad.postprocess import hsv_kmeans_foreground
 from hybridad.predict import load_module, predict, read_decision
 from hybridad.run_dir import RunDir
 from hybridad.tile_grid import level_boxes
@@ -139,7 +140,7 @@ def test_predict_tiles_an_image_of_another_size_with_the_runs_test_grid(inp_run:
     predict(inp_run, [str(tmp_path / "odd.png")], tmp_path / "pred", device="cpu")
     amap = tifffile.imread(tmp_path / "pred" / "maps" / "odd.tiff").astype(np.float32)
     assert amap.shape == (70, 150)
-    # known answer: each box of the 4x2 grid on 70x150 holds its own crop's tile map, resized back (pixels
+    # known answer: each box of the 4x2 grid on 70x150 holds its own crop's tile map at the box size (pixels
     # shared by two boxes, where 150 px do not split evenly, hold their mean and are left out)
     module = load_module(RunDir(inp_run), cfg)
     s = cfg.data.tiling.input_size
@@ -152,8 +153,7 @@ def test_predict_tiles_an_image_of_another_size_with_the_runs_test_grid(inp_run:
         crop = torch.from_numpy(image[y0:y1, x0:x1]).permute(2, 0, 1)[None].float() / 255  # (1,3,h,w)
         tile = F.interpolate(crop, size=(s, s), mode="bilinear", align_corners=False)
         with torch.no_grad():
-            expected = F.interpolate(module.tile_maps(tile), size=(y1 - y0, x1 - x0), mode="bilinear",
-                                     align_corners=False)[0, 0].numpy()
+            expected = module.tile_maps(tile, (y1 - y0, x1 - x0))[0, 0].numpy()  # straight to the box size
         alone = cover[y0:y1, x0:x1] == 1
         assert alone.mean() > 0.9
         np.testing.assert_allclose(amap[y0:y1, x0:x1][alone], expected[alone], rtol=2**-10, atol=1e-5)
@@ -228,6 +228,14 @@ def _check_export(run: Path, tmp_path: Path) -> float:
 
 def test_exported_inp_former_gives_the_runs_maps_and_masks(inp_run: Path, tmp_path: Path) -> None:
     _check_export(inp_run, tmp_path)
+    # the object mask is explicit in the runtime too: the thresholded map ANDed with the HSV k-means mask
+    detector = ExportedDetector(tmp_path / "model.pt2")
+    image = torch.from_numpy(read_image(_test_samples(inp_run)[0].image_path)).permute(2, 0, 1)[None]
+    detector.threshold = -1.0  # every pixel above it: the mask is the object mask itself
+    pp = detector.postprocess
+    assert torch.equal(detector(image, foreground=True).pred_mask,
+                       hsv_kmeans_foreground(image, pp.foreground_dilation, pp.foreground_seed))
+    assert bool(detector(image).pred_mask.all())
     # `predict` runs the artefact through the runtime alone and writes the run's masks
     data = Path(load_run_config(inp_run).data.root) / "can" / "test_public" / "bad"
     predict(tmp_path / "model.pt2", [str(data / "*.png")], tmp_path / "pred", batch_size=2)

@@ -156,6 +156,19 @@ def test_f1_optimal_threshold_is_fitted_on_test_and_labelled_everywhere(syntheti
     assert thr["tuned_on_test"] is True and thr["source"] == "test_public (threshold tuned on test)"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["threshold_source"] == thr["source"] and 0.0 <= metrics["test_public/seg_f1"] <= 1.0
+    # test_public masks are written once the threshold exists (the cached float16 map >= it), and SegF1 is
+    # reported per lighting as for the other threshold rules
+    for split in ("test_public",):
+        maps = sorted((run / "maps" / split).rglob("*.tiff"))
+        assert maps
+        for path in maps:
+            rel = path.relative_to(run / "maps").with_suffix(".png")
+            mask = cv2.imread(str(run / "masks" / rel), cv2.IMREAD_UNCHANGED)
+            assert mask is not None, rel
+            cached = tifffile.imread(path).astype(np.float32)  # float16 on disk
+            assert np.array_equal(mask > 0, cached >= np.float32(thr["value"])), rel
+    lightings = {k for k in metrics if k.startswith("test_public/lighting=") and k.endswith("/seg_f1")}
+    assert lightings and all(0.0 <= metrics[k] <= 1.0 for k in lightings)
     # the private masks were binarised with the tuned threshold
     amap = tifffile.imread(run / "maps" / "test_private" / "000_regular.tiff").astype(np.float32)
     mask = cv2.imread(str(run / "masks" / "test_private" / "000_regular.png"), cv2.IMREAD_UNCHANGED)
@@ -168,5 +181,5 @@ def test_evaluate_refuses_to_smooth_maps_that_were_cached_smoothed(can_run: Path
     from hybridad.errors import UserError
     from hybridad.evaluate import evaluate_run
 
-    with pytest.raises(UserError, match="gaussian_sigma"):
-        evaluate_run(can_run, ["postprocess.gaussian_sigma=2.0"])
+    with pytest.raises(UserError, match="whole_map_blur_sigma"):
+        evaluate_run(can_run, ["postprocess.whole_map_blur_sigma=2.0"])

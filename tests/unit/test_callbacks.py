@@ -80,7 +80,59 @@ def test_map_writer_writes_float16_maps_and_binary_masks(tmp_path: Path) -> None
     cb = MapWriterCallback(tmp_path)
     batch = _batch(["test_private/004_regular"], None, [-1])
     cb.on_predict_batch_end(_trainer(), AnomalyModule(), AnomalyOutput(amap, amap.mean((1, 2, 3)), pred), batch, 0)
+    cb.on_predict_epoch_end(_trainer(), AnomalyModule())  # written in the background: complete at epoch end
     saved = tifffile.imread(tmp_path / "maps" / "test_private" / "004_regular.tiff")
     assert saved.dtype == np.float16 and np.array_equal(saved, amap[0, 0].numpy().astype(np.float16))
     mask = cv2.imread(str(tmp_path / "masks" / "test_private" / "004_regular.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(mask, pred[0, 0].numpy().astype(np.uint8) * 255)
+
+
+def test_map_writer_encodes_off_the_main_thread_with_bounded_memory(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """TIFF/PNG encoding runs on the writer's threads; at most `max_pending` images wait; errors surface at
+    the epoch's end."""
+    import threading
+
+    from hybridad.run_dir import RunDir
+
+    gate, started, threads = threading.Event(), [], set()
+    real = RunDir.write_map
+
+    def slow_write(self: RunDir, sample_id: str, anomaly_map: object) -> Path:
+        threads.add(threading.get_ident())
+        started.append(sample_id)
+        gate.wait(timeout=60)
+        return real(self, sample_id, anomaly_map)
+
+    monkeypatch.setattr(RunDir, "write_map", slow_write)
+    cb = MapWriterCallback(tmp_path, workers=1, max_pending=2)
+    module = AnomalyModule()
+    ids = [f"test_private/{i:03d}_regular" for i in range(5)]
+
+    def feed() -> None:
+        for sid in ids:
+            amap = torch.rand(1, 1, 4, 6)
+            out = AnomalyOutput(amap, amap.mean((1, 2, 3)))
+            cb.on_predict_batch_end(_trainer(), module, out, _batch([sid], None, [-1]), 0)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    feeder.join(timeout=2.0)
+    assert feeder.is_alive() and len(cb.writer._futures) == 2  # blocked: two images in flight, no more
+    gate.set()
+    feeder.join(timeout=60)
+    cb.on_predict_epoch_end(_trainer(), module)
+    assert threading.get_ident() not in threads and started == ids
+    written = sorted(p.stem for p in (tmp_path / "maps" / "test_private").glob("*.tiff"))
+    assert written == [s.split("/")[1] for s in ids]
+
+    def broken(self: RunDir, sample_id: str, anomaly_map: object) -> Path:
+        raise OSError(28, "No space left on device", str(tmp_path))
+
+    monkeypatch.setattr(RunDir, "write_map", broken)
+    amap = torch.rand(1, 1, 4, 6)
+    out = AnomalyOutput(amap, amap.mean((1, 2, 3)))
+    cb.on_test_batch_end(_trainer(), module, out, _batch(["test_private/009_regular"], None, [-1]), 0)
+    with pytest.raises(OSError, match="No space left"):
+        cb.on_test_epoch_end(_trainer(), module)
+    cb.teardown(_trainer(), module, "test")

@@ -152,7 +152,7 @@ def test_every_swept_key_exists_in_the_schema() -> None:
         ("data.tiling.test_level={cols: 0, rows: 1}", "data.tiling.test_level"),
         ("postprocess.closing_kernel=-3", "postprocess.closing_kernel"),
         ("postprocess.erosion_kernel=-1", "postprocess.erosion_kernel"),
-        ("postprocess.gaussian_sigma=-0.5", "postprocess.gaussian_sigma"),
+        ("postprocess.whole_map_blur_sigma=-0.5", "postprocess.whole_map_blur_sigma"),
         ("data.augment.hflip=1.5", "data.augment.hflip"),
         ("inp_former.preset=huge", "inp_former.preset"),
         ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps"),
@@ -220,3 +220,10 @@ def test_global_batch_size_keeps_the_step_fixed_over_device_counts() -> None:
     assert [_per_device_batch(cfg, n) for n in (1, 2, 4)] == [16, 8, 4]
     with pytest.raises(UserError, match="not divisible by the 3 devices"):
         _per_device_batch(cfg, 3)
+
+
+def test_a_run_saved_before_the_blur_rename_still_loads(tmp_path) -> None:
+    from hybridad.config import load_run_config
+
+    (tmp_path / "config.yaml").write_text("postprocess:\n  gaussian_sigma: 2.0\n")
+    assert load_run_config(tmp_path).postprocess.whole_map_blur_sigma == 2.0

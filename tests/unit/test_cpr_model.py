@@ -364,10 +364,11 @@ def test_training_makes_pseudo_anomalous_pixels_score_above_normal_ones(one_thre
 
 
 def test_pair_generator_depends_on_the_rank(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hybridad.models.cpr.lightning_model import Cpr, pair_seed
+    from hybridad.models.cpr.lightning_model import Cpr
+    from hybridad.training_seed import micro_batch_seed
     from hybridad.types import Batch
 
-    assert len({pair_seed(1, step, rank) for step in range(50) for rank in range(8)}) == 400
+    assert len({micro_batch_seed(1, step, rank) for step in range(50) for rank in range(8)}) == 400
     torch.manual_seed(0)
     images = torch.rand(6, 3, 32, 32)
     ids = [f"train/good/{i:03d}" for i in range(6)]
@@ -385,3 +386,87 @@ def test_pair_generator_depends_on_the_rank(monkeypatch: pytest.MonkeyPatch) -> 
 
     assert loss_on_rank(0) == loss_on_rank(0)
     assert loss_on_rank(0) != loss_on_rank(1)  # other references, noise and pairs on another rank
+
+
+def test_every_micro_batch_of_an_accumulation_window_draws_its_own_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accumulate_grad_batches > 1: the optimiser step (global_step) stays fixed over the window, the draws
+    (reference pick, noise, pairs) must not; the same micro-batch index gives the same draws."""
+    from types import SimpleNamespace
+
+    from hybridad.models.cpr.lightning_model import Cpr
+    from hybridad.types import Batch
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 32, 32)
+    ids = [f"train/good/{i:03d}" for i in range(6)]
+    module = Cpr(tiny_cfg(image_size=32))
+    module.fit_references(images, ids)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    batch = Batch(image=images[:2], label=torch.zeros(2, dtype=torch.long), sample_id=ids[:2],
+                  lighting=["regular"] * 2)
+
+    def loss_at(micro_batch: int) -> float:
+        progress = SimpleNamespace(total=SimpleNamespace(completed=micro_batch))
+        module._trainer = SimpleNamespace(global_step=7, global_rank=0, fit_loop=SimpleNamespace(
+            epoch_loop=SimpleNamespace(batch_progress=progress)))
+        torch.manual_seed(0)
+        module.model.heads.train()
+        try:
+            return float(module.training_step(batch, 0).detach())
+        finally:
+            module._trainer = None
+
+    assert loss_at(14) == loss_at(14)
+    assert loss_at(14) != loss_at(15)
+
+
+def test_reference_store_holds_every_tile_of_a_2x2_grid_from_whole_clean_images(tmp_path) -> None:
+    """With a 2x2 training grid every tile of every training image is stored (not only the top-left one),
+    cut from the whole un-augmented image, and a training query finds its own tile's entry."""
+    import torch.nn.functional as F
+    from test_data_layer import H, W, make_tree  # tests/unit is on sys.path
+
+    from data_modules.augment import AugmentConfig
+    from data_modules.datamodule import DataConfig, MVTecAD2DataModule
+    from data_modules.listing import list_samples, read_image
+    from data_modules.tilers import TilingConfig
+    from hybridad.models.cpr.lightning_model import Cpr, reference_key
+    from hybridad.tile_grid import TileLevel, level_boxes
+
+    root = make_tree(tmp_path / "data", n_train=3)
+    tiling = TilingConfig(input_size=32, train_levels=[TileLevel(2, 2)], test_level=TileLevel(2, 2))
+    augment = AugmentConfig(hflip=1.0)  # training crops are flipped: references must not be
+    dm = MVTecAD2DataModule(DataConfig(root=str(root), category="can", num_workers=0, tiling=tiling,
+                                       augment=augment, cache_dir=str(tmp_path / "cache")))
+    module = Cpr(tiny_cfg(image_size=32))
+    module.fit_references_from(dm)
+    boxes = level_boxes(H, W, TileLevel(2, 2))
+    samples = list_samples(root, "can", "train")
+    assert module._ref_images is not None and module._ref_images.shape == (3 * 4, 3, 32, 32)
+    for i, sample in enumerate(samples):
+        image = torch.from_numpy(read_image(sample.image_path)).permute(2, 0, 1)  # (3,H,W) uint8
+        for y0, x0, y1, x1 in boxes:
+            crop = image[None, :, y0:y1, x0:x1].float()
+            expected = F.interpolate(crop, size=(32, 32), mode="bilinear", align_corners=False)
+            expected = expected.round().to(torch.uint8)
+            index = module._ref_index[reference_key(sample.sample_id, (y0, x0, y1, x1))]
+            assert torch.equal(module._ref_images[index], expected[0])
+    ids = [samples[1].sample_id] * 2
+    tile_boxes = torch.tensor([boxes[3], boxes[2]])
+    src, _ = module._reference_for(torch.rand(2, 3, 32, 32), ids, torch.Generator().manual_seed(0), tile_boxes)
+    assert src.tolist() == [module._ref_index[reference_key(ids[0], tuple(b))] for b in tile_boxes.tolist()]
+
+
+def test_checkpoints_load_with_weights_only(tmp_path) -> None:
+    """A resume reads last.ckpt with torch.load(weights_only=True): the hyper-parameters are plain values."""
+    import lightning as L
+
+    from hybridad.models.cpr.lightning_model import Cpr
+
+    module = Cpr(tiny_cfg(image_size=32))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    ckpt = torch.load(tmp_path / "c.ckpt", map_location="cpu", weights_only=True)
+    assert Cpr(**ckpt["hyper_parameters"]).cfg == module.cfg

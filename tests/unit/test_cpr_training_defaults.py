@@ -10,14 +10,20 @@ from hybridad.models.cpr.config import CprConfig
 from hybridad.models.cpr.lightning_model import Cpr
 
 
-@pytest.mark.parametrize("category", ["fruit_jelly", "vial"])
-def test_cpr_categories_do_not_validate_while_training(category: str) -> None:
-    cfg = load_config([f"data.category={category}"])
-    assert cfg.branch == "cpr"
+@pytest.mark.parametrize("category", ["fruit_jelly", "vial", "can", "wallplugs"])
+def test_no_category_validates_while_training_by_default(category: str, tmp_path) -> None:
+    from hybridad.train import build_trainer
+
+    cfg = load_config([f"data.category={category}", "logging.wandb=false"])
+    assert cfg.branch == ("cpr" if category in ("fruit_jelly", "vial") else "inp_former")
+    trainer = build_trainer(cfg, tmp_path)
     # Lightning validates every `check_val_every_n_epoch` epochs; an epoch has at least one step, so a period
-    # above max_steps means no validation (and no bank rebuild) before training ends
-    assert cfg.trainer.check_val_every_n_epoch > cfg.trainer.max_steps > 0
+    # above max_steps / max_epochs means no validation (and no CPR bank rebuild) before training ends
+    assert trainer.check_val_every_n_epoch > max(cfg.trainer.max_steps, cfg.trainer.max_epochs) > 0
     assert cfg.trainer.num_sanity_val_steps == 0
+    on = build_trainer(load_config([f"data.category={category}", "logging.wandb=false",
+                                    "trainer.check_val_every_n_epoch=2"]), tmp_path)
+    assert on.check_val_every_n_epoch == 2
 
 
 def test_bank_built_once_for_validate_test_predict(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -213,3 +213,20 @@ def test_default_cache_root_order_and_tests_never_use_the_home_cache(monkeypatch
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_root() == tmp_path / "home" / ".cache" / "hybridad"
+
+
+@pytest.mark.parametrize("device,pinned", [("cuda", True), ("cpu", False)])
+def test_training_and_eval_loaders_pin_batches_on_cuda_only(tmp_path, device: str, pinned: bool):
+    from types import SimpleNamespace
+
+    root = make_tree(tmp_path / "data")
+    tiling = TilingConfig(input_size=16, train_levels=[TileLevel()])
+    cfg = DataConfig(root=str(root), category="can", batch_size=2, num_workers=0, tiling=tiling,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    dm = MVTecAD2DataModule(cfg)
+    assert not dm.train_dataloader().pin_memory  # no Trainer: nothing to pin for
+    # a Trainer whose strategy runs on `device` (mocked: no CUDA on this machine)
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0,
+                                 strategy=SimpleNamespace(root_device=torch.device(device)))
+    assert dm.train_dataloader().pin_memory is pinned
+    assert dm.val_dataloader().pin_memory is pinned

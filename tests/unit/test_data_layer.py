@@ -310,14 +310,34 @@ def test_batch_size_larger_than_epoch_is_an_error(tree):
         dm.train_dataloader()
 
 
+def _fake_trainer(micro_batch: int, global_step: int = 3):
+    """The trainer attributes the training hook reads (micro-batch index: Lightning's completed batches)."""
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(total=SimpleNamespace(completed=micro_batch))
+    return SimpleNamespace(training=True, global_step=global_step, global_rank=0,
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+
+
+def test_micro_batches_of_one_optimiser_step_get_their_own_pastes(tree):
+    """accumulate_grad_batches > 1: global_step stays fixed over the window; every micro-batch must draw its
+    own pastes (and the same micro-batch index the same ones)."""
+    cp = CutPasteConfig(enabled=True, probability=1.0, library_size=4, patch_size=16)
+    dm = MVTecAD2DataModule(_config(tree, cut_paste=cp), seed=0)
+    items = [dm.dataset("train")[i] for i in range(4)]
+    masks = []
+    for micro_batch in (6, 7, 6):
+        dm.trainer = _fake_trainer(micro_batch, global_step=3)
+        masks.append(dm.on_after_batch_transfer(collate_batch(items), 0).mask)
+    assert torch.equal(masks[0], masks[2]) and not torch.equal(masks[0], masks[1])
+
+
 def test_hook_training_path_with_trainer_flag(tree):
-    class _T:  # the two trainer attributes the hook reads
-        training, global_step, global_rank = True, 3, 0
 
     cp = CutPasteConfig(enabled=True, probability=0.5, library_size=2, patch_size=16)
     dm = MVTecAD2DataModule(_config(tree, cut_paste=cp), seed=0)
     raw = next(iter(dm.train_dataloader()))
-    dm.trainer = _T()
+    dm.trainer = _fake_trainer(3)
     a = dm.on_after_batch_transfer(collate_batch([dm.dataset("train")[i] for i in range(4)]), 0)
     b = dm.on_after_batch_transfer(collate_batch([dm.dataset("train")[i] for i in range(4)]), 0)
     assert a.image.shape == (4, 3, 16, 16) and a.tiles is None

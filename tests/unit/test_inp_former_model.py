@@ -222,8 +222,18 @@ def test_pasted_tiles_are_dropped() -> None:
     loss = module.training_step(batch, 0)
     ref = module.loss_fn(module.model(batch.image[1:]))["loss"]
     torch.testing.assert_close(loss, ref)
-    batch = _batch(2, pasted=2)
-    assert module.training_step(batch, 0) is None
+
+def test_all_pasted_batch_still_runs_backward_with_zero_gradients() -> None:
+    """Under DDP every rank must call backward each step: a batch whose tiles all got a paste gives a zero
+    loss connected to every trainable parameter (all gradients exactly 0), not None."""
+    from hybridad.models.inp_former.lightning_model import InpFormer
+
+    module = InpFormer(tiny_cfg())
+    loss = module.training_step(_batch(2, pasted=2), 0)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad and float(loss.detach()) == 0.0
+    loss.backward()
+    params = list(module.model.trainable_parameters())
+    assert params and all(p.grad is not None and not p.grad.any() for p in params)
 
 
 def test_checkpoint_without_encoder_round_trip(tmp_path) -> None:

@@ -95,11 +95,11 @@ def test_erosion_after_closing_in_binarize() -> None:
 def test_smooth_matches_scipy_mirror(sigma: float) -> None:
     rng = np.random.default_rng(1)
     x = rng.random((2, 1, 30, 41)).astype(np.float32)
-    got = smooth(torch.from_numpy(x), PostProcessConfig(gaussian_sigma=sigma)).numpy()
+    got = smooth(torch.from_numpy(x), PostProcessConfig(whole_map_blur_sigma=sigma)).numpy()
     for i in range(2):
         ref = ndi.gaussian_filter(x[i, 0].astype(np.float64), sigma, mode="mirror", truncate=4.0)
         np.testing.assert_allclose(got[i, 0], ref, atol=1e-5)
-    assert smooth(torch.ones(1, 1, 3, 3), PostProcessConfig(gaussian_sigma=4.0)).shape == (1, 1, 3, 3)
+    assert smooth(torch.ones(1, 1, 3, 3), PostProcessConfig(whole_map_blur_sigma=4.0)).shape == (1, 1, 3, 3)
 
 
 def test_normalize() -> None:
@@ -166,3 +166,26 @@ def test_binarize_compares_the_float16_map_as_cached() -> None:
     got = binarize(maps, thr, PostProcessConfig())
     assert got.flatten().tolist() == [True, False, True, True]
     assert torch.equal(got, maps.half().float() >= thr)  # the cached map decides
+
+
+def test_object_mask_is_chosen_explicitly_for_new_images_not_by_their_path() -> None:
+    """Run eval: the splits in `foreground_splits`; predict: `foreground_images` True / False for every image,
+    whatever the sample id says."""
+    from hybridad.models.anomaly_module import AnomalyModule
+    from hybridad.types import Batch
+
+    module = AnomalyModule(PostProcessConfig(foreground_splits=["test_private_mixed"], foreground_dilation=1))
+    image = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    image[..., 2:6, 2:6] = 200  # a bright object on a dark background
+    expected = hsv_kmeans_foreground(image, 1)
+    assert 0 < int(expected.sum()) < 64
+
+    def fg(sample_id: str) -> torch.Tensor | None:
+        return module.foreground(Batch(image=image, label=torch.zeros(1, dtype=torch.long), sample_id=[sample_id],
+                                       lighting=["mixed"]))
+
+    assert torch.equal(fg("test_private_mixed/000_mixed"), expected) and fg("test_private/000_regular") is None
+    module.foreground_images = False  # predict without --foreground: a path that looks like the split is no reason
+    assert fg("test_private_mixed/000_mixed") is None
+    module.foreground_images = True  # predict --foreground: every image
+    assert torch.equal(fg("some_folder/photo"), expected)

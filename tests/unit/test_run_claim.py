@@ -74,6 +74,24 @@ def test_resume_latest_is_the_newest_run_by_its_config(tmp_path: Path) -> None:
         resolve_resume_target(str(tmp_path / "can"), tmp_path, "can")
 
 
+def test_resume_latest_is_the_newest_run_that_has_not_completed(tmp_path: Path) -> None:
+    """README: `resume=latest` continues the newest running, failed or killed run; completed ones are skipped."""
+    from hybridad.run_dir import RunDir
+
+    runs = (("killed", 1_000, "running"), ("failed", 2_000, "failed"), ("done", 3_000, "completed"))
+    for name, stamp, state in runs:
+        run = claim_new_run(tmp_path, "can", name)
+        (run / "config.yaml").write_text("{}")
+        RunDir(run).write_state(state)
+        os.utime(run / "config.yaml", ns=(stamp, stamp))
+    assert resolve_resume_target("latest", tmp_path, "can") == (tmp_path / "can" / "failed").resolve()
+    RunDir(tmp_path / "can" / "failed").write_state("completed")
+    assert resolve_resume_target("latest", tmp_path, "can") == (tmp_path / "can" / "killed").resolve()
+    RunDir(tmp_path / "can" / "killed").write_state("completed")
+    with pytest.raises(UserError, match="every run of can .* has completed"):
+        resolve_resume_target("latest", tmp_path, "can")
+
+
 def test_launch_detection_reads_the_launchers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("HYBRIDAD_CLAIMED_RUN", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
         monkeypatch.delenv(key, raising=False)
@@ -134,3 +152,44 @@ def test_resumable_loader_skips_the_batches_already_started() -> None:
     assert [b.tolist() for b in fresh] != full[2:]  # the skip applies once; then whole epochs again
     fresh.load_state_dict({"epoch": 2, "batches": len(fresh)})  # saved at the epoch's end: next epoch
     assert fresh.sampler.epoch == 3 and len([b for b in fresh]) == len(fresh)
+
+
+def _agree_rank(rank: int, port: int, fail: str, results: "multiprocessing.Queue[tuple[int, str]]") -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+
+    def choose() -> Path:
+        if fail == "oserror":
+            raise PermissionError(13, "Permission denied", "/runs/can")
+        raise UserError("data.root: no such folder")
+
+    try:
+        run_claim.agree_on_run(choose, run_claim.Launch(rank, 2, external=True, child=False), "gloo")
+        results.put((rank, "no error"))
+    except UserError as err:
+        results.put((rank, f"UserError: {err}"))
+    except Exception as err:  # e.g. the other rank's broadcast timed out
+        results.put((rank, f"{type(err).__name__}"))
+
+
+@pytest.mark.parametrize("fail", ["oserror", "usererror"])
+def test_any_rank0_setup_error_ends_every_rank_with_the_same_line(fail: str) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_agree_rank, args=(r, port, fail, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert got[0] == got[1] and got[0].startswith("UserError: ") and "\n" not in got[0]
+    assert ("Permission denied" in got[0]) if fail == "oserror" else got[0].endswith("data.root: no such folder")

@@ -223,7 +223,7 @@ def test_write_failure_midway_leaves_no_tree(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(submission, "_reencode_map", flaky)
     with pytest.raises(OSError, match="disk full"):
         write_submission(runs, tmp_path / "sub")
-    assert calls["n"] == 5
+    assert calls["n"] >= 5  # files already being written on other threads finish; queued ones are cancelled
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 
@@ -345,3 +345,22 @@ def test_make_submission_passes_categories_data_root_and_overwrite() -> None:
     ignored = subprocess.run(["git", "check-ignore", "submission/x.tiff", "submission.provenance.yaml",
                               "submission.tar.gz"], cwd=REPO, capture_output=True, text=True)
     assert ignored.stdout.split() == ["submission/x.tiff", "submission.provenance.yaml", "submission.tar.gz"]
+
+
+def test_submission_files_are_written_on_several_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """About 4,000 maps per submission: they are re-encoded in parallel, not one by one on the main thread."""
+    import threading
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    runs = [make_run(tmp_path / "runs", c, 3) for c in ("can", "rice")]
+    threads: set[int] = set()
+    real = submission._reencode_map
+
+    def record(src: Path) -> bytes:
+        threads.add(threading.get_ident())
+        return real(src)
+
+    monkeypatch.setattr(submission, "_reencode_map", record)
+    write_submission(runs, tmp_path / "sub")
+    assert threads and threading.get_ident() not in threads
+    assert check_submission(tmp_path / "sub", {"can": 3, "rice": 3}) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -15,23 +16,23 @@ from hybridad.models.cpr.foreground import positive_sampling_weight
 from hybridad.models.cpr.loss import cpr_loss, perlin_anomalies, salt_pepper, sample_pairs
 from hybridad.models.cpr.torch_model import CprModel
 from hybridad.postprocess import PostProcessConfig
+from hybridad.training_seed import micro_batch_seed, trainer_micro_batch
 from hybridad.types import Batch
 
 
-def pair_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of a training step's generator (reference pick, noise, pair sampling), distinct per step and
-    rank so that DDP ranks draw different pairs (the DataModule's cut-paste generator uses this formula)."""
-    return ((seed * 1_000_003 + step) * 1009 + rank) % 2**62
+def reference_key(sample_id: str, box: tuple[int, int, int, int] | None) -> str:
+    """Key of a reference tile in the store: the sample id, plus the native tile box when there is one."""
+    return sample_id if box is None else f"{sample_id}@{','.join(str(v) for v in box)}"
 
 
 class Cpr(AnomalyModule):
     """CPR branch. Only the two LRB heads are trained; GRB/FEB are fitted in closed form before training.
 
-    Reference store: the training images at `cfg.image_size`, uint8 on the CPU, keyed by sample id. It is filled by
-    `fit_references(images, ids)` or, at fit/eval start when empty, from the DataModule: `datamodule.dataset("train")`
-    items (dicts with `image` (3,H,W) uint8, `sample_id`, optional `tile_box`) deduplicated by sample id and cropped to
-    their tile box. A training query finds its clean reference through its sample id (`batch.sample_id`, one per
-    tile): one of its source image's K global neighbours (self excluded). Queries with an unknown id retrieve their
+    Reference store: the training tiles at `cfg.image_size`, uint8 on the CPU, keyed by `reference_key(sample id,
+    tile box)`. It is filled by `fit_references(images, keys)` or, at fit/eval start when empty, by
+    `fit_references_from(datamodule)`: every tile of the training pyramid cut from the whole, un-augmented training
+    images (`datamodule.reference_tiles()`). A training query finds its clean reference through its sample id and
+    tile box (`batch.sample_id`, `batch.tile_box`): one of its source tile's K global neighbours (self excluded). Queries with an unknown id retrieve their
     neighbours from their own histogram, dropping the best match. Positives assume query and reference are aligned,
     i.e. whole-image tiles (as for fruit_jelly and vial).
 
@@ -43,10 +44,14 @@ class Cpr(AnomalyModule):
         top_ratio: unused by CPR (image score = top-T sum), kept for the base class.
     """
 
-    def __init__(self, cfg: CprConfig | None = None, postprocess: PostProcessConfig | None = None, top_ratio: float = 0.01) -> None:
-        super().__init__(postprocess=postprocess, top_ratio=top_ratio)
-        self.cfg = cfg or CprConfig()
-        self.save_hyperparameters(ignore=["postprocess"])
+    def __init__(self, cfg: CprConfig | dict[str, Any] | None = None,
+                 postprocess: PostProcessConfig | dict[str, Any] | None = None, top_ratio: float = 0.01) -> None:
+        pp = PostProcessConfig(**postprocess) if isinstance(postprocess, dict) else postprocess
+        super().__init__(postprocess=pp, top_ratio=top_ratio)
+        self.cfg = CprConfig(**cfg) if isinstance(cfg, dict) else (cfg or CprConfig())
+        # plain dicts, so checkpoints (last.ckpt for resume included) load with torch.load(weights_only=True)
+        self.save_hyperparameters({"cfg": asdict(self.cfg), "postprocess": asdict(self.postprocess),
+                                   "top_ratio": top_ratio})
         self.model = CprModel(self.cfg)
         self._ref_images: Tensor | None = None  # (N, 3, S, S) uint8, CPU
         self._ref_index: dict[str, int] = {}
@@ -65,27 +70,25 @@ class Cpr(AnomalyModule):
         self.model.fit_retrieval(self._ref_images)
         self._bank_stale = True
 
+    def fit_references_from(self, datamodule: Any) -> None:
+        """Fit the store from every training tile of the whole, un-augmented training images
+        (`datamodule.reference_tiles()`), keyed by `reference_key(sample id, tile box)`."""
+        s = self.cfg.image_size
+        images, keys = [], []
+        for sample_id, box, crop in datamodule.reference_tiles():  # crop: (3,h,w) uint8
+            img = F.interpolate(crop[None].float(), size=(s, s), mode="bilinear", align_corners=False,
+                                antialias=False)
+            images.append(img.round().clamp(0, 255).to(torch.uint8))  # (1,3,S,S)
+            keys.append(reference_key(sample_id, box))
+        if not images:
+            raise UserError("CPR needs training images: the train split is empty")
+        self.fit_references(torch.cat(images), keys)
+
     def _references_from_datamodule(self) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "dataset"):
+        if dm is None or not hasattr(dm, "reference_tiles"):
             raise UserError("CPR needs its training images: call Cpr.fit_references(images) or use a DataModule")
-        ds = dm.dataset("train")
-        images, ids, seen = [], [], set()
-        for i in range(len(ds)):  # items are dataset dicts; CPU augmentations of the train split apply here too
-            item = ds[i]
-            if item["sample_id"] in seen:
-                continue
-            seen.add(item["sample_id"])
-            img = item["image"]  # (3, H, W) uint8
-            box = item.get("tile_box")
-            if box is not None:
-                y0, x0, y1, x1 = (int(v) for v in box)
-                img = img[:, y0:y1, x0:x1]
-            s = self.cfg.image_size
-            img = F.interpolate(img[None].float(), size=(s, s), mode="bilinear", align_corners=False, antialias=False)
-            images.append(img.round().clamp(0, 255).to(torch.uint8))
-            ids.append(item["sample_id"])
-        self.fit_references(torch.cat(images), ids)
+        self.fit_references_from(dm)
 
     def _ensure_bank(self) -> None:
         if self._ref_images is None:
@@ -115,10 +118,14 @@ class Cpr(AnomalyModule):
         self._ensure_bank()
 
     # ------------------------------------------------------------ training
-    def _reference_for(self, x: Tensor, sample_ids: list[str], gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Query indices in the store (-1 unknown) and the chosen reference index per query, both (N,)."""
+    def _reference_for(self, x: Tensor, sample_ids: list[str], gen: torch.Generator,
+                       boxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Query indices in the store (-1 unknown) and the chosen reference index per query, both (N,).
+
+        A query is found by `reference_key(sample id, tile box)` (`boxes`: (N,4) native boxes, or None)."""
         n, k = x.shape[0], self.cfg.k_nearest
-        ids = list(sample_ids) if len(sample_ids) == n else [""] * n
+        box_list = [tuple(int(v) for v in b) for b in boxes.tolist()] if boxes is not None else [None] * n
+        ids = [reference_key(i, b) for i, b in zip(sample_ids, box_list)] if len(sample_ids) == n else [""] * n
         src = torch.tensor([self._ref_index.get(i, -1) for i in ids], device=self.device)  # (N,)
         assert self.model.train_neighbours is not None
         cand = self.model.train_neighbours.to(self.device)[src.clamp_min(0)]  # (N, K)
@@ -130,15 +137,21 @@ class Cpr(AnomalyModule):
         pick = torch.randint(cand.shape[1], (n,), generator=gen, device=self.device)
         return src, cand.gather(1, pick[:, None])[:, 0]
 
+    def _step_generator(self) -> torch.Generator:
+        """A generator seeded from (cpr.seed, micro-batch index, rank) (`hybridad.training_seed`); micro-batch 0
+        outside a Trainer."""
+        index = trainer_micro_batch(self._trainer) if self._trainer is not None else 0
+        seed = micro_batch_seed(self.cfg.seed, index, self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         cfg = self.cfg
         x = batch.image.float()  # (N, 3, S, S) in [0, 1]
         n, s = x.shape[0], x.shape[-1]
         mask = batch.mask if batch.mask is not None else x.new_zeros(n, 1, s, s)
-        seed = pair_seed(cfg.seed, self.global_step, self.global_rank)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = self._step_generator()  # reference pick, perlin, noise and pairs of this micro-batch
         assert self._ref_images is not None and self.model.bank_fg is not None
-        src, ref = self._reference_for(x, list(batch.sample_id), gen)
+        src, ref = self._reference_for(x, list(batch.sample_id), gen, batch.tile_box)
         bank_fg = self.model.bank_fg.to(self.device).float()  # (Ntrain, 1, h, w)
         if cfg.synthesis == "perlin":
             fg_src = F.interpolate(bank_fg[src.clamp_min(0)], size=(s, s), mode="bilinear", align_corners=False)
@@ -167,8 +180,9 @@ class Cpr(AnomalyModule):
         return torch.optim.AdamW(self.model.heads.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     # ------------------------------------------------------------ eval path
-    def tile_maps(self, tiles: Tensor) -> Tensor:
-        """(N, 3, S, S) float tiles -> (N, 1, S, S) anomaly maps (winners' unblurred map unless cfg.blur_map)."""
+    def tile_maps(self, tiles: Tensor, native_size: tuple[int, int] | None = None) -> Tensor:
+        """(N, 3, S, S) float tiles -> (N, 1, S, S) anomaly maps (winners' unblurred map unless cfg.blur_map);
+        `untile` resizes them to the native boxes (`native_size` is not used)."""
         if self._bank_stale or not self.model.bank:
             self._ensure_bank()
         return self.model.tile_maps(tiles)

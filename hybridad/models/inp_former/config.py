@@ -24,6 +24,10 @@ class InpFormerConfig:
     warmup_steps: int = 100  # official: linear warm-up over 100 iterations, whatever the run length
     warmup_max_fraction: float = 0.0  # > 0: cap the warm-up at this fraction of the run's steps; 0 = no cap
     coherence_weight: float = 0.2
+    # tile map path (hybridad/inp_map_path.py): "isvl" = the winners' (upsample straight to the native tile size,
+    # then INP-Former's 5x5 sigma-4 zero-padded Gaussian there), "official" = INP-Former's (the same kernel at
+    # the input resolution, then resized to the native box), "none" = straight to native, no smoothing
+    map_smoothing: str = "isvl"
     grad_clip: float = 0.1
     # added by the INP-Former branch
     fused_attn: bool = True  # False = explicit softmax attention in the encoder (bit-exact with the official code)

@@ -12,13 +12,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hybridad.errors import UserError
+from hybridad.inp_map_path import tile_maps_from_groups
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.models.inp_former.config import InpFormerConfig
 from hybridad.models.inp_former.loss import InpFormerLoss
 from hybridad.models.inp_former.optim import StableAdamW, effective_warmup, warmup_cosine_scheduler
-from hybridad.models.inp_former.torch_model import InpFormerModel
+from hybridad.models.inp_former.torch_model import InpFormerModel, InpFormerOutput
 from hybridad.models.inp_former.weights import load_encoder_weights, read_state_dict
 from hybridad.postprocess import PostProcessConfig
+from hybridad.tile_grid import native_tile_size
 from hybridad.types import AnomalyOutput, Batch
 
 ENCODER_PREFIX = "model.encoder."
@@ -85,18 +87,26 @@ class InpFormer(AnomalyModule):
                 )
             self.model.load_state_dict(sd, strict=False)
 
-    def tile_maps(self, tiles: Tensor) -> Tensor:
-        """(N,3,S,S) float tiles in [0,1] -> (N,1,S,S) maps (mean over groups of 1 - cos)."""
-        return self.model.anomaly_map(tiles)
+    def tile_maps(self, tiles: Tensor, native_size: tuple[int, int] | None = None) -> Tensor:
+        """(N,3,S,S) float tiles in [0,1] -> (N,1,H,W) maps through `model.map_smoothing` (mean over groups of
+        1 - cos, upsampled and smoothed; H,W = `native_size`, the tiles' box in the image, default S,S)."""
+        return self._maps_from_output(self.model(tiles), tiles, native_size)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+    def _maps_from_output(self, out: InpFormerOutput, tiles: Tensor, native_size: tuple[int, int] | None) -> Tensor:
+        input_size = (int(tiles.shape[-2]), int(tiles.shape[-1]))
+        return tile_maps_from_groups(self.model.group_maps(out), self.cfg.map_smoothing,
+                                     native_size or input_size, input_size)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images = batch.image
         if not self.cfg.train_on_pasted and batch.mask is not None:
             normal = batch.mask.flatten(1).amax(dim=1) == 0  # (N,) tiles without pasted defects
             if not bool(normal.all()):
                 images = images[normal]
         if images.shape[0] == 0:
-            return None  # every tile got a pseudo-defect: skip this step
+            # every tile got a pseudo-defect: a zero loss that still reaches every trainable parameter, so
+            # backward (and DDP's gradient all-reduce) runs on every rank; skipping it here would stall the others
+            return sum(p.sum() for p in self.model.trainable_parameters()) * 0.0
         losses = self.loss_fn(self.model(images))
         bs = images.shape[0]
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
@@ -105,11 +115,15 @@ class InpFormer(AnomalyModule):
         return losses["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> AnomalyOutput:
-        """Maps for the threshold statistics, plus the training loss on validation/good tiles (`val/loss`)."""
-        assert batch.tiles is not None
-        losses = self.loss_fn(self.model(batch.tiles))
+        """Maps for the threshold statistics, plus the training loss on validation/good tiles (`val/loss`), from
+        one forward pass."""
+        assert batch.tiles is not None and batch.layout is not None
+        with torch.no_grad():
+            out = self.model(batch.tiles)
+            losses = self.loss_fn(out)
+            tile_maps = self._maps_from_output(out, batch.tiles, native_tile_size(batch.layout))
         self.log("val/loss", losses["loss"], batch_size=batch.tiles.shape[0], sync_dist=True)
-        return self.predict_batch(batch)
+        return self.output_from_tile_maps(tile_maps, batch)
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -358,6 +358,10 @@ class InpFormerModel(nn.Module):
             inp_attention=vis,
         )
 
+    def group_maps(self, out: InpFormerOutput) -> Tensor:
+        """Model output -> (B,G,h,w): 1 - cos between encoder and decoder features of each fused group."""
+        return torch.stack([cosine_distance(e.float(), d.float()) for e, d in zip(out.encoder, out.decoder)], dim=1)
+
     def anomaly_map(self, x: Tensor) -> Tensor:
         """Tiles in [0,1] (B,3,H,W) -> (B,1,H,W): mean over groups of 1 - cos, bilinear (align_corners=True)."""
         out = self(x)
