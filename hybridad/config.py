@@ -7,6 +7,7 @@ Merge order: schema defaults, `experiments/base.yaml`, `experiments/<branch>.yam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,7 +288,7 @@ def validate_config(cfg: RunConfig) -> None:
     """
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from hybridad.thresholds import METHODS, PERCENTILE_METHODS
+    from hybridad.thresholds import METHODS, OVERRIDABLE_SPLITS, PERCENTILE_METHODS, rule_for_split
 
     _check_enum("branch", cfg.branch, BRANCHES)
     _check_enum("data.category", cfg.data.category, CATEGORIES)
@@ -369,6 +370,18 @@ def validate_config(cfg: RunConfig) -> None:
     _check_enum("threshold.percentile_method", th.percentile_method, PERCENTILE_METHODS)
     _check(0.0 < th.percentile <= 100.0, "threshold.percentile", th.percentile, "must be in (0, 100]")
     _check(th.factor > 0, "threshold.factor", th.factor, "must be > 0")
+    _check(math.isfinite(th.k), "threshold.k", th.k, "must be a finite number")
+    _check(th.value is None or math.isfinite(th.value), "threshold.value", th.value, "must be a finite number")
+    _check(th.method != "fixed" or th.value is not None, "threshold.value", th.value,
+           "threshold.method=fixed needs a value (threshold.value=0.5)")
+    for split in OVERRIDABLE_SPLITS:
+        o = getattr(th, split)
+        for key in ("k", "percentile", "factor", "value"):
+            v = getattr(o, key)
+            _check(v is None or math.isfinite(v), f"threshold.{split}.{key}", v, "must be a finite number")
+        rule = rule_for_split(th, split)
+        _check(rule.method != "fixed" or rule.value is not None, f"threshold.{split}.value", o.value,
+               f"threshold.{split}.method=fixed needs a value (threshold.{split}.value=0.5)")
 
     m = cfg.inp_former
     _check_enum("inp_former.preset", m.preset, ("", "tiny"))

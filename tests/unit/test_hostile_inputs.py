@@ -1,0 +1,50 @@
+"""Issue 18, items 17-23: hostile or broken inputs end in one line, never in data loss or code execution."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybridad.config import load_config
+from hybridad.errors import UserError
+from hybridad.thresholds import ThresholdConfig, fit_threshold
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m hybridad ARGS` in a fresh process (a segfault or abort shows as a negative/134 code)."""
+    return subprocess.run([sys.executable, "-m", "hybridad", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=300)
+
+
+def _one_line(proc: subprocess.CompletedProcess, needle: str) -> None:
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(err) == 1 and err[0].startswith("hybridad: error: ") and needle in err[0], proc.stderr[-2000:]
+
+
+# item 20: NaN or missing thresholds ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["threshold.k=nan"], "threshold.k"),
+    (["threshold.k=inf"], "threshold.k"),
+    (["threshold.method=fixed", "threshold.value=nan"], "threshold.value"),
+    (["threshold.method=fixed"], "needs a value"),
+    (["threshold.test_private.method=fixed"], "threshold.test_private.value"),
+    (["threshold.test_private_mixed.value=nan"], "threshold.test_private_mixed.value"),
+    (["threshold.test_private.k=nan"], "threshold.test_private.k"),
+])
+def test_nan_or_missing_thresholds_are_refused(overrides: list[str], needle: str) -> None:
+    with pytest.raises(UserError, match=needle.replace(".", r"\.")):
+        load_config(["data.category=can", *overrides])
+
+
+def test_fixed_threshold_without_value_is_refused_when_fitted() -> None:
+    with pytest.raises(UserError, match="finite threshold.value"):
+        fit_threshold(ThresholdConfig(method="fixed"))
+    with pytest.raises(UserError, match="finite threshold.value"):
+        fit_threshold(ThresholdConfig(method="fixed", value=float("nan")))
+    assert fit_threshold(ThresholdConfig(method="fixed", value=0.25)).value == 0.25
