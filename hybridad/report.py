@@ -95,7 +95,7 @@ class Table:
                 cls = "num" if j > 0 and _is_number(c) else ""
                 if "(" in c and "−" in c.split("(", 1)[1]:
                     cls += " drop"
-                tds.append(f'<td class="{cls.strip()}">{html.escape(c)}</td>')
+                tds.append(f'<td class="{_attr(cls.strip())}">{html.escape(c)}</td>')
             mean = ' class="mean"' if row and row[0] == "mean" else ""
             body.append(f"<tr{mean}>{''.join(tds)}</tr>")
         note = "".join(f'<p class="note">{html.escape(n)}</p>' for n in self._notes())
@@ -529,6 +529,11 @@ figcaption{font-size:13px;color:#5b6475;margin-top:2px}.skip{color:#8a5a00}
 """
 
 
+def _attr(value: str) -> str:
+    """`value` safe inside a double-quoted HTML attribute (quotes, <, > and & escaped)."""
+    return html.escape(value, quote=True)
+
+
 def _kpis(r: _Run) -> str:
     parts = []
     for name, title in (("aupro_0.05", "AU-PRO(0.05)"), ("seg_f1", "SegF1"), ("class_f1", "ClassF1"),
@@ -558,7 +563,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
 
     def section(anchor: str, title: str, content: str) -> None:
         nav.append((anchor, title))
-        body.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>{content}')
+        body.append(f'<h2 id="{_attr(anchor)}">{html.escape(title)}</h2>{content}')
 
     paper = paper_table(runs)
     md += ["", *paper.markdown()]
@@ -603,7 +608,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
         lines = _rule_lines(r)
         rel = Path("histograms") / f"{r.category}.png"
         plot_histograms(a, lines, f"{r.category}: test_public scores", out / rel)
-        parts.append(f'<img src="{rel.as_posix()}" alt="{r.category} score histograms">')
+        parts.append(f'<img src="{_attr(rel.as_posix())}" alt="{_attr(r.category)} score histograms">')
         cat_md += ["", f"![{r.category} histograms]({rel.as_posix()})"]
         if num_overlays > 0 and a.per_image_f1:
             category_dir, _ = _category_dir(r)
@@ -618,7 +623,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
                         figs.append(f'<p class="skip">{html.escape(caption)} skipped: {html.escape(why)}</p>')
                         cat_md.append(f"- {r.category}: overlay of {sid} skipped ({why})")
                         continue
-                    figs.append(f'<figure><img src="{rel.as_posix()}" alt="{html.escape(caption)}">'
+                    figs.append(f'<figure><img src="{_attr(rel.as_posix())}" alt="{_attr(caption)}">'
                                 f"<figcaption>{html.escape(caption)}</figcaption></figure>")
                     cat_md.append(f"![{r.category} {kind} {sid}]({rel.as_posix()})")
             parts.append(f'<div class="cat">{"".join(figs)}</div>')
@@ -641,7 +646,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
 
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "report.md", text.encode("utf-8"))
-    links = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in nav)
+    links = "".join(f'<a href="#{_attr(a)}">{html.escape(t)}</a>' for a, t in nav)
     runs_line = ", ".join(f"{html.escape(r.category)}: <code>{html.escape(str(r.run.path))}</code>"
                           for r in runs)
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>hybridad report</title>'

@@ -48,3 +48,41 @@ def test_fixed_threshold_without_value_is_refused_when_fitted() -> None:
     with pytest.raises(UserError, match="finite threshold.value"):
         fit_threshold(ThresholdConfig(method="fixed", value=float("nan")))
     assert fit_threshold(ThresholdConfig(method="fixed", value=0.25)).value == 0.25
+
+
+# item 19: report HTML injection -------------------------------------------------------------------------------
+def test_report_escapes_file_names_in_every_attribute(tmp_path: Path) -> None:
+    import re
+
+    import cv2
+    import numpy as np
+
+    from data_modules.synthetic import write_synthetic_dataset
+    from hybridad.report import write_report
+    from hybridad.run_dir import RunDir
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, ["wallplugs"], size=(40, 32), counts="small", seed=0, verbose=False)
+    evil = '000_x" onerror="alert(1)'
+    bad_dir, gt_dir = data / "wallplugs/test_public/bad", data / "wallplugs/test_public/ground_truth/bad"
+    first = sorted(bad_dir.glob("*.png"))[0]
+    (gt_dir / f"{first.stem}_mask.png").rename(gt_dir / f"{evil}_mask.png")
+    first.rename(bad_dir / f"{evil}.png")
+    run = RunDir(tmp_path / "run")
+    run.write_text("config.yaml", f"branch: inp_former\ndata:\n  category: wallplugs\n  root: {data}\n")
+    run.write_thresholds({"value": 0.5, "method": "mean_std", "source": "validation"})
+    for png in sorted(bad_dir.glob("*.png")):
+        gt = cv2.imread(str(gt_dir / f"{png.stem}_mask.png"), 0) > 0
+        run.write_map(f"test_public/bad/{png.stem}", gt.astype(np.float32))
+    write_report([run.path], tmp_path / "rep", num_overlays=2)
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "onerror=" not in page.replace("onerror=&quot;", "")  # no live attribute
+    sources = [html_unescape(s) for s in re.findall(r'<img src="([^"]+)"', page)]
+    assert f"overlays/wallplugs/best_{evil}.png" in sources
+    assert (tmp_path / "rep" / f"overlays/wallplugs/best_{evil}.png").is_file()
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
