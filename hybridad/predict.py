@@ -20,7 +20,9 @@ import glob
 import io
 import math
 import os
+import pickle
 import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,13 +159,27 @@ class Decision:
 EVALUATION_FILE = "evaluation.yaml"  # written by `hybridad evaluate` into <run>/evaluations/<id>/
 
 
-def _evaluation_postprocess(evaluation: Path) -> list[str]:
+def _require_own_evaluation(run: RunDir, evaluation: Path, record: dict[str, Any]) -> None:
+    """`UserError` unless `evaluation` re-scored `run` (its category, and its run by path or by location)."""
+    category = record.get("category")
+    if category is not None and str(category) != run.category:
+        raise UserError(f"--evaluation {evaluation} is of category '{category}' but run {run.path} is "
+                        f"'{run.category}'; give an evaluation of this run ({run.path / 'evaluations'}/<id>)")
+    own = {run.path.resolve()}
+    recorded = {Path(str(record["run"])).resolve()} if record.get("run") else set()
+    if not own & (recorded | {evaluation.resolve().parent.parent}):
+        raise UserError(f"--evaluation {evaluation} re-scored run {record.get('run')}, not {run.path}; "
+                        f"give an evaluation of this run ({run.path / 'evaluations'}/<id>)")
+
+
+def _evaluation_postprocess(run: RunDir, evaluation: Path) -> list[str]:
     """`postprocess.*` overrides of an evaluation: its resolved `postprocess` section, else its `overrides`."""
     path = evaluation / EVALUATION_FILE
     if not path.is_file():
         raise UserError(f"{evaluation} is not a finished evaluation (no {EVALUATION_FILE}); "
                         "give a directory written by `hybridad evaluate`")
     record = yaml.safe_load(path.read_text()) or {}
+    _require_own_evaluation(run, evaluation, record)
     if isinstance(record.get("postprocess"), dict):
         return [f"postprocess.{k}={v}" for k, v in record["postprocess"].items()]
     return [str(o) for o in record.get("overrides") or [] if str(o).startswith("postprocess.")]
@@ -177,7 +193,7 @@ def read_decision(run: RunDir, evaluation: Path | None = None) -> Decision:
     `evaluation.yaml` (the resolved `postprocess` section, else the `postprocess.*` items of `overrides`).
     """
     cfg = load_run_config(run.path)
-    overrides = _evaluation_postprocess(evaluation) if evaluation is not None else []
+    overrides = _evaluation_postprocess(run, evaluation) if evaluation is not None else []
     source = RunDir(evaluation) if evaluation is not None else run
     thr_file = source.path / "thresholds.yaml"
     if not thr_file.is_file():
@@ -207,14 +223,41 @@ def load_module(run: RunDir, cfg: RunConfig, decision: Decision | None = None) -
     if not ckpt.is_file():
         raise UserError(f"{run.path / CHECKPOINT} not found: the run has no final checkpoint "
                         "(finish it with `hybridad train`)")
+    state = load_checkpoint_weights(ckpt)
     module = build_model(cfg)
-    # a run's own checkpoint (hyperparameters may hold config dataclasses): trusted, as the run directory is
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(state)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{ckpt}: its weights do not fit the run's model ({str(err).splitlines()[0]}); "
+                        "the checkpoint belongs to another run or config") from None
     if decision is not None:
         module.set_threshold(decision.threshold)
         module.postprocess = decision.postprocess
     return module.eval()
+
+
+def load_checkpoint_weights(ckpt: Path) -> dict[str, Tensor]:
+    """The `state_dict` of a Lightning checkpoint, unpickled weights-only (no code in the file runs).
+
+    Only tensors, plain containers and the config dataclass CPR stores as a hyperparameter are allowed.
+
+    Raises:
+        UserError: a truncated or corrupt file, or one that needs arbitrary unpickling (naming the file).
+    """
+    from hybridad.models.cpr.config import CprConfig
+
+    try:
+        with torch.serialization.safe_globals([CprConfig]):
+            checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = checkpoint["state_dict"]
+        if not isinstance(state, dict):
+            raise TypeError("state_dict is not a dict")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError,
+            ImportError, zipfile.BadZipFile) as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load {ckpt}: not a complete weights-only checkpoint ({why[:200]}); "
+                        "re-train the run or restore the file") from None
+    return state
 
 
 def trainer_device(device: str) -> dict[str, Any]:

@@ -86,3 +86,123 @@ def html_unescape(text: str) -> str:
     import html
 
     return html.unescape(text)
+
+
+# item 17: no code execution from files ------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this runs `Path(marker).touch()`: the attack a weights-only load must refuse."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_loads_weights_only_and_refuses_code(tmp_path: Path) -> None:
+    import torch
+
+    from hybridad.predict import load_checkpoint_weights
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "final.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"x": _Payload(marker)}}, ckpt)
+    with pytest.raises(UserError, match="final.ckpt.*weights-only"):
+        load_checkpoint_weights(ckpt)
+    assert not marker.exists()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"top_ratio": 0.01}}, ckpt)
+    assert torch.equal(load_checkpoint_weights(ckpt)["w"], torch.ones(2))
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated
+    with pytest.raises(UserError, match="cannot load .*final.ckpt"):
+        load_checkpoint_weights(ckpt)
+
+
+def _tiny_export(path: Path) -> None:
+    import json
+
+    import torch
+
+    from hybridad.export_runtime import META_NAME
+
+    program = torch.export.export(torch.nn.Linear(2, 1).eval(), (torch.rand(1, 2),))
+    torch.export.save(program, str(path), extra_files={META_NAME: json.dumps({"format": "none"})})
+
+
+def _rewrite_member(path: Path, suffix: str, change) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as src:
+        members = [(i, src.read(i)) for i in src.infolist()]
+    with zipfile.ZipFile(path, "w") as dst:
+        for info, data in members:
+            dst.writestr(info, change(data) if info.filename.endswith(suffix) else data)
+
+
+def test_exported_file_with_pickled_weights_is_refused_before_loading(tmp_path: Path) -> None:
+    import io
+    import json
+
+    import torch
+
+    from hybridad.export_runtime import ExportedDetector, check_plain_archive
+
+    artefact = tmp_path / "model.pt2"
+    _tiny_export(artefact)
+    check_plain_archive(artefact)  # a plain export passes
+    marker = tmp_path / "pwned"
+
+    def flag(data: bytes) -> bytes:
+        config = json.loads(data)
+        for payload in config["config"].values():
+            payload["use_pickle"] = True
+        return json.dumps(config).encode()
+
+    def malicious(data: bytes) -> bytes:
+        buf = io.BytesIO()
+        torch.save(_Payload(marker), buf)
+        return buf.getvalue()
+
+    _rewrite_member(artefact, "model_weights_config.json", flag)
+    _rewrite_member(artefact, "weights/weight_0", malicious)
+    with pytest.raises(ValueError, match="pickled"):
+        ExportedDetector(artefact)
+    assert not marker.exists()
+    _tiny_export(artefact)  # sample inputs that only a full unpickle reads
+    _rewrite_member(artefact, "sample_inputs/model.pt", malicious)
+    with pytest.raises(ValueError):
+        ExportedDetector(artefact)
+    assert not marker.exists()
+
+
+# item 21: another category's evaluation -----------------------------------------------------------------------
+def _fake_run(path: Path, category: str) -> Path:
+    from hybridad.run_dir import RunDir
+
+    run = RunDir(path)
+    run.write_text("config.yaml", f"branch: inp_former\ndata:\n  category: {category}\n")
+    run.write_state("completed")
+    run.write_thresholds({"value": 0.5, "method": "mean_std", "source": "validation"})
+    return run.path
+
+
+def _fake_evaluation(run: Path, category: str, value: float) -> Path:
+    from hybridad.run_dir import RunDir
+
+    folder = RunDir(run / "evaluations" / "1")
+    folder.write_text("evaluation.yaml", f"run: {run}\ncategory: {category}\noverrides: []\n")
+    folder.write_thresholds({"value": value, "method": "fixed", "source": "config"})
+    return folder.path
+
+
+def test_predict_refuses_another_runs_or_categorys_evaluation(tmp_path: Path) -> None:
+    from hybridad.predict import read_decision
+    from hybridad.run_dir import RunDir
+
+    can, rice = _fake_run(tmp_path / "can", "can"), _fake_run(tmp_path / "rice", "rice")
+    can_eval, rice_eval = _fake_evaluation(can, "can", 0.25), _fake_evaluation(rice, "rice", 0.75)
+    assert read_decision(RunDir(can), can_eval).threshold == 0.25
+    with pytest.raises(UserError, match="category 'rice' but run .* is 'can'"):
+        read_decision(RunDir(can), rice_eval)
+    can2 = _fake_run(tmp_path / "can2", "can")
+    with pytest.raises(UserError, match="not .*can2"):
+        read_decision(RunDir(can2), can_eval)
