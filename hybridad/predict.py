@@ -277,10 +277,30 @@ def trainer_device(device: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ outputs
 
 
+RUN_MARKERS = ("config.yaml", "state.json", "thresholds.yaml", EVALUATION_FILE)  # a run's or evaluation's files
+
+
+def check_out_dir(out: Path) -> None:
+    """`UserError` unless `out` can take predictions: not a file, not a run's or an evaluation's folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the predictions")
+    marker = next((m for m in RUN_MARKERS if (out / m).exists()), None)
+    if marker is not None:
+        raise UserError(f"--out {out} holds {marker}: it is a run or evaluation folder whose maps and masks "
+                        "predict would overwrite; give a new folder (e.g. --out predictions/)")
+
+
 class PredictionFiles:
     """Writes maps, masks, overlays and `scores.csv` of new images into one folder (atomic files)."""
 
     def __init__(self, out: Path, overlays: bool = True) -> None:
+        check_out_dir(out)
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--out {out}: cannot create the folder ({err.strerror}); give a writable folder"
+                            ) from None
         self.out, self.overlays = Path(out), overlays
         self.rows: list[tuple[str, float, str, int]] = []
 
@@ -355,6 +375,7 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
     run = RunDir(run_path)
     run.read_config()  # "not a run directory" before anything else
     run.require_completed("predict")
+    check_out_dir(out)
     cfg = load_run_config(run.path)
     paths = collect_images(inputs)
     names = output_names(paths)
@@ -386,6 +407,7 @@ def predict_exported(artefact: Path, inputs: list[str], out: Path, device: str =
 
     if not artefact.is_file():
         raise UserError(f"predict: {artefact} not found (write it with `hybridad export RUN --out FILE.pt2`)")
+    check_out_dir(out)
     paths = collect_images(inputs)
     names = output_names(paths)
     images = NewImages(paths, names)

@@ -123,6 +123,15 @@ def write_submission(sources: list[Path], out: Path, overwrite: bool = False) ->
         raise UserError(f"{out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; remove it or pass --overwrite")
+    for source in sources:
+        a, b = Path(source).resolve(), out.resolve()
+        if a == b or b in a.parents:
+            raise UserError(f"--out {out} holds the source {source}; write the submission elsewhere")
+    if out.is_dir() and overwrite:
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in (MAPS_DIR, MASKS_DIR))
+        if foreign:
+            raise UserError(f"--overwrite replaces only a submission tree, but {out} also holds "
+                            f"{', '.join(foreign[:3])}; choose another --out")
 
     jobs: list[tuple[Path, str]] = []  # (source file in a run, path relative to the submission root)
     seen: dict[str, Path] = {}
@@ -146,19 +155,32 @@ def write_submission(sources: list[Path], out: Path, overwrite: bool = False) ->
                     f"({run.path / 'maps' / split.value}/*.tiff); predict the private splits first "
                     "(predict_private=true)"
                 )
+            _require_complete_maps(run, category, split.value, [sid for sid, _ in maps])
             jobs += [(p, f"{MAPS_DIR}/{category}/{sid}.tiff") for sid, p in maps]
             masks = list((evaluation or run).iter_masks(split))
-            if evaluation is not None and [sid for sid, _ in masks] != [sid for sid, _ in maps]:
-                raise UserError(f"evaluation {evaluation.path} has {len(masks)} {split.value} masks for "
-                                f"{len(maps)} maps; make one with masks: `hybridad evaluate {run.path} "
-                                "<its overrides> --write-masks`")
+            if masks and [sid for sid, _ in masks] != [sid for sid, _ in maps]:
+                missing = sorted({sid for sid, _ in maps} - {sid for sid, _ in masks})
+                raise UserError(f"{(evaluation or run).path} has {len(masks)} {split.value} masks for "
+                                f"{len(maps)} maps (missing e.g. {(missing or ['?'])[0]}); write them all: "
+                                f"`hybridad evaluate {run.path} <its overrides> --write-masks`")
+            if evaluation is not None and not masks:
+                raise UserError(f"evaluation {evaluation.path} has no {split.value} masks; make one with masks: "
+                                f"`hybridad evaluate {run.path} <its overrides> --write-masks`")
             if not masks:
                 print(f"warning: run {run.path} has no masks for {split.value}; "
                       f"{MASKS_DIR}/{category}/{split.value} will be missing", file=sys.stderr)
             jobs += [(p, f"{MASKS_DIR}/{category}/{sid}.png") for sid, p in masks]
         provenance[category] = _provenance(run, evaluation)
 
+    from hybridad.thresholds import TUNED_ON_TEST
+
+    tuned = sorted(c for c, p in provenance.items() if p["tuned_on_test"])
+    record = {"submission": str(out.resolve()), "label": TUNED_ON_TEST if tuned else None,
+              "tuned_on_test": tuned, "categories": provenance}
+    path = provenance_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous = path.read_bytes() if path.is_file() else None
+    moved = False
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
         for src, rel in tqdm(jobs, desc="writing submission", unit="file", disable=None):
@@ -166,18 +188,34 @@ def write_submission(sources: list[Path], out: Path, overwrite: bool = False) ->
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(_reencode_map(src) if rel.endswith(".tiff") else _reencode_mask(src))
         _honour_umask(tmp)
+        # provenance before the tree: a kill after the rename can never leave a tree without its label
+        atomic_write_bytes(path, yaml.safe_dump(record, sort_keys=False).encode("utf-8"))
         _move_into_place(tmp, out)
+        moved = True
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not moved and path.is_file():  # the tree did not change: neither does its provenance
+            atomic_write_bytes(path, previous) if previous is not None else path.unlink(missing_ok=True)
         raise
-    from hybridad.thresholds import TUNED_ON_TEST
-
-    tuned = sorted(c for c, p in provenance.items() if p["tuned_on_test"])
-    record = {"submission": str(out.resolve()), "label": TUNED_ON_TEST if tuned else None,
-              "tuned_on_test": tuned, "categories": provenance}
-    path = provenance_path(out)
-    atomic_write_bytes(path, yaml.safe_dump(record, sort_keys=False).encode("utf-8"))
     return path
+
+
+def _require_complete_maps(run: RunDir, category: str, split: str, sample_ids: list[str]) -> None:
+    """`UserError` unless the split's maps are `NNN_<tag>` for every NNN in 0..n-1, n = the dataset's count.
+
+    n is the number of images in `<data.root>/<category>/<split>` when that folder exists here, else the
+    number of maps (then only gaps in the numbering are found).
+    """
+    tag = SPLIT_TAGS[split]
+    root = (run.read_config().get("data") or {}).get("root")
+    folder = Path(str(root)) / category / split if root else None
+    count = len(list(folder.glob("*.png"))) if folder is not None and folder.is_dir() else len(sample_ids)
+    expected = [f"{split}/{i:03d}_{tag}" for i in range(count)]
+    missing = sorted(set(expected) - set(sample_ids))
+    if missing:
+        raise UserError(f"run {run.path} lacks {len(missing)} of {count} {split} maps (e.g. "
+                        f"{run.path / 'maps' / missing[0]}.tiff); predict them again (`hybridad evaluate` "
+                        "cannot make maps) or re-run training")
 
 
 def _honour_umask(folder: Path) -> None:

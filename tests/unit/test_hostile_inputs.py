@@ -206,3 +206,49 @@ def test_predict_refuses_another_runs_or_categorys_evaluation(tmp_path: Path) ->
     can2 = _fake_run(tmp_path / "can2", "can")
     with pytest.raises(UserError, match="not .*can2"):
         read_decision(RunDir(can2), can_eval)
+
+
+# item 18: no data loss ----------------------------------------------------------------------------------------
+def _private_run(root: Path, category: str = "can", count: int = 2, masks: bool = True) -> Path:
+    import numpy as np
+
+    from hybridad.run_dir import RunDir
+
+    run = RunDir(root / f"run_{category}")
+    run.write_text("config.yaml", f"branch: inp_former\ndata:\n  category: {category}\n")
+    run.write_state("completed")
+    for split, tag in (("test_private", "regular"), ("test_private_mixed", "mixed")):
+        for i in range(count):
+            sid = f"{split}/{i:03d}_{tag}"
+            run.write_map(sid, np.full((4, 5), float(i), np.float32))
+            if masks:
+                run.write_mask(sid, np.eye(4, 5, dtype=bool))
+    return run.path
+
+
+def test_submission_overwrite_never_deletes_a_non_submission_folder(tmp_path: Path) -> None:
+    from hybridad.submission import write_submission
+
+    run = _private_run(tmp_path / "runs")
+    with pytest.raises(UserError, match="holds the source"):  # --out = the runs' parent folder
+        write_submission([run], tmp_path / "runs", overwrite=True)
+    with pytest.raises(UserError, match="holds the source"):  # --out = the run itself
+        write_submission([run], run, overwrite=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="only a submission tree.*thesis.tex"):
+        write_submission([run], tmp_path / "mine", overwrite=True)
+    assert (run / "config.yaml").is_file() and (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_predict_refuses_an_out_that_is_a_run_or_a_file(tmp_path: Path) -> None:
+    from hybridad.predict import predict
+
+    run = _fake_run(tmp_path / "can", "can")
+    (tmp_path / "img.png").write_bytes(b"")
+    for out, needle in ((run, "holds config.yaml"), (_fake_evaluation(run, "can", 0.5), "holds thresholds.yaml"),
+                        (tmp_path / "img.png", "is a file")):
+        with pytest.raises(UserError, match=needle):
+            predict(run, [str(tmp_path / "img.png")], out)
+    proc = _cli("predict", str(run), str(tmp_path / "img.png"), "--out", str(run))
+    _one_line(proc, "holds config.yaml")
