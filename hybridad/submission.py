@@ -204,12 +204,13 @@ def _require_complete_maps(run: RunDir, category: str, split: str, sample_ids: l
     """`UserError` unless the split's maps are `NNN_<tag>` for every NNN in 0..n-1, n = the dataset's count.
 
     n is the number of images in `<data.root>/<category>/<split>` when that folder exists here, else the
-    number of maps (then only gaps in the numbering are found).
+    highest map number + 1 (then only gaps in the numbering are found).
     """
     tag = SPLIT_TAGS[split]
     root = (run.read_config().get("data") or {}).get("root")
     folder = Path(str(root)) / category / split if root else None
-    count = len(list(folder.glob("*.png"))) if folder is not None and folder.is_dir() else len(sample_ids)
+    numbers = [int(n) for n in (sid.rsplit("/", 1)[-1].split("_", 1)[0] for sid in sample_ids) if n.isdigit()]
+    count = len(list(folder.glob("*.png"))) if folder is not None and folder.is_dir() else max(numbers) + 1
     expected = [f"{split}/{i:03d}_{tag}" for i in range(count)]
     missing = sorted(set(expected) - set(sample_ids))
     if missing:

@@ -252,3 +252,60 @@ def test_predict_refuses_an_out_that_is_a_run_or_a_file(tmp_path: Path) -> None:
             predict(run, [str(tmp_path / "img.png")], out)
     proc = _cli("predict", str(run), str(tmp_path / "img.png"), "--out", str(run))
     _one_line(proc, "holds config.yaml")
+
+
+# item 23: incomplete trees ------------------------------------------------------------------------------------
+def test_submission_refuses_missing_maps_or_masks(tmp_path: Path) -> None:
+    from hybridad.run_dir import RunDir
+    from hybridad.submission import write_submission
+
+    run = _private_run(tmp_path / "runs", count=3)
+    RunDir(run).map_path("test_private/001_regular").unlink()  # a gap in the numbering
+    RunDir(run).mask_path("test_private/001_regular").unlink()
+    with pytest.raises(UserError, match="lacks 1 of 3 test_private maps.*001_regular"):
+        write_submission([run], tmp_path / "sub")
+    run = _private_run(tmp_path / "runs2", count=2)
+    RunDir(run).mask_path("test_private_mixed/001_mixed").unlink()
+    with pytest.raises(UserError, match="1 test_private_mixed masks for 2 maps"):
+        write_submission([run], tmp_path / "sub")
+    # with the dataset here, a missing last map is found too
+    data = tmp_path / "data" / "can" / "test_private"
+    data.mkdir(parents=True)
+    for i in range(3):
+        (data / f"{i:03d}_regular.png").write_bytes(b"")
+    run = _private_run(tmp_path / "runs3", count=2)
+    RunDir(run).write_text("config.yaml", f"branch: inp_former\ndata:\n  category: can\n  root: {tmp_path / 'data'}\n")
+    with pytest.raises(UserError, match="lacks 1 of 3 test_private maps.*002_regular"):
+        write_submission([run], tmp_path / "sub")
+    assert not (tmp_path / "sub").exists()
+
+
+def test_submission_provenance_lands_before_the_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    import hybridad.submission as submission
+    from hybridad.run_dir import RunDir
+
+    run = _private_run(tmp_path / "runs")
+    RunDir(run).write_thresholds({"value": 0.5, "method": "f1_optimal", "tuned_on_test": True,
+                                  "source": "test_public (threshold tuned on test)"})
+    seen = {}
+    real_move = submission._move_into_place
+
+    def move_then_die(tmp: Path, out: Path) -> None:  # a kill right after the rename
+        real_move(tmp, out)
+        seen["record"] = yaml.safe_load(submission.provenance_path(out).read_text())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(submission, "_move_into_place", move_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        submission.write_submission([run], tmp_path / "sub")
+    assert seen["record"]["label"] == "threshold tuned on test" and seen["record"]["tuned_on_test"] == ["can"]
+
+    def fail(tmp: Path, out: Path) -> None:  # a failed rename leaves no provenance of a tree not written
+        raise OSError(28, "No space left on device", str(out))
+
+    monkeypatch.setattr(submission, "_move_into_place", fail)
+    with pytest.raises(OSError):
+        submission.write_submission([run], tmp_path / "sub2")
+    assert not submission.provenance_path(tmp_path / "sub2").exists()
