@@ -281,6 +281,20 @@ def _check_devices(value: Any) -> None:
     _check(ok, "trainer.devices", value, "use a count >= 1, -1 (all), 'auto' or a list of device ids")
 
 
+def ignored_settings(cfg: RunConfig) -> list[str]:
+    """One line per weight file the config sets but the run will not read (train prints them as warnings)."""
+    lines = []
+    if cfg.branch == "cpr" and cfg.cpr.preset and cfg.cpr.weights:
+        lines.append(f"cpr.weights={cfg.cpr.weights} is ignored: cpr.preset={cfg.cpr.preset} builds a random "
+                     "trunk (set cpr.preset='' to load the file, or cpr.weights='' to silence this)")
+    other = "inp_former" if cfg.branch == "cpr" else "cpr"
+    for key in ("weights", "checkpoint"):
+        value = getattr(getattr(cfg, other), key)
+        if value:
+            lines.append(f"{other}.{key}={value} is ignored: this run's branch is {cfg.branch}")
+    return lines
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Check every value that the schema's types do not (enums, ranges, sizes) and raise one `UserError` line.
 

@@ -368,6 +368,8 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
         overlays: write `overlays/<name>.png`.
         precision: Lightning precision (default: the run's `trainer.precision`).
     """
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: use a positive number of images")
     if Path(run_path).suffix == ".pt2":
         if evaluation is not None:
             raise UserError("predict: --evaluation applies to run directories; an export has its threshold")
@@ -379,9 +381,7 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
     cfg = load_run_config(run.path)
     paths = collect_images(inputs)
     names = output_names(paths)
-    bs = batch_size or cfg.data.eval_batch_size
-    if bs < 1:
-        raise UserError(f"--batch-size {bs}: use a positive number of images")
+    bs = cfg.data.eval_batch_size if batch_size is None else batch_size
     datamodule = NewImagesDataModule(cfg, paths, names, bs)  # reads every header: bad files fail here
     decision = read_decision(run, evaluation)
     module = load_module(run, cfg, decision)

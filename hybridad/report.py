@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import io
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,21 @@ def _is_number(cell: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- loading
+
+
+def run_status(run: RunDir) -> str:
+    """'' for a completed run (or one without state.json), else what the report must say about it."""
+    from hybridad.run_claim import run_is_live
+
+    record = run.read_state()
+    state = record.get("state")
+    if state in (None, "completed"):
+        return ""
+    if state == "running":
+        return ("still running: its numbers are partial" if run_is_live(run.path)
+                else "killed while running (state running, no live process): its numbers are partial")
+    reason = f": {record['reason']}" if record.get("reason") else ""
+    return f"{state}{reason}: its numbers are partial"
 
 
 def _load_runs(run_dirs: list[Path]) -> list[_Run]:
@@ -554,10 +570,18 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
     """
     if not run_dirs:
         raise UserError("report: give at least one run directory")
+    if num_overlays < 0:
+        raise UserError(f"report: --overlays {num_overlays}: give a count >= 0 (0 = none)")
     runs = _load_runs(run_dirs)
     out = Path(out) if out is not None else Path(run_dirs[0]) / "report"
 
-    md = ["# hybridad report", "", "Runs:", ""] + [f"- {r.category}: `{r.run.path}`" for r in runs]
+    status = {r.category: run_status(r.run) for r in runs}
+    for r in runs:
+        if status[r.category]:
+            print(f"warning: {r.run.path}: {status[r.category]}", file=sys.stderr, flush=True)
+    md = ["# hybridad report", "", "Runs:", ""] + [
+        f"- {r.category}: `{r.run.path}`" + (f" (**{status[r.category]}**)" if status[r.category] else "")
+        for r in runs]
     body: list[str] = []
     nav: list[tuple[str, str]] = []
 
@@ -648,6 +672,8 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
     atomic_write_bytes(out / "report.md", text.encode("utf-8"))
     links = "".join(f'<a href="#{_attr(a)}">{html.escape(t)}</a>' for a, t in nav)
     runs_line = ", ".join(f"{html.escape(r.category)}: <code>{html.escape(str(r.run.path))}</code>"
+                          + (f' <b class="skip">({html.escape(status[r.category])})</b>' if status[r.category]
+                             else "")
                           for r in runs)
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>hybridad report</title>'
             f"<style>{CSS}</style></head><body><h1>hybridad report</h1><p class=\"sub\">{len(runs)} run(s): "

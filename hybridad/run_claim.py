@@ -127,6 +127,23 @@ def lock_run(run: Path) -> int:
     return fd
 
 
+def run_is_live(run: Path) -> bool:
+    """Whether a process holds the run's lock now (a run left `running` by a killed process holds none)."""
+    try:
+        fd = os.open(Path(run) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops a lock this probe took
+    return False
+
+
 def unlock_run(fd: int | None) -> None:
     if fd is not None:
         try:

@@ -309,3 +309,51 @@ def test_submission_provenance_lands_before_the_tree(tmp_path: Path, monkeypatch
     with pytest.raises(OSError):
         submission.write_submission([run], tmp_path / "sub2")
     assert not submission.provenance_path(tmp_path / "sub2").exists()
+
+
+def test_report_says_a_run_is_running_killed_or_failed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from hybridad.report import write_report
+    from hybridad.run_claim import lock_run, unlock_run
+    from hybridad.run_dir import RunDir
+
+    runs = {}
+    for category, state in (("can", "running"), ("rice", "running"), ("vial", "failed"), ("fabric", "completed")):
+        run = RunDir(tmp_path / category)
+        run.write_text("config.yaml", f"branch: inp_former\ndata:\n  category: {category}\n")
+        run.write_state(state, "CUDA out of memory" if state == "failed" else None)
+        run.write_metrics({"test_public/seg_f1": 0.5})
+        runs[category] = run.path
+    fd = lock_run(runs["can"])  # can: a live process; rice: killed (no lock holder)
+    try:
+        text = write_report(list(runs.values()), tmp_path / "rep", num_overlays=0)
+    finally:
+        unlock_run(fd)
+    err = capsys.readouterr().err
+    assert "still running" in text.split(f"`{runs['can']}`", 1)[1].splitlines()[0]
+    assert "killed while running" in text.split(f"`{runs['rice']}`", 1)[1].splitlines()[0]
+    assert "failed: CUDA out of memory" in text.split(f"`{runs['vial']}`", 1)[1].splitlines()[0]
+    assert text.split(f"`{runs['fabric']}`", 1)[1].splitlines()[0] == ""
+    assert err.count("warning:") == 3
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "killed while running" in page and "still running" in page
+
+
+def test_batch_size_zero_and_negative_overlays_are_refused(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path / "can", "can")
+    (tmp_path / "img.png").write_bytes(b"")
+    _one_line(_cli("predict", str(run), str(tmp_path / "img.png"), "--out", str(tmp_path / "o"),
+                   "--batch-size", "0"), "--batch-size 0")
+    _one_line(_cli("predict", str(tmp_path / "m.pt2"), str(tmp_path / "img.png"), "--out", str(tmp_path / "o"),
+                   "--batch-size", "0"), "--batch-size 0")
+    _one_line(_cli("report", str(run), "--overlays", "-3"), "--overlays -3")
+    assert not (tmp_path / "o").exists() and not (run / "report").exists()
+
+
+def test_ignored_weight_files_are_named() -> None:
+    from hybridad.config import ignored_settings
+
+    cfg = load_config(["data.category=vial", "cpr.preset=tiny", "cpr.weights=/w/densenet.pth"])
+    assert [line.split(" is ")[0] for line in ignored_settings(cfg)] == ["cpr.weights=/w/densenet.pth"]
+    cfg = load_config(["data.category=can", "cpr.weights=/w/densenet.pth"])
+    assert [line.split(" is ")[0] for line in ignored_settings(cfg)] == ["cpr.weights=/w/densenet.pth"]
+    assert ignored_settings(load_config(["data.category=vial"])) == []
