@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from data_modules.listing import decode_image, list_samples, mask_to_binary, png_size
+from data_modules.listing import decode_image, imread, list_samples, mask_to_binary, png_size
 from hybridad.errors import UserError
 from hybridad.types import GRAY_CATEGORIES, Sample, Split
 
@@ -22,7 +22,7 @@ def _check_sample(sample: Sample) -> tuple[int, int, int]:
     h, w, c = img.shape
     if sample.mask_path is not None:
         png_size(sample.mask_path, "mask")
-        raw = cv2.imread(str(sample.mask_path), cv2.IMREAD_UNCHANGED)
+        raw = imread(sample.mask_path, cv2.IMREAD_UNCHANGED)
         if raw is None:
             raise UserError(f"cannot decode mask {sample.mask_path} (truncated or corrupt PNG): re-extract")
         if raw.shape[:2] != (h, w):

@@ -2,7 +2,8 @@
 
 Commands import their machinery lazily, so `--help` is instant and importing this module touches nothing.
 A `UserError` anywhere is printed as one line (`hybridad: error: ...`) with exit code 2, and so is a full,
-unwritable or read-only disk (ENOSPC, EDQUOT, EACCES, EPERM, EROFS), naming the path.
+unwritable or read-only disk (ENOSPC, EDQUOT, EACCES, EPERM, EROFS) or a path that cannot exist there (ENOENT,
+ENOTDIR, EISDIR, ENAMETOOLONG, EEXIST), naming the path.
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ STORAGE_ERRNOS = {
     errno.EACCES: "permission denied: write somewhere you may write (out_dir=..., --out ...)",
     errno.EPERM: "operation not permitted: write somewhere you may write (out_dir=..., --out ...)",
     errno.EROFS: "read-only file system: write somewhere writable (out_dir=..., --out ...)",
+    errno.ENOENT: "no such file or folder (or none can be created there, as under /proc): check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "is a folder: give a file name",
+    errno.ENAMETOOLONG: "file name too long (at most 255 bytes per name): use a shorter name",
+    errno.EEXIST: "a file is in the way of a folder of this path: check the path",
 }
 
 

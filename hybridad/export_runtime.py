@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_modules.tilers import EvalTiler
+from hybridad.errors import first_line
 from hybridad.postprocess import PostProcessConfig, binarize, smooth
 from hybridad.tile_grid import TileLevel, untile
 from hybridad.types import AnomalyOutput
@@ -79,7 +80,7 @@ def check_plain_archive(path: Path | str) -> None:
                     torch.load(io.BytesIO(archive.read(info)), map_location="cpu", weights_only=True)
     except (zipfile.BadZipFile, EOFError, OSError, KeyError, AttributeError, pickle.UnpicklingError,
             json.JSONDecodeError, RuntimeError) as err:
-        raise ValueError(f"{path} is not a readable .pt2 archive ({str(err).splitlines()[0][:200]})") from None
+        raise ValueError(f"{path} is not a readable .pt2 archive ({first_line(err)})") from None
 
 
 def top_ratio_mean(maps: Tensor, ratio: float) -> Tensor:

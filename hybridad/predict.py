@@ -42,11 +42,12 @@ from data_modules.datamodule import MVTecAD2DataModule
 from data_modules.dataset import collate_batch
 from data_modules.listing import png_size, read_image
 from hybridad.config import RunConfig, load_run_config
-from hybridad.errors import UserError
+from hybridad.errors import UserError, first_line
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.postprocess import PostProcessConfig
 from hybridad.report import overlay_panel
-from hybridad.run_dir import RunDir, atomic_write_bytes, encode_mask_png, encode_tiff, to_float16_map
+from hybridad.run_dir import RunDir, atomic_write_bytes, encode_mask_png, encode_tiff, to_float16_map, write_png
+from hybridad.tile_grid import TileLevel, level_boxes
 from hybridad.types import AnomalyOutput, Batch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -99,6 +100,16 @@ def image_size(path: Path) -> tuple[int, int]:
     return h, w
 
 
+def check_tileable(paths: list[Path], sizes: list[tuple[int, int]], level: TileLevel) -> None:
+    """`UserError` naming the first image too small for the run's test grid (fewer pixels than tiles)."""
+    for path, (h, w) in zip(paths, sizes):
+        try:
+            level_boxes(h, w, level)
+        except ValueError:
+            raise UserError(f"image {path} is {w}x{h}: too small for the run's {level.cols}x{level.rows} test "
+                            "grid (at least one pixel per tile)") from None
+
+
 class NewImages(Dataset):
     """Decoded images as eval items: `image` (3,H,W) uint8 RGB, no mask, label -1, `sample_id` = name."""
 
@@ -138,7 +149,9 @@ class NewImagesDataModule(MVTecAD2DataModule):
     def __init__(self, cfg: RunConfig, paths: list[Path], names: list[str], batch_size: int) -> None:
         super().__init__(cfg.data, seed=cfg.seed)
         self.images = NewImages(paths, names)
-        self.batches = SameSizeBatches([image_size(p) for p in paths], batch_size)
+        sizes = [image_size(p) for p in paths]
+        check_tileable(paths, sizes, cfg.data.tiling.test_level)
+        self.batches = SameSizeBatches(sizes, batch_size)
 
     def predict_dataloader(self) -> DataLoader:  # type: ignore[override]
         return DataLoader(self.images, batch_sampler=self.batches, num_workers=0, collate_fn=collate_batch)
@@ -253,9 +266,8 @@ def load_checkpoint_weights(ckpt: Path) -> dict[str, Tensor]:
         if not isinstance(state, dict):
             raise TypeError("state_dict is not a dict")
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError,
-            ImportError, zipfile.BadZipFile) as err:
-        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load {ckpt}: not a complete weights-only checkpoint ({why[:200]}); "
+            ImportError, OSError, zipfile.BadZipFile) as err:
+        raise UserError(f"cannot load {ckpt}: not a complete weights-only checkpoint ({first_line(err)}); "
                         "re-train the run or restore the file") from None
     return state
 
@@ -311,9 +323,7 @@ class PredictionFiles:
         atomic_write_bytes(self.out / "masks" / f"{name}.png", encode_mask_png(mask))
         if self.overlays:
             panel = overlay_panel(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), anomaly_map, None, mask)
-            ok, png = cv2.imencode(".png", panel)
-            if ok:
-                atomic_write_bytes(self.out / "overlays" / f"{name}.png", png.tobytes())
+            write_png(self.out / "overlays" / f"{name}.png", panel)
         area = int(np.count_nonzero(mask))
         self.rows.append((name, float(score), "anomalous" if area > 0 else "good", area))
 
@@ -324,7 +334,7 @@ class PredictionFiles:
         writer.writerow(SCORE_COLUMNS)
         writer.writerows((name, f"{score:.9g}", decision, area) for name, score, decision, area in self.rows)
         path = self.out / "scores.csv"
-        atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+        atomic_write_bytes(path, buf.getvalue().encode("utf-8", "surrogateescape"))  # names as on disk
         atomic_write_bytes(self.out / "prediction.yaml", yaml.safe_dump(provenance, sort_keys=False).encode())
         return path
 
@@ -411,11 +421,13 @@ def predict_exported(artefact: Path, inputs: list[str], out: Path, device: str =
     paths = collect_images(inputs)
     names = output_names(paths)
     images = NewImages(paths, names)
-    batches = SameSizeBatches([image_size(p) for p in paths], batch_size)
+    sizes = [image_size(p) for p in paths]
     try:
         detector = ExportedDetector(artefact, None if device == "auto" else device)
-    except (ValueError, RuntimeError) as err:
-        raise UserError(f"predict: cannot load {artefact} ({str(err).splitlines()[0]})") from None
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise UserError(f"predict: cannot load {artefact} ({first_line(err)})") from None
+    check_tileable(paths, sizes, detector.tiler.level)
+    batches = SameSizeBatches(sizes, batch_size)
     files = PredictionFiles(out, overlays)
     for index in tqdm(batches, desc="predict", unit="batch"):
         batch = collate_batch([images[i] for i in index])

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import torch
 
+from data_modules.listing import imread
 from hybridad.errors import UserError
 from hybridad.run_dir import RunDir, atomic_write_bytes
 from hybridad.types import CATEGORIES, Split
@@ -501,11 +502,11 @@ def overlay_panel(image: np.ndarray, anomaly_map: np.ndarray, gt: np.ndarray | N
 def _write_overlay(r: _Run, category_dir: Path, sid: str, out: Path, rel: Path) -> str:
     """Draw one overlay to `out/rel`; returns '' or why it was skipped."""
     stem = sid.rsplit("/", 1)[1]
-    image = cv2.imread(str(category_dir / f"{sid}.png"), cv2.IMREAD_COLOR)  # (H,W,3) BGR, gray -> 3 ch
+    image = imread(category_dir / f"{sid}.png", cv2.IMREAD_COLOR)  # (H,W,3) BGR, gray -> 3 ch
     if image is None:
         return f"image {category_dir / sid}.png missing"
     gt_path = category_dir / "test_public/ground_truth/bad" / f"{stem}_mask.png"
-    gt = cv2.imread(str(gt_path), cv2.IMREAD_GRAYSCALE)
+    gt = imread(gt_path, cv2.IMREAD_GRAYSCALE)
     amap = r.run.read_map(sid)
     panel = overlay_panel(image, amap, gt, _pred_mask(r, sid, amap))
     ok, png = cv2.imencode(".png", panel)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,14 @@ def check_resumable(run: Path) -> None:
     state = RunDir(run).read_state().get("state")
     if state == "completed":
         raise UserError(f"resume: run {run} has completed; nothing to resume (start a new run without resume=)")
+    last = Path(run) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        try:
+            with zipfile.ZipFile(last):  # reads the central directory at the end: a truncated copy fails here
+                pass
+        except (zipfile.BadZipFile, OSError) as err:
+            raise UserError(f"resume: {last} is truncated or corrupt ({err}); restore it, or delete it to "
+                            "restart this run from step 0") from None
 
 
 def publish_latest(run: Path) -> None:

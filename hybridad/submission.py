@@ -23,15 +23,17 @@ import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
 import tifffile
 from tqdm import tqdm
 
+from data_modules.listing import imread
 from hybridad.errors import UserError
-from hybridad.run_dir import RunDir, atomic_write_bytes, encode_mask_png, encode_tiff, to_float16_map
+from hybridad.run_dir import (RunDir, atomic_write_bytes, atomic_write_with, encode_mask_png, encode_tiff,
+                              to_float16_map)
 from hybridad.types import CATEGORIES, PRIVATE_SPLITS
 
 # files per private split (test_private and test_private_mixed alike), as in MVTec's checker
@@ -235,7 +237,7 @@ def _reencode_map(src: Path) -> bytes:
 
 
 def _reencode_mask(src: Path) -> bytes:
-    img = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+    img = imread(src, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise UserError(f"{src}: cannot read mask PNG")
     if img.ndim == 3:
@@ -360,7 +362,7 @@ def _check_tiff(file: Path) -> tuple[list[str], tuple[int, ...]]:
 
 
 def _check_png(file: Path) -> tuple[list[str], tuple[int, ...]]:
-    img = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+    img = imread(file, cv2.IMREAD_UNCHANGED)
     if img is None:
         return [f"{file}: cannot read PNG"], ()
     if img.ndim != 2:
@@ -407,15 +409,12 @@ def pack_submission(path: Path, out: Path, expected_counts: dict[str, int] | Non
     prefix = path.resolve().name if arc_root is None else arc_root
     files = sorted(p for name in (MAPS_DIR, MASKS_DIR) if (path / name).is_dir()
                    for p in (path / name).rglob("*") if p.is_file())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
+
+    def write(raw: BinaryIO) -> None:
+        with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
             for file in tqdm(files, desc="packing submission", unit="file", disable=None):
                 rel = file.relative_to(path).as_posix()
                 tar.add(file, arcname=f"{prefix}/{rel}" if prefix else rel, recursive=False)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write_with(out, write)  # temporary file (0666 minus the umask), fsync, rename; removed on failure
     return out
