@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,21 @@ from hybridad.config import load_config
 from hybridad.errors import UserError
 from hybridad.thresholds import ThresholdConfig, fit_threshold
 
-REPO = Path(__file__).resolve().parents[2]
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """`hybridad ARGS` in this process; stderr captured, the exit code as `returncode`."""
+    import contextlib
+    import io
 
+    from hybridad.cli import main
 
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m hybridad ARGS` in a fresh process (a segfault or abort shows as a negative/134 code)."""
-    return subprocess.run([sys.executable, "-m", "hybridad", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=300)
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(list(args))
+        except SystemExit as stop:
+            code = int(stop.code or 0)
+    return subprocess.CompletedProcess(list(args), code, "", err.getvalue())
 
 
 def _one_line(proc: subprocess.CompletedProcess, needle: str) -> None:
