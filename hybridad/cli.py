@@ -55,6 +55,18 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_prune(args: argparse.Namespace) -> int:
+    from data_modules.cache import default_cache_root, prune_cache
+
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_root()
+    removed = prune_cache(root, args.older_than, dry_run=args.dry_run)
+    for path in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {path}")
+    print(f"{root}: {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} unused for more than "
+          f"{args.older_than:g} days {'would be ' if args.dry_run else ''}removed")
+    return 0
+
+
 def _cmd_submission_write(args: argparse.Namespace) -> int:
     from hybridad.submission import write_submission
 
@@ -176,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--root", required=True)
     q.add_argument("--category", required=True)
     q.set_defaults(func=_cmd_data_check)
+
+    p = sub.add_parser("cache", help="the decoded-image cache (data.cache_dir)")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    q = csub.add_parser("prune", help="delete entries no job has built or opened for more than --older-than "
+                        "days (builds never delete other entries)")
+    q.add_argument("--older-than", type=float, required=True, metavar="DAYS",
+                   help="age in days; pick more than your longest job (an entry is stamped when a job opens it)")
+    q.add_argument("--cache-dir", default=None,
+                   help="cache root (default: $HYBRIDAD_CACHE_DIR, $XDG_CACHE_HOME/hybridad or ~/.cache/hybridad)")
+    q.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    q.set_defaults(func=_cmd_cache_prune)
 
     p = sub.add_parser("submission", help="write, check or pack the official server tree")
     ssub = p.add_subparsers(dest="submission_command", required=True)

@@ -11,6 +11,7 @@ from hybridad.config import load_config
 from hybridad.errors import UserError
 from hybridad.thresholds import ThresholdConfig, fit_threshold
 
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     """`hybridad ARGS` in this process; stderr captured, the exit code as `returncode`."""
     import contextlib
