@@ -101,6 +101,20 @@ def _load_yaml(path: Path) -> DictConfig:
     return cfg
 
 
+RETIRED_KEYS = ("cpr.steps",)  # keys older runs saved that no longer exist (ignored when a run is read back)
+
+
+def _load_saved(path: Path) -> DictConfig:
+    """A run's saved `config.yaml`, without `RETIRED_KEYS` (so older runs still predict, evaluate, resume)."""
+    saved = _load_yaml(path)
+    for key in RETIRED_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(saved, parent, default=None) if parent else saved
+        if isinstance(node, DictConfig) and leaf in node:
+            node.pop(leaf)
+    return saved
+
+
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
         merged = OmegaConf.merge(base, other)
@@ -189,7 +203,7 @@ def load_resume_config(cli: DictConfig) -> RunConfig:
     if spec == "latest" and not category:
         raise UserError("resume=latest needs data.category (e.g. `make train CAT=can ARGS=resume=latest`)")
     run = resolve_resume_target(spec, out_dir, str(category or ""))
-    saved = _merge(OmegaConf.structured(RunConfig), _load_yaml(run / "config.yaml"), str(run / "config.yaml"))
+    saved = _merge(OmegaConf.structured(RunConfig), _load_saved(run / "config.yaml"), str(run / "config.yaml"))
     for key, value in _flatten(OmegaConf.to_container(cli)):
         if key in RESUME_MUTABLE or key in ("resume", "out_dir", "name"):  # the last two only locate the run
             continue
@@ -249,7 +263,7 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunCon
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a hybridad run directory (made by `hybridad train`)?")
-    cfg = _merge(OmegaConf.structured(RunConfig), _load_yaml(path), str(path))
+    cfg = _merge(OmegaConf.structured(RunConfig), _load_saved(path), str(path))
     cfg = _merge(cfg, parse_overrides(overrides), "the command line")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig)

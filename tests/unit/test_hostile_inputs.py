@@ -365,3 +365,21 @@ def test_ignored_weight_files_are_named() -> None:
     cfg = load_config(["data.category=can", "cpr.weights=/w/densenet.pth"])
     assert [line.split(" is ")[0] for line in ignored_settings(cfg)] == ["cpr.weights=/w/densenet.pth"]
     assert ignored_settings(load_config(["data.category=vial"])) == []
+
+
+# item 16: dead code is gone, and older runs still load ---------------------------------------------------------
+def test_dead_settings_are_gone_and_older_runs_still_load(tmp_path: Path) -> None:
+    import inspect
+
+    import hybridad.postprocess as postprocess
+    from hybridad.config import load_run_config
+    from hybridad.models.cpr.config import CprConfig
+    from hybridad.models.cpr.lightning_model import Cpr
+
+    assert not hasattr(postprocess, "normalize")
+    assert "steps" not in vars(CprConfig())
+    assert "top_ratio" not in inspect.signature(Cpr).parameters
+    with pytest.raises(UserError, match="cpr.steps"):
+        load_config(["data.category=vial", "cpr.steps=10"])
+    (tmp_path / "config.yaml").write_text("branch: cpr\ndata:\n  category: vial\ncpr:\n  steps: 2000\n  top_t: 7\n")
+    assert load_run_config(tmp_path).cpr.top_t == 7  # a run saved before `cpr.steps` was retired

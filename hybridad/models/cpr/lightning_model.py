@@ -40,11 +40,10 @@ class Cpr(AnomalyModule):
     Args:
         cfg: CPR settings.
         postprocess: map smoothing / mask post-processing (shared eval path).
-        top_ratio: unused by CPR (image score = top-T sum), kept for the base class.
     """
 
-    def __init__(self, cfg: CprConfig | None = None, postprocess: PostProcessConfig | None = None, top_ratio: float = 0.01) -> None:
-        super().__init__(postprocess=postprocess, top_ratio=top_ratio)
+    def __init__(self, cfg: CprConfig | None = None, postprocess: PostProcessConfig | None = None) -> None:
+        super().__init__(postprocess=postprocess)  # image score: CPR's own top-T sum (`image_score`)
         self.cfg = cfg or CprConfig()
         self.save_hyperparameters(ignore=["postprocess"])
         self.model = CprModel(self.cfg)
