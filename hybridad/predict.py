@@ -241,7 +241,7 @@ def load_module(run: RunDir, cfg: RunConfig, decision: Decision | None = None) -
     try:
         module.load_state_dict(state)
     except RuntimeError as err:
-        raise UserError(f"{ckpt}: its weights do not fit the run's model ({str(err).splitlines()[0]}); "
+        raise UserError(f"{ckpt}: its weights do not fit the run's model ({first_line(err)}); "
                         "the checkpoint belongs to another run or config") from None
     if decision is not None:
         module.set_threshold(decision.threshold)

@@ -111,12 +111,13 @@ def write_submission(sources: list[Path], out: Path, overwrite: bool = False) ->
     (native) size. The tree is built in `<out>.tmp-XXXX` beside `out` and renamed at the end, so a
     half-written tree never looks complete. Which run and evaluation each category came from, its thresholds
     and whether they were tuned on test go to `<out>.provenance.yaml` beside the tree (the checker allows
-    no extra file).
+    no extra file), written before the tree is renamed into place: a kill never leaves a tree without it.
 
     Raises:
-        UserError: `out` is non-empty (and not `overwrite`), a run is incomplete, two sources share a
-            category, a run lacks the maps of a private split, an evaluation lacks masks, or a map/mask
-            cannot be converted.
+        UserError: `out` is non-empty (and not `overwrite`), `overwrite` of a folder that is not a submission
+            tree or that holds a source, a run is incomplete, two sources share a category, a run lacks any
+            map of a private split (a gap in 000..n-1, n from the dataset when it is here), a source has masks
+            for only some maps, an evaluation lacks masks, or a map/mask cannot be converted.
     """
     import yaml
 
@@ -196,8 +197,10 @@ def write_submission(sources: list[Path], out: Path, overwrite: bool = False) ->
         moved = True
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not moved and path.is_file():  # the tree did not change: neither does its provenance
-            atomic_write_bytes(path, previous) if previous is not None else path.unlink(missing_ok=True)
+        if not moved and previous is not None:  # the tree did not change: neither does its provenance
+            atomic_write_bytes(path, previous)
+        elif not moved:
+            path.unlink(missing_ok=True)
         raise
     return path
 
@@ -212,13 +215,14 @@ def _require_complete_maps(run: RunDir, category: str, split: str, sample_ids: l
     root = (run.read_config().get("data") or {}).get("root")
     folder = Path(str(root)) / category / split if root else None
     numbers = [int(n) for n in (sid.rsplit("/", 1)[-1].split("_", 1)[0] for sid in sample_ids) if n.isdigit()]
-    count = len(list(folder.glob("*.png"))) if folder is not None and folder.is_dir() else max(numbers) + 1
+    here = folder is not None and folder.is_dir()
+    count = len(list(folder.glob("*.png"))) if here else max(numbers, default=-1) + 1  # type: ignore[union-attr]
     expected = [f"{split}/{i:03d}_{tag}" for i in range(count)]
     missing = sorted(set(expected) - set(sample_ids))
     if missing:
         raise UserError(f"run {run.path} lacks {len(missing)} of {count} {split} maps (e.g. "
-                        f"{run.path / 'maps' / missing[0]}.tiff); predict them again (`hybridad evaluate` "
-                        "cannot make maps) or re-run training")
+                        f"{run.path / 'maps' / missing[0]}.tiff): its private maps are incomplete; train the "
+                        "category again (`hybridad evaluate` re-scores maps, it cannot make them)")
 
 
 def _honour_umask(folder: Path) -> None:

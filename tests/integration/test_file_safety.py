@@ -171,7 +171,8 @@ def test_bad_paths_and_files_end_in_one_line(can_run: Path, tmp_path: Path, caps
               "1x1")
 
 
-def test_truncated_or_corrupt_files_end_in_one_line(can_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_truncated_or_corrupt_files_end_in_one_line(can_run: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
     image = str(_image(can_run))
     copy = tmp_path / "run"
     shutil.copytree(can_run, copy)

@@ -171,7 +171,8 @@ def test_predict_takes_threshold_and_postprocessing_from_an_evaluation(inp_run: 
     row = _read_csv(tmp_path / "tidy" / "scores.csv")[0]
     assert row["anomalous_area_px"] == "0" and row["decision"] == "good"
     resolved = tmp_path / "eval_resolved"  # the resolved section wins over the override list
-    RunDir(resolved).write_text("evaluation.yaml", own + f"overrides: []\npostprocess: {{min_area: {h * w + 1}}}\n")
+    RunDir(resolved).write_text("evaluation.yaml",
+                                own + f"overrides: []\npostprocess: {{min_area: {h * w + 1}}}\n")
     RunDir(resolved).write_thresholds({"value": -1.0e9, "method": "fixed", "source": "fixed"})
     predict(inp_run, [str(image)], tmp_path / "resolved", evaluation=resolved)
     assert _read_csv(tmp_path / "resolved" / "scores.csv")[0]["anomalous_area_px"] == "0"

@@ -282,7 +282,8 @@ def test_submission_refuses_missing_maps_or_masks(tmp_path: Path) -> None:
     for i in range(3):
         (data / f"{i:03d}_regular.png").write_bytes(b"")
     run = _private_run(tmp_path / "runs3", count=2)
-    RunDir(run).write_text("config.yaml", f"branch: inp_former\ndata:\n  category: can\n  root: {tmp_path / 'data'}\n")
+    RunDir(run).write_text("config.yaml",
+                           f"branch: inp_former\ndata:\n  category: can\n  root: {tmp_path / 'data'}\n")
     with pytest.raises(UserError, match="lacks 1 of 3 test_private maps.*002_regular"):
         write_submission([run], tmp_path / "sub")
     assert not (tmp_path / "sub").exists()
@@ -381,5 +382,6 @@ def test_dead_settings_are_gone_and_older_runs_still_load(tmp_path: Path) -> Non
     assert "top_ratio" not in inspect.signature(Cpr).parameters
     with pytest.raises(UserError, match="cpr.steps"):
         load_config(["data.category=vial", "cpr.steps=10"])
-    (tmp_path / "config.yaml").write_text("branch: cpr\ndata:\n  category: vial\ncpr:\n  steps: 2000\n  top_t: 7\n")
+    saved = "branch: cpr\ndata:\n  category: vial\ncpr:\n  steps: 2000\n  top_t: 7\n"
+    (tmp_path / "config.yaml").write_text(saved)
     assert load_run_config(tmp_path).cpr.top_t == 7  # a run saved before `cpr.steps` was retired
