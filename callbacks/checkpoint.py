@@ -27,7 +27,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
-        atomic_write_with(Path(path), lambda f: torch.save(checkpoint, f))
+        atomic_write_with(Path(path), lambda f: torch.save(checkpoint, f), defer_write_errors=True)
 
 
 def _random_states() -> dict[str, Any]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from hybridad.visualize import overlay_panel
+from hybridad.run_dir import write_png
 from hybridad.types import AnomalyOutput, Batch
 
 
@@ -37,8 +37,7 @@ class OverlayLoggerCallback(L.Callback):
             pred = outputs.pred_mask[i, 0].cpu().numpy() if outputs.pred_mask is not None else None
             panel = overlay_panel(image.copy(), outputs.anomaly_map[i, 0].float().cpu().numpy(), gt, pred)
             name = sample_id.replace("/", "_")
-            self.out.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(self.out / f"{name}.png"), panel)
+            write_png(self.out / f"{name}.png", panel)  # raises (naming the file) where imwrite returned False
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"test_public/overlay/{name}", images=[panel[:, :, ::-1].copy()])

@@ -4,14 +4,20 @@ Layout under the cache root (`data.cache_dir`, default `$HYBRIDAD_CACHE_DIR`, `$
 `~/.cache/hybridad`):
 
     <cache root>/<category>-<hash of the category folder's absolute path>/
-        source.txt           the category folder it was built from (stale entries are pruned when it is gone)
+        source.txt           the category folder it was built from (informative: never used to delete)
         <split>.npy          (N,H,W,C) uint8, C = 1 for gray categories, 3 for RGB; opened with mmap
-        <split>.json         index: shape and (name, size, mtime_ns) of every source PNG; written last
+        <split>.json         index: shape and (name, size, mtime_ns) of every source PNG; written last;
+                             its modification time is refreshed at every use (what `prune` reads)
         <split>.lock         build lock (fcntl): DDP ranks and workers that start at once build it once
 
 The index is the commit marker: it is removed before a rebuild and written (atomically) only after the array
-has been renamed to its final name, so a killed build leaves at most a `*.tmp-*` file that the next build
-deletes. The cache is valid while the split's file list, sizes and modification times match the index.
+has been renamed to its final name, so a killed build leaves at most a `<split>.npy.tmp-<host>-<pid>` file.
+The cache is valid while the split's file list, sizes and modification times match the index.
+
+A build never deletes another entry, nor a temporary file it cannot prove dead (only this host's, of a
+process that no longer exists): with a cache folder shared between nodes, a source folder missing here
+(data staged to another node's /tmp) or a lock the file system does not honour (NFS, Lustre) must not cost
+another job its cache. Old entries go only when asked: `hybridad cache prune --older-than DAYS`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -84,17 +91,97 @@ def _file_list(samples: list[Sample]) -> list[list]:
     return out
 
 
-def _prune_stale(cache_root: Path, keep: Path) -> None:
-    """Remove entries whose source category folder no longer exists (e.g. temporary trees)."""
-    for source in cache_root.glob("*/source.txt"):
-        entry = source.parent
-        if entry == keep:
-            continue
+def _tmp_name(data: Path) -> Path:
+    """This process's temporary build file: host and pid in the name, so a later build can tell if it is dead."""
+    host = socket.gethostname().replace("-", "_") or "host"
+    return data.with_name(f"{data.name}.tmp-{host}-{os.getpid()}")
+
+
+def _dead_local_tmp(path: Path) -> bool:
+    """Whether `path` is a temporary build file of a process of this host that no longer runs."""
+    try:
+        host, pid = path.name.rsplit(".tmp-", 1)[1].rsplit("-", 1)
+        pid_value = int(pid)
+    except (IndexError, ValueError):
+        return False  # an older or foreign name: leave it to `hybridad cache prune`
+    if host != (socket.gethostname().replace("-", "_") or "host"):
+        return False
+    try:
+        os.kill(pid_value, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, under another user
+    return False
+
+
+def _entry_last_use(entry: Path) -> float:
+    """The newest modification time of an entry's files (an index is touched at every use)."""
+    times = [p.stat().st_mtime for p in entry.iterdir() if p.is_file()]
+    return max(times, default=entry.stat().st_mtime)
+
+
+def _entry_in_use(entry: Path) -> bool:
+    """Whether a process holds one of the entry's build locks now (it is being built)."""
+    for lock in entry.glob("*.lock"):
         try:
-            if not Path(source.read_text().strip()).is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
+            fd = os.open(lock, os.O_RDONLY)
         except OSError:
             continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return False
+
+
+def prune_cache(cache_root: str | Path, older_than_days: float, dry_run: bool = False) -> list[Path]:
+    """Delete cache entries (and stray temporary files) unused for more than `older_than_days` days.
+
+    An entry counts as used when it was built or opened (each open refreshes its index's time). Entries being
+    built (lock held) are kept. Returns what was (or, with `dry_run`, would be) deleted.
+
+    Raises:
+        UserError: a negative or non-finite age, or a cache root that is not a folder.
+    """
+    if not (older_than_days >= 0 and older_than_days != float("inf")):
+        raise UserError(f"cache prune: --older-than {older_than_days}: give a number of days >= 0")
+    root = Path(cache_root).expanduser()
+    if not root.exists():
+        return []
+    if not root.is_dir():
+        raise UserError(f"cache prune: {root} is not a folder")
+    limit = time.time() - older_than_days * 86400
+    removed = []
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir():
+            continue
+        try:
+            if _entry_last_use(entry) >= limit or _entry_in_use(entry):
+                stale = [p for p in entry.glob("*.tmp-*") if p.stat().st_mtime < limit]
+                for tmp in stale:
+                    if not dry_run:
+                        tmp.unlink(missing_ok=True)
+                removed += stale
+                continue
+        except OSError:
+            continue
+        if not dry_run:
+            shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _mark_used(index: Path) -> None:
+    """Refresh the index's time (what `prune_cache` reads); a read-only cache folder is fine."""
+    try:
+        os.utime(index)
+    except OSError:
+        pass
 
 
 class DecodedCache:
@@ -169,7 +256,8 @@ class DecodedCache:
         files = _file_list(samples)
         shape = cls._valid_shape(data, index, files)
         if shape is not None:
-            return cls(data, shape)  # valid: nothing is written (a read-only, pre-built cache works)
+            _mark_used(index)
+            return cls(data, shape)  # valid: nothing else is written (a read-only, pre-built cache works)
         try:
             entry.mkdir(parents=True, exist_ok=True)
             lock = _acquire_lock(entry / f"{split}.lock")
@@ -183,7 +271,6 @@ class DecodedCache:
                 (entry / "source.txt").write_text(str(cat_dir) + "\n")
             except OSError as err:
                 raise _fs_error(err, entry) from None
-            _prune_stale(cache_root, keep=entry)
             t0 = time.perf_counter()
             shape = cls._build(data, index, files, samples, f"{category}/{split}", progress, threads)
             cache = cls(data, shape, time.perf_counter() - t0)
@@ -215,7 +302,8 @@ class DecodedCache:
         """Decode every sample into a temporary .npy, rename it, write the index. Caller holds the lock."""
         index.unlink(missing_ok=True)  # invalid from here until the new index lands
         for stale in data.parent.glob(f"{data.name}.tmp-*"):
-            stale.unlink(missing_ok=True)  # a killed build's leftovers (we hold the lock: nobody else writes)
+            if _dead_local_tmp(stale):  # a killed build of this host; anything else may be a live writer
+                stale.unlink(missing_ok=True)
         h, w, _ = image_header(samples[0].image_path)
         channels = 1
         for s in samples:  # headers only: sizes must agree, any RGB image makes the cache RGB
@@ -234,7 +322,7 @@ class DecodedCache:
                 f"the decoded-image cache needs {need / 2**30:.1f} GiB at {data.parent} but "
                 f"{free / 2**30:.1f} GiB are free: set data.cache_dir to a roomier folder or data.cache=false"
             )
-        tmp = data.with_name(f"{data.name}.tmp-{os.getpid()}")
+        tmp = _tmp_name(data)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             fd = os.open(tmp, os.O_RDWR)

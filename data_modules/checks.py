@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from data_modules.datamodule import DataConfig
 from data_modules.formats import list_splits
-from data_modules.listing import decode_image, image_header, mask_to_binary
+from data_modules.listing import decode_image, image_header, imread, mask_to_binary
 from hybridad.errors import UserError
 from hybridad.types import CATEGORIES, GRAY_CATEGORIES, Sample, Split
 
@@ -24,7 +24,7 @@ def _check_sample(sample: Sample) -> tuple[int, int, int]:
     h, w, c = img.shape
     if sample.mask_path is not None:
         image_header(sample.mask_path, "mask")
-        raw = cv2.imread(str(sample.mask_path), cv2.IMREAD_UNCHANGED)
+        raw = imread(sample.mask_path, cv2.IMREAD_UNCHANGED)
         if raw is None:
             raise UserError(f"cannot decode mask {sample.mask_path} (truncated or corrupt PNG): re-extract")
         if raw.shape[:2] != (h, w):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from data_modules.listing import imread
 from hybridad.errors import UserError
 
 KINDS: tuple[str, ...] = ("crack", "scratch", "spot", "contamination")
@@ -144,7 +145,7 @@ def _square(rgba: np.ndarray) -> np.ndarray:
 
 def _read_crop(f: Path) -> np.ndarray:
     """(h,w,4) uint8 RGBA from an RGBA or grey+alpha PNG."""
-    img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+    img = imread(f, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise UserError(f"cannot read defect crop {f}")
     if img.dtype == np.uint16:

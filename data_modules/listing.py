@@ -8,6 +8,7 @@ Disk layout (one category):
 from __future__ import annotations
 
 import re
+import os
 import struct
 from pathlib import Path
 
@@ -125,13 +126,31 @@ def image_header(path: Path, kind: str = "image") -> tuple[int, int, int]:
     return h, w, channels
 
 
+def imread(path: Path | str, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray | None:
+    """`cv2.imread` for any file name: the bytes are read by Python and decoded by `cv2.imdecode`.
+
+    OpenCV given a name that is not valid UTF-8 (a surrogate `str`) can crash the process; Python's own
+    open takes any name. None, as `cv2.imread`, for a missing, empty or undecodable file.
+    """
+    try:
+        data = np.fromfile(os.fsencode(path), dtype=np.uint8)
+    except (OSError, ValueError):
+        return None
+    if data.size == 0:
+        return None
+    try:
+        return cv2.imdecode(data, flags)
+    except cv2.error:
+        return None
+
+
 def decode_image(path: Path) -> np.ndarray:
     """Decode an image (PNG, JPEG, BMP, TIFF) at native size -> (H,W,1) gray or (H,W,3) RGB uint8 (16-bit
     scaled down, alpha dropped).
 
     The whole pixel stream is decoded, so a truncated or corrupt PNG fails here (UserError naming the file).
     """
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    img = imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise UserError(f"cannot decode image {path} (unreadable, truncated or corrupt PNG): re-extract it")
     if img.dtype == np.uint16:
@@ -180,7 +199,7 @@ def mask_to_binary(raw: np.ndarray, path: Path) -> np.ndarray:
 
 def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.ndarray:
     """Decode a ground-truth mask -> (H,W) float32 {0,1}; checks its size and binary values (8 or 16 bit)."""
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    raw = imread(path, cv2.IMREAD_UNCHANGED)
     if raw is None:
         raise UserError(f"cannot decode mask {path} (unreadable, truncated or corrupt PNG): re-extract it")
     if raw.shape[:2] != tuple(image_hw):

@@ -2,7 +2,8 @@
 
 Commands import their machinery lazily, so `--help` is instant and importing this module touches nothing.
 A `UserError` anywhere is printed as one line (`hybridad: error: ...`) with exit code 2, and so is a full,
-unwritable or read-only disk (ENOSPC, EDQUOT, EACCES, EPERM, EROFS), naming the path.
+unwritable or read-only disk (ENOSPC, EDQUOT, EACCES, EPERM, EROFS) or a path that cannot exist there (ENOENT,
+ENOTDIR, EISDIR, ENAMETOOLONG, EEXIST), naming the path.
 """
 
 from __future__ import annotations
@@ -67,6 +68,18 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     except Exception as err:  # an unknown data.* key or a wrong type
         raise UserError(f"data check: {str(err).splitlines()[0]}") from None
     print(check_dataset(Path(args.root), args.category, OmegaConf.to_object(data)))
+    return 0
+
+
+def _cmd_cache_prune(args: argparse.Namespace) -> int:
+    from data_modules.cache import default_cache_root, prune_cache
+
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_root()
+    removed = prune_cache(root, args.older_than, dry_run=args.dry_run)
+    for path in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {path}")
+    print(f"{root}: {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} unused for more than "
+          f"{args.older_than:g} days {'would be ' if args.dry_run else ''}removed")
     return 0
 
 
@@ -149,6 +162,11 @@ STORAGE_ERRNOS = {
     errno.EACCES: "permission denied: write somewhere you may write (out_dir=..., --out ...)",
     errno.EPERM: "operation not permitted: write somewhere you may write (out_dir=..., --out ...)",
     errno.EROFS: "read-only file system: write somewhere writable (out_dir=..., --out ...)",
+    errno.ENOENT: "no such file or folder (or none can be created there, as under /proc): check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "is a folder: give a file name",
+    errno.ENAMETOOLONG: "file name too long (at most 255 bytes per name): use a shorter name",
+    errno.EEXIST: "a file is in the way of a folder of this path: check the path",
 }
 
 
@@ -217,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layout: mvtec_ad2 (default), mvtec_ad, visa, realiad, folder (docs/own_data.md)")
     q.add_argument("overrides", nargs="*", help="data.* settings, e.g. data.layout.normal_test=good_test")
     q.set_defaults(func=_cmd_data_check)
+
+    p = sub.add_parser("cache", help="the decoded-image cache (data.cache_dir)")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    q = csub.add_parser("prune", help="delete entries no job has built or opened for more than --older-than "
+                        "days (builds never delete other entries)")
+    q.add_argument("--older-than", type=float, required=True, metavar="DAYS",
+                   help="age in days; pick more than your longest job (an entry is stamped when a job opens it)")
+    q.add_argument("--cache-dir", default=None,
+                   help="cache root (default: $HYBRIDAD_CACHE_DIR, $XDG_CACHE_HOME/hybridad or ~/.cache/hybridad)")
+    q.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    q.set_defaults(func=_cmd_cache_prune)
 
     p = sub.add_parser("submission", help="write, check or pack the official server tree")
     ssub = p.add_subparsers(dest="submission_command", required=True)

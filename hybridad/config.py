@@ -11,6 +11,7 @@ threshold). The eight MVTec AD 2 categories keep the winners' settings from thei
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,20 @@ def _load_yaml(path: Path) -> DictConfig:
         raise UserError(f"{path}: cannot parse YAML ({err})") from None
     assert isinstance(cfg, DictConfig)
     return cfg
+
+
+RETIRED_KEYS = ("cpr.steps",)  # keys older runs saved that no longer exist (ignored when a run is read back)
+
+
+def _load_saved(path: Path) -> DictConfig:
+    """A run's saved `config.yaml`, without `RETIRED_KEYS` (so older runs still predict, evaluate, resume)."""
+    saved = _load_saved_run_yaml(path)
+    for key in RETIRED_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(saved, parent, default=None) if parent else saved
+        if isinstance(node, DictConfig) and leaf in node:
+            node.pop(leaf)
+    return saved
 
 
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
@@ -223,7 +238,7 @@ def load_resume_config(cli: DictConfig) -> RunConfig:
         raise UserError("resume=latest needs data.category (e.g. `make train CAT=can ARGS=resume=latest`)")
     run = resolve_resume_target(spec, out_dir, str(category or ""))
     saved_path = run / "config.yaml"
-    saved = _merge(OmegaConf.structured(RunConfig), _load_saved_run_yaml(saved_path), str(saved_path))
+    saved = _merge(OmegaConf.structured(RunConfig), _load_saved(saved_path), str(saved_path))
     for key, value in _flatten(OmegaConf.to_container(cli)):
         if key in RESUME_MUTABLE or key in ("resume", "out_dir", "name"):  # the last two only locate the run
             continue
@@ -293,7 +308,7 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunCon
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a hybridad run directory (made by `hybridad train`)?")
-    cfg = _merge(OmegaConf.structured(RunConfig), _load_saved_run_yaml(path), str(path))
+    cfg = _merge(OmegaConf.structured(RunConfig), _load_saved(path), str(path))
     cfg = _merge(cfg, parse_overrides(overrides), "the command line")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig)
@@ -349,6 +364,20 @@ def _check_devices(value: Any) -> None:
     _check(ok, "trainer.devices", value, "use a count >= 1, -1 (all), 'auto' or a list of device ids")
 
 
+def ignored_settings(cfg: RunConfig) -> list[str]:
+    """One line per weight file the config sets but the run will not read (train prints them as warnings)."""
+    lines = []
+    if cfg.branch == "cpr" and cfg.cpr.preset and cfg.cpr.weights:
+        lines.append(f"cpr.weights={cfg.cpr.weights} is ignored: cpr.preset={cfg.cpr.preset} builds a random "
+                     "trunk (set cpr.preset='' to load the file, or cpr.weights='' to silence this)")
+    other = "inp_former" if cfg.branch == "cpr" else "cpr"
+    for key in ("weights", "checkpoint"):
+        value = getattr(getattr(cfg, other), key)
+        if value:
+            lines.append(f"{other}.{key}={value} is ignored: this run's branch is {cfg.branch}")
+    return lines
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Check every value that the schema's types do not (enums, ranges, sizes) and raise one `UserError` line.
 
@@ -356,7 +385,7 @@ def validate_config(cfg: RunConfig) -> None:
     """
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from hybridad.thresholds import METHODS, PERCENTILE_METHODS
+    from hybridad.thresholds import METHODS, OVERRIDABLE_SPLITS, PERCENTILE_METHODS, rule_for_split
 
     from data_modules.formats import READERS
 
@@ -443,6 +472,18 @@ def validate_config(cfg: RunConfig) -> None:
     _check_enum("threshold.percentile_method", th.percentile_method, PERCENTILE_METHODS)
     _check(0.0 < th.percentile <= 100.0, "threshold.percentile", th.percentile, "must be in (0, 100]")
     _check(th.factor > 0, "threshold.factor", th.factor, "must be > 0")
+    _check(math.isfinite(th.k), "threshold.k", th.k, "must be a finite number")
+    _check(th.value is None or math.isfinite(th.value), "threshold.value", th.value, "must be a finite number")
+    _check(th.method != "fixed" or th.value is not None, "threshold.value", th.value,
+           "threshold.method=fixed needs a value (threshold.value=0.5)")
+    for split in OVERRIDABLE_SPLITS:
+        o = getattr(th, split)
+        for key in ("k", "percentile", "factor", "value"):
+            v = getattr(o, key)
+            _check(v is None or math.isfinite(v), f"threshold.{split}.{key}", v, "must be a finite number")
+        rule = rule_for_split(th, split)
+        _check(rule.method != "fixed" or rule.value is not None, f"threshold.{split}.value", o.value,
+               f"threshold.{split}.method=fixed needs a value (threshold.{split}.value=0.5)")
 
     m = cfg.inp_former
     _check_enum("inp_former.preset", m.preset, ("", "tiny"))

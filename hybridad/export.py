@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from hybridad.errors import UserError
 from hybridad.export_runtime import FORMAT, META_NAME
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.predict import load_module, read_decision
-from hybridad.run_dir import RunDir
+from hybridad.run_dir import RunDir, atomic_write_with
 
 MAX_TILES = 4096  # upper bound of the dynamic tile dimension
 
@@ -138,13 +136,8 @@ def export_run(run_path: Path, out: Path, device: str = "cpu") -> Path:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".tmp.pt2", dir=out.parent)
-    os.close(fd)
-    try:  # torch.export.save writes the archive itself (the bank can be large): temp file, then rename
-        torch.export.save(program, tmp, extra_files={META_NAME: json.dumps(meta, indent=2)})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # temporary file (0666 minus the umask), fsync, rename; removed on failure (a full disk: one line)
+    extra = {META_NAME: json.dumps(meta, indent=2)}
+    atomic_write_with(out, lambda f: torch.export.save(program, f, extra_files=extra),
+                      defer_write_errors=True)
     return out

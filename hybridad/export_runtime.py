@@ -21,8 +21,10 @@ image score, threshold and post-processing. A sketch for one file::
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_modules.tilers import EvalTiler
+from hybridad.errors import first_line
 from hybridad.inp_map_path import tile_maps_from_groups
 from hybridad.postprocess import PostProcessConfig, binarize, hsv_kmeans_foreground, smooth
 from hybridad.tile_grid import TileLevel, native_tile_size, untile
@@ -49,6 +52,36 @@ def read_metadata(path: Path | str) -> dict[str, Any]:
         if name is None:
             raise ValueError(f"{path} is not a hybridad export (no extra/{META_NAME})")
         return json.loads(archive.read(name))
+
+
+def check_plain_archive(path: Path | str) -> None:
+    """`ValueError` unless every payload of the `.pt2` loads without arbitrary unpickling.
+
+    `torch.export.load` unpickles (`weights_only=False`, or plain `pickle`) any weight or constant flagged
+    `use_pickle`, custom objects, legacy `<model>.pt` weight files, and sample inputs that fail a weights-only
+    load. `hybridad export` writes none of these, so a file holding one is refused before it is loaded.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                parts = info.filename.split("/")
+                if len(parts) >= 2 and parts[-2] in ("weights", "constants") and parts[-1].endswith(".pt"):
+                    raise ValueError(f"{path}: legacy pickled payload {info.filename}")
+                if parts[-1].startswith("custom_obj"):
+                    raise ValueError(f"{path}: pickled custom object {info.filename}")
+                if len(parts) >= 2 and parts[-2] in ("weights", "constants") and parts[-1].endswith(".json"):
+                    config = json.loads(archive.read(info))
+                    for name, payload in (config.get("config") or {}).items():
+                        if payload.get("use_pickle"):
+                            raise ValueError(f"{path}: {parts[-2][:-1]} {name!r} is stored pickled "
+                                             "(refused: unpickling can run code)")
+                if len(parts) >= 2 and parts[-2] == "sample_inputs":
+                    torch.load(io.BytesIO(archive.read(info)), map_location="cpu", weights_only=True)
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, AttributeError, pickle.UnpicklingError,
+            json.JSONDecodeError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable .pt2 archive ({first_line(err)})") from None
 
 
 def top_ratio_mean(maps: Tensor, ratio: float) -> Tensor:
@@ -85,6 +118,7 @@ class ExportedDetector:
 
     def __init__(self, path: Path | str, device: str | None = None) -> None:
         extra = {META_NAME: ""}
+        check_plain_archive(path)
         program = torch.export.load(str(path), extra_files=extra)
         if not extra[META_NAME]:
             raise ValueError(f"{path} is not a hybridad export (no {META_NAME})")

@@ -62,14 +62,6 @@ def smooth(anomaly_map: Tensor, cfg: PostProcessConfig) -> Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1))  # (B,1,H,W) along height
 
 
-def normalize(anomaly_map: Tensor, low: float, high: float) -> Tensor:
-    """(map - low) / (high - low), clamped to [0, 1]; `low`/`high` are fitted statistics (e.g. validation
-    min/max or a percentile pair), not the statistics of this map."""
-    if not high > low:
-        raise ValueError(f"normalize needs high > low, got low={low}, high={high}")
-    return ((anomaly_map - low) / (high - low)).clamp(0.0, 1.0)
-
-
 # ----------------------------------------------------------------------------------------------- morphology
 
 

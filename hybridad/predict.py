@@ -20,7 +20,9 @@ import glob
 import io
 import math
 import os
+import pickle
 import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,10 +42,11 @@ from data_modules.datamodule import MVTecAD2DataModule
 from data_modules.dataset import collate_batch
 from data_modules.listing import png_size, read_image
 from hybridad.config import RunConfig, load_run_config
-from hybridad.errors import UserError
+from hybridad.errors import UserError, first_line
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.postprocess import PostProcessConfig
-from hybridad.run_dir import RunDir, atomic_write_bytes, encode_mask_png, encode_tiff, to_float16_map
+from hybridad.run_dir import RunDir, atomic_write_bytes, encode_mask_png, encode_tiff, to_float16_map, write_png
+from hybridad.tile_grid import TileLevel, level_boxes
 from hybridad.types import AnomalyOutput, Batch
 from hybridad.visualize import format_threshold, overlay_panel
 
@@ -97,6 +100,16 @@ def image_size(path: Path) -> tuple[int, int]:
     return h, w
 
 
+def check_tileable(paths: list[Path], sizes: list[tuple[int, int]], level: TileLevel) -> None:
+    """`UserError` naming the first image too small for the run's test grid (fewer pixels than tiles)."""
+    for path, (h, w) in zip(paths, sizes):
+        try:
+            level_boxes(h, w, level)
+        except ValueError:
+            raise UserError(f"image {path} is {w}x{h}: too small for the run's {level.cols}x{level.rows} test "
+                            "grid (at least one pixel per tile)") from None
+
+
 class NewImages(Dataset):
     """Decoded images as eval items: `image` (3,H,W) uint8 RGB, no mask, label -1, `sample_id` = name."""
 
@@ -136,7 +149,9 @@ class NewImagesDataModule(MVTecAD2DataModule):
     def __init__(self, cfg: RunConfig, paths: list[Path], names: list[str], batch_size: int) -> None:
         super().__init__(cfg.data, seed=cfg.seed)
         self.images = NewImages(paths, names)
-        self.batches = SameSizeBatches([image_size(p) for p in paths], batch_size)
+        sizes = [image_size(p) for p in paths]
+        check_tileable(paths, sizes, cfg.data.tiling.test_level)
+        self.batches = SameSizeBatches(sizes, batch_size)
 
     def predict_dataloader(self) -> DataLoader:  # type: ignore[override]
         return DataLoader(self.images, batch_sampler=self.batches, num_workers=0, collate_fn=collate_batch)
@@ -157,13 +172,27 @@ class Decision:
 EVALUATION_FILE = "evaluation.yaml"  # written by `hybridad evaluate` into <run>/evaluations/<id>/
 
 
-def _evaluation_postprocess(evaluation: Path) -> list[str]:
+def _require_own_evaluation(run: RunDir, evaluation: Path, record: dict[str, Any]) -> None:
+    """`UserError` unless `evaluation` re-scored `run` (its category, and its run by path or by location)."""
+    category = record.get("category")
+    if category is not None and str(category) != run.category:
+        raise UserError(f"--evaluation {evaluation} is of category '{category}' but run {run.path} is "
+                        f"'{run.category}'; give an evaluation of this run ({run.path / 'evaluations'}/<id>)")
+    own = {run.path.resolve()}
+    recorded = {Path(str(record["run"])).resolve()} if record.get("run") else set()
+    if not own & (recorded | {evaluation.resolve().parent.parent}):
+        raise UserError(f"--evaluation {evaluation} re-scored run {record.get('run')}, not {run.path}; "
+                        f"give an evaluation of this run ({run.path / 'evaluations'}/<id>)")
+
+
+def _evaluation_postprocess(run: RunDir, evaluation: Path) -> list[str]:
     """`postprocess.*` overrides of an evaluation: its resolved `postprocess` section, else its `overrides`."""
     path = evaluation / EVALUATION_FILE
     if not path.is_file():
         raise UserError(f"{evaluation} is not a finished evaluation (no {EVALUATION_FILE}); "
                         "give a directory written by `hybridad evaluate`")
     record = yaml.safe_load(path.read_text()) or {}
+    _require_own_evaluation(run, evaluation, record)
     if isinstance(record.get("postprocess"), dict):
         return [f"postprocess.{k}={v}" for k, v in record["postprocess"].items()]
     return [str(o) for o in record.get("overrides") or [] if str(o).startswith("postprocess.")]
@@ -177,7 +206,7 @@ def read_decision(run: RunDir, evaluation: Path | None = None) -> Decision:
     `evaluation.yaml` (the resolved `postprocess` section, else the `postprocess.*` items of `overrides`).
     """
     cfg = load_run_config(run.path)
-    overrides = _evaluation_postprocess(evaluation) if evaluation is not None else []
+    overrides = _evaluation_postprocess(run, evaluation) if evaluation is not None else []
     source = RunDir(evaluation) if evaluation is not None else run
     thr_file = source.path / "thresholds.yaml"
     if not thr_file.is_file():
@@ -207,14 +236,40 @@ def load_module(run: RunDir, cfg: RunConfig, decision: Decision | None = None) -
     if not ckpt.is_file():
         raise UserError(f"{run.path / CHECKPOINT} not found: the run has no final checkpoint "
                         "(finish it with `hybridad train`)")
+    state = load_checkpoint_weights(ckpt)
     module = build_model(cfg)
-    # a run's own checkpoint (hyperparameters may hold config dataclasses): trusted, as the run directory is
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(state)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{ckpt}: its weights do not fit the run's model ({first_line(err)}); "
+                        "the checkpoint belongs to another run or config") from None
     if decision is not None:
         module.set_threshold(decision.threshold)
         module.postprocess = decision.postprocess
     return module.eval()
+
+
+def load_checkpoint_weights(ckpt: Path) -> dict[str, Tensor]:
+    """The `state_dict` of a Lightning checkpoint, unpickled weights-only (no code in the file runs).
+
+    Only tensors, plain containers and the config dataclass CPR stores as a hyperparameter are allowed.
+
+    Raises:
+        UserError: a truncated or corrupt file, or one that needs arbitrary unpickling (naming the file).
+    """
+    from hybridad.models.cpr.config import CprConfig
+
+    try:
+        with torch.serialization.safe_globals([CprConfig]):
+            checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = checkpoint["state_dict"]
+        if not isinstance(state, dict):
+            raise TypeError("state_dict is not a dict")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError,
+            ImportError, OSError, zipfile.BadZipFile) as err:
+        raise UserError(f"cannot load {ckpt}: not a complete weights-only checkpoint ({first_line(err)}); "
+                        "re-train the run or restore the file") from None
+    return state
 
 
 def trainer_device(device: str) -> dict[str, Any]:
@@ -240,10 +295,30 @@ def overlay_caption(name: str, score: float, threshold: float | None, decision: 
     return f"{name}   image score {score:.6g}   pixel threshold {thr}   decision: {decision} ({area} mask px)"
 
 
+RUN_MARKERS = ("config.yaml", "state.json", "thresholds.yaml", EVALUATION_FILE)  # a run's or evaluation's files
+
+
+def check_out_dir(out: Path) -> None:
+    """`UserError` unless `out` can take predictions: not a file, not a run's or an evaluation's folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the predictions")
+    marker = next((m for m in RUN_MARKERS if (out / m).exists()), None)
+    if marker is not None:
+        raise UserError(f"--out {out} holds {marker}: it is a run or evaluation folder whose maps and masks "
+                        "predict would overwrite; give a new folder (e.g. --out predictions/)")
+
+
 class PredictionFiles:
     """Writes maps, masks, overlays and `scores.csv` of new images into one folder (atomic files)."""
 
     def __init__(self, out: Path, overlays: bool = True, threshold: float | None = None) -> None:
+        check_out_dir(out)
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--out {out}: cannot create the folder ({err.strerror}); give a writable folder"
+                            ) from None
         self.out, self.overlays, self.threshold = Path(out), overlays, threshold
         self.rows: list[tuple[str, float, str, int]] = []
 
@@ -258,9 +333,7 @@ class PredictionFiles:
             caption = overlay_caption(name, score, self.threshold, decision, area)
             panel = overlay_panel(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), anomaly_map, None, mask,
                                   threshold=self.threshold, caption=caption)
-            ok, png = cv2.imencode(".png", panel)
-            if ok:
-                atomic_write_bytes(self.out / "overlays" / f"{name}.png", png.tobytes())
+            write_png(self.out / "overlays" / f"{name}.png", panel)
         self.rows.append((name, float(score), decision, area))
 
     def close(self, provenance: dict[str, Any]) -> Path:
@@ -270,7 +343,7 @@ class PredictionFiles:
         writer.writerow(SCORE_COLUMNS)
         writer.writerows((name, f"{score:.9g}", decision, area) for name, score, decision, area in self.rows)
         path = self.out / "scores.csv"
-        atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+        atomic_write_bytes(path, buf.getvalue().encode("utf-8", "surrogateescape"))  # names as on disk
         atomic_write_bytes(self.out / "prediction.yaml", yaml.safe_dump(provenance, sort_keys=False).encode())
         return path
 
@@ -318,6 +391,8 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
             `foreground_seed`; the walnuts rule the run applies to its `foreground_splits`). New images have no
             split, so this is never inferred from their paths.
     """
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: use a positive number of images")
     if Path(run_path).suffix == ".pt2":
         if evaluation is not None:
             raise UserError("predict: --evaluation applies to run directories; an export has its threshold")
@@ -325,12 +400,11 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
     run = RunDir(run_path)
     run.read_config()  # "not a run directory" before anything else
     run.require_completed("predict")
+    check_out_dir(out)
     cfg = load_run_config(run.path)
     paths = collect_images(inputs)
     names = output_names(paths)
-    bs = batch_size or cfg.data.eval_batch_size
-    if bs < 1:
-        raise UserError(f"--batch-size {bs}: use a positive number of images")
+    bs = cfg.data.eval_batch_size if batch_size is None else batch_size
     datamodule = NewImagesDataModule(cfg, paths, names, bs)  # reads every header: bad files fail here
     decision = read_decision(run, evaluation)
     module = load_module(run, cfg, decision)
@@ -360,14 +434,17 @@ def predict_exported(artefact: Path, inputs: list[str], out: Path, device: str =
 
     if not artefact.is_file():
         raise UserError(f"predict: {artefact} not found (write it with `hybridad export RUN --out FILE.pt2`)")
+    check_out_dir(out)
     paths = collect_images(inputs)
     names = output_names(paths)
     images = NewImages(paths, names)
-    batches = SameSizeBatches([image_size(p) for p in paths], batch_size)
+    sizes = [image_size(p) for p in paths]
     try:
         detector = ExportedDetector(artefact, None if device == "auto" else device)
-    except (ValueError, RuntimeError) as err:
-        raise UserError(f"predict: cannot load {artefact} ({str(err).splitlines()[0]})") from None
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise UserError(f"predict: cannot load {artefact} ({first_line(err)})") from None
+    check_tileable(paths, sizes, detector.tiler.level)
+    batches = SameSizeBatches(sizes, batch_size)
     files = PredictionFiles(out, overlays, float(detector.meta["threshold"]["value"]))
     for index in tqdm(batches, desc="predict", unit="batch"):
         batch = collate_batch([images[i] for i in index])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import html
 import io
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 
+from data_modules.listing import imread
 from hybridad.errors import UserError
 from hybridad.run_dir import RunDir, atomic_write_bytes
 from hybridad.types import CATEGORIES, Sample, Split
@@ -97,7 +99,7 @@ class Table:
                 cls = "num" if j > 0 and _is_number(c) else ""
                 if "(" in c and "−" in c.split("(", 1)[1]:
                     cls += " drop"
-                tds.append(f'<td class="{cls.strip()}">{html.escape(c)}</td>')
+                tds.append(f'<td class="{_attr(cls.strip())}">{html.escape(c)}</td>')
             mean = ' class="mean"' if row and row[0] == "mean" else ""
             body.append(f"<tr{mean}>{''.join(tds)}</tr>")
         note = "".join(f'<p class="note">{html.escape(n)}</p>' for n in self._notes())
@@ -109,6 +111,21 @@ def _is_number(cell: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- loading
+
+
+def run_status(run: RunDir) -> str:
+    """'' for a completed run (or one without state.json), else what the report must say about it."""
+    from hybridad.run_claim import run_is_live
+
+    record = run.read_state()
+    state = record.get("state")
+    if state in (None, "completed"):
+        return ""
+    if state == "running":
+        return ("still running: its numbers are partial" if run_is_live(run.path)
+                else "killed while running (state running, no live process): its numbers are partial")
+    reason = f": {record['reason']}" if record.get("reason") else ""
+    return f"{state}{reason}: its numbers are partial"
 
 
 def _load_runs(run_dirs: list[Path]) -> list[_Run]:
@@ -509,10 +526,10 @@ def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path
 def _write_overlay(r: _Run, sample: Sample, out: Path, rel: Path) -> str:
     """Draw one overlay to `out/rel`; returns '' or why it was skipped."""
     sid = sample.sample_id
-    image = cv2.imread(str(sample.image_path), cv2.IMREAD_COLOR)  # (H,W,3) BGR, gray -> 3 ch
+    image = imread(sample.image_path, cv2.IMREAD_COLOR)  # (H,W,3) BGR, gray -> 3 ch
     if image is None:
         return f"image {sample.image_path} missing"
-    gt = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE) if sample.mask_path else None
+    gt = imread(sample.mask_path, cv2.IMREAD_GRAYSCALE) if sample.mask_path else None
     amap = r.run.read_map(sid)
     value = r.thresholds.get("value")
     threshold = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
@@ -554,6 +571,11 @@ figcaption{font-size:13px;color:#5b6475;margin-top:2px}.skip{color:#8a5a00}
 """
 
 
+def _attr(value: str) -> str:
+    """`value` safe inside a double-quoted HTML attribute (quotes, <, > and & escaped)."""
+    return html.escape(value, quote=True)
+
+
 def _kpis(r: _Run) -> str:
     parts = []
     for name, title in (("aupro_0.05", "AU-PRO(0.05)"), ("seg_f1", "SegF1"), ("class_f1", "ClassF1"),
@@ -574,16 +596,24 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
     """
     if not run_dirs:
         raise UserError("report: give at least one run directory")
+    if num_overlays < 0:
+        raise UserError(f"report: --overlays {num_overlays}: give a count >= 0 (0 = none)")
     runs = _load_runs(run_dirs)
     out = Path(out) if out is not None else Path(run_dirs[0]) / "report"
 
-    md = ["# hybridad report", "", "Runs:", ""] + [f"- {r.category}: `{r.run.path}`" for r in runs]
+    status = {r.category: run_status(r.run) for r in runs}
+    for r in runs:
+        if status[r.category]:
+            print(f"warning: {r.run.path}: {status[r.category]}", file=sys.stderr, flush=True)
+    md = ["# hybridad report", "", "Runs:", ""] + [
+        f"- {r.category}: `{r.run.path}`" + (f" (**{status[r.category]}**)" if status[r.category] else "")
+        for r in runs]
     body: list[str] = []
     nav: list[tuple[str, str]] = []
 
     def section(anchor: str, title: str, content: str) -> None:
         nav.append((anchor, title))
-        body.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>{content}')
+        body.append(f'<h2 id="{_attr(anchor)}">{html.escape(title)}</h2>{content}')
 
     paper = summary_table(runs)
     md += ["", *paper.markdown()]
@@ -632,7 +662,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
         lines = _rule_lines(r)
         rel = Path("histograms") / f"{r.category}.png"
         plot_histograms(a, lines, f"{r.category}: test_public scores", out / rel)
-        parts.append(f'<img src="{rel.as_posix()}" alt="{r.category} score histograms">')
+        parts.append(f'<img src="{_attr(rel.as_posix())}" alt="{_attr(r.category)} score histograms">')
         cat_md += ["", f"![{r.category} histograms]({rel.as_posix()})"]
         if num_overlays > 0 and a.per_image_f1:
             best, worst = best_and_worst(a.per_image_f1, num_overlays)
@@ -647,7 +677,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
                         figs.append(f'<p class="skip">{html.escape(caption)} skipped: {html.escape(why)}</p>')
                         cat_md.append(f"- {r.category}: overlay of {sid} skipped ({why})")
                         continue
-                    figs.append(f'<figure><img src="{rel.as_posix()}" alt="{html.escape(caption)}">'
+                    figs.append(f'<figure><img src="{_attr(rel.as_posix())}" alt="{_attr(caption)}">'
                                 f"<figcaption>{html.escape(caption)}</figcaption></figure>")
                     cat_md.append(f"![{r.category} {kind} {sid}]({rel.as_posix()})")
             parts.append(f'<div class="cat">{"".join(figs)}</div>')
@@ -676,8 +706,10 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
 
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "report.md", text.encode("utf-8"))
-    links = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in nav)
+    links = "".join(f'<a href="#{_attr(a)}">{html.escape(t)}</a>' for a, t in nav)
     runs_line = ", ".join(f"{html.escape(r.category)}: <code>{html.escape(str(r.run.path))}</code>"
+                          + (f' <b class="skip">({html.escape(status[r.category])})</b>' if status[r.category]
+                             else "")
                           for r in runs)
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>hybridad report</title>'
             f"<style>{CSS}</style></head><body><h1>hybridad report</h1><p class=\"sub\">{len(runs)} run(s): "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,23 @@ def lock_run(run: Path) -> int:
     return fd
 
 
+def run_is_live(run: Path) -> bool:
+    """Whether a process holds the run's lock now (a run left `running` by a killed process holds none)."""
+    try:
+        fd = os.open(Path(run) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops a lock this probe took
+    return False
+
+
 def unlock_run(fd: int | None) -> None:
     if fd is not None:
         try:
@@ -145,6 +163,14 @@ def check_resumable(run: Path) -> None:
     state = RunDir(run).read_state().get("state")
     if state == "completed":
         raise UserError(f"resume: run {run} has completed; nothing to resume (start a new run without resume=)")
+    last = Path(run) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        try:
+            with zipfile.ZipFile(last):  # reads the central directory at the end: a truncated copy fails here
+                pass
+        except (zipfile.BadZipFile, OSError) as err:
+            raise UserError(f"resume: {last} is truncated or corrupt ({err}); restore it, or delete it to "
+                            "restart this run from step 0") from None
 
 
 def publish_latest(run: Path) -> None:

@@ -38,7 +38,8 @@ import numpy as np
 import tifffile
 import yaml
 
-from hybridad.errors import UserError
+from data_modules.listing import imread
+from hybridad.errors import UserError, first_line
 from hybridad.types import PRIVATE_SPLITS, Split
 
 if TYPE_CHECKING:
@@ -63,12 +64,48 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
+class _DeferredWriteError(io.RawIOBase):
+    """A binary file that keeps its first write error and lets the caller raise it after the writer returns.
+
+    torch's C++ zip writer (`torch.save`, `torch.export.save` to a file object) cannot survive an exception
+    raised by `write`: its destructor writes the end of the archive again and `std::terminate` aborts the
+    process (exit code 134) on a full disk. Swallowed here, the writer finishes and the error is raised after.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        super().__init__()
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:  # type: ignore[override]
+        if self.error is None:
+            try:
+                return self._f.write(data)
+            except OSError as err:
+                self.error = err
+        return memoryview(data).nbytes
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], None], defer_write_errors: bool = False) -> None:
     """Call `write(f)` on a temporary file in `path`'s folder, fsync it and `os.replace` it onto `path`.
 
     The file gets the permissions a plain `open(path, "w")` would (0666 minus the umask), not mkstemp's 0600.
     On any failure the temporary file is removed and an existing `path` keeps its old content; an `OSError`
-    (a full disk, a read-only or unwritable folder) is re-raised naming `path`.
+    (a full disk, a read-only or unwritable folder) is re-raised naming `path`. `defer_write_errors`: for
+    writers in C++ (`torch.save`, `torch.export.save`) that abort the process when `write` raises; the first
+    write error is raised once `write(f)` has returned.
     """
     path = Path(path)
     tmp: str | None = None
@@ -77,7 +114,13 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            if defer_write_errors:
+                deferred = _DeferredWriteError(f)
+                write(deferred)  # type: ignore[arg-type]
+                if deferred.error is not None:
+                    raise deferred.error
+            else:
+                write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -155,6 +198,15 @@ def encode_mask_png(mask: Tensor | np.ndarray) -> bytes:
     if not ok:
         raise OSError("cv2 could not encode a PNG mask")
     return png.tobytes()
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Encode an (H,W) or (H,W,3) BGR uint8 image as PNG and write it atomically (unlike `cv2.imwrite`, a
+    failure raises: `OSError` naming `path`)."""
+    ok, png = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"cv2 could not encode {path} as PNG (image {image.shape} {image.dtype})")
+    atomic_write_bytes(path, png.tobytes())
 
 
 def _plain(value: Any) -> Any:
@@ -258,8 +310,16 @@ class RunDir:
         return path
 
     def read_map(self, sample_id: str) -> np.ndarray:
-        """The (H,W) float32 map of a sample (the float16 values, exactly)."""
-        return tifffile.imread(self.map_path(sample_id)).astype(np.float32)
+        """The (H,W) float32 map of a sample (the float16 values, exactly); `UserError` if it is corrupt."""
+        path = self.map_path(sample_id)
+        try:
+            return tifffile.imread(path).astype(np.float32)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # truncated or corrupt TIFF (zlib.error, tifffile's own errors, ...)
+            why = first_line(err)
+            raise UserError(f"cached map {path} is truncated or corrupt ({why}); restore it from a backup "
+                            "or train the category again") from None
 
     def write_mask(self, sample_id: str, mask: Tensor | np.ndarray) -> Path:
         """Save an (H,W) boolean mask as a {0,255} single-channel PNG."""
@@ -270,7 +330,7 @@ class RunDir:
     def read_mask(self, sample_id: str) -> np.ndarray:
         """The (H,W) bool mask of a sample (nonzero pixels are True)."""
         path = self.mask_path(sample_id)
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        img = imread(path, cv2.IMREAD_UNCHANGED)
         if img is None:
             raise FileNotFoundError(f"cannot read mask {path}")
         return img != 0

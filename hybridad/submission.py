@@ -23,15 +23,17 @@ import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
 import tifffile
 from tqdm import tqdm
 
+from data_modules.listing import imread
 from hybridad.errors import UserError
-from hybridad.run_dir import RunDir, atomic_write_bytes, encode_mask_png, encode_tiff, to_float16_map
+from hybridad.run_dir import (RunDir, atomic_write_bytes, atomic_write_with, encode_mask_png, encode_tiff,
+                              to_float16_map)
 from hybridad.types import CATEGORIES, PRIVATE_SPLITS
 
 # files per private split (test_private and test_private_mixed alike), as in MVTec's checker
@@ -109,12 +111,13 @@ def write_submission(sources: list[Path], out: Path, overwrite: bool = False) ->
     (native) size. The tree is built in `<out>.tmp-XXXX` beside `out` and renamed at the end, so a
     half-written tree never looks complete. Which run and evaluation each category came from, its thresholds
     and whether they were tuned on test go to `<out>.provenance.yaml` beside the tree (the checker allows
-    no extra file).
+    no extra file), written before the tree is renamed into place: a kill never leaves a tree without it.
 
     Raises:
-        UserError: `out` is non-empty (and not `overwrite`), a run is incomplete, two sources share a
-            category, a run lacks the maps of a private split, an evaluation lacks masks, or a map/mask
-            cannot be converted.
+        UserError: `out` is non-empty (and not `overwrite`), `overwrite` of a folder that is not a submission
+            tree or that holds a source, a run is incomplete, two sources share a category, a run lacks any
+            map of a private split (a gap in 000..n-1, n from the dataset when it is here), a source has masks
+            for only some maps, an evaluation lacks masks, or a map/mask cannot be converted.
     """
     import yaml
 
@@ -123,6 +126,15 @@ def write_submission(sources: list[Path], out: Path, overwrite: bool = False) ->
         raise UserError(f"{out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; remove it or pass --overwrite")
+    for source in sources:
+        a, b = Path(source).resolve(), out.resolve()
+        if a == b or b in a.parents:
+            raise UserError(f"--out {out} holds the source {source}; write the submission elsewhere")
+    if out.is_dir() and overwrite:
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in (MAPS_DIR, MASKS_DIR))
+        if foreign:
+            raise UserError(f"--overwrite replaces only a submission tree, but {out} also holds "
+                            f"{', '.join(foreign[:3])}; choose another --out")
 
     jobs: list[tuple[Path, str]] = []  # (source file in a run, path relative to the submission root)
     seen: dict[str, Path] = {}
@@ -148,19 +160,32 @@ def write_submission(sources: list[Path], out: Path, overwrite: bool = False) ->
                     f"({run.path / 'maps' / split.value}/*.tiff); predict the private splits first "
                     "(predict_private=true)"
                 )
+            _require_complete_maps(run, category, split.value, [sid for sid, _ in maps])
             jobs += [(p, f"{MAPS_DIR}/{category}/{sid}.tiff") for sid, p in maps]
             masks = list((evaluation or run).iter_masks(split))
-            if evaluation is not None and [sid for sid, _ in masks] != [sid for sid, _ in maps]:
-                raise UserError(f"evaluation {evaluation.path} has {len(masks)} {split.value} masks for "
-                                f"{len(maps)} maps; make one with masks: `hybridad evaluate {run.path} "
-                                "<its overrides> --write-masks`")
+            if masks and [sid for sid, _ in masks] != [sid for sid, _ in maps]:
+                missing = sorted({sid for sid, _ in maps} - {sid for sid, _ in masks})
+                raise UserError(f"{(evaluation or run).path} has {len(masks)} {split.value} masks for "
+                                f"{len(maps)} maps (missing e.g. {(missing or ['?'])[0]}); write them all: "
+                                f"`hybridad evaluate {run.path} <its overrides> --write-masks`")
+            if evaluation is not None and not masks:
+                raise UserError(f"evaluation {evaluation.path} has no {split.value} masks; make one with masks: "
+                                f"`hybridad evaluate {run.path} <its overrides> --write-masks`")
             if not masks:
                 print(f"warning: run {run.path} has no masks for {split.value}; "
                       f"{MASKS_DIR}/{category}/{split.value} will be missing", file=sys.stderr)
             jobs += [(p, f"{MASKS_DIR}/{category}/{sid}.png") for sid, p in masks]
         provenance[category] = _provenance(run, evaluation)
 
+    from hybridad.thresholds import TUNED_ON_TEST
+
+    tuned = sorted(c for c, p in provenance.items() if p["tuned_on_test"])
+    record = {"submission": str(out.resolve()), "label": TUNED_ON_TEST if tuned else None,
+              "tuned_on_test": tuned, "categories": provenance}
+    path = provenance_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous = path.read_bytes() if path.is_file() else None
+    moved = False
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
         def write_one(job: tuple[Path, str]) -> None:
@@ -179,18 +204,38 @@ def write_submission(sources: list[Path], out: Path, overwrite: bool = False) ->
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         _honour_umask(tmp)
+        # provenance before the tree: a kill after the rename can never leave a tree without its label
+        atomic_write_bytes(path, yaml.safe_dump(record, sort_keys=False).encode("utf-8"))
         _move_into_place(tmp, out)
+        moved = True
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not moved and previous is not None:  # the tree did not change: neither does its provenance
+            atomic_write_bytes(path, previous)
+        elif not moved:
+            path.unlink(missing_ok=True)
         raise
-    from hybridad.thresholds import TUNED_ON_TEST
-
-    tuned = sorted(c for c, p in provenance.items() if p["tuned_on_test"])
-    record = {"submission": str(out.resolve()), "label": TUNED_ON_TEST if tuned else None,
-              "tuned_on_test": tuned, "categories": provenance}
-    path = provenance_path(out)
-    atomic_write_bytes(path, yaml.safe_dump(record, sort_keys=False).encode("utf-8"))
     return path
+
+
+def _require_complete_maps(run: RunDir, category: str, split: str, sample_ids: list[str]) -> None:
+    """`UserError` unless the split's maps are `NNN_<tag>` for every NNN in 0..n-1, n = the dataset's count.
+
+    n is the number of images in `<data.root>/<category>/<split>` when that folder exists here, else the
+    highest map number + 1 (then only gaps in the numbering are found).
+    """
+    tag = SPLIT_TAGS[split]
+    root = (run.read_config().get("data") or {}).get("root")
+    folder = Path(str(root)) / category / split if root else None
+    numbers = [int(n) for n in (sid.rsplit("/", 1)[-1].split("_", 1)[0] for sid in sample_ids) if n.isdigit()]
+    here = folder is not None and folder.is_dir()
+    count = len(list(folder.glob("*.png"))) if here else max(numbers, default=-1) + 1  # type: ignore[union-attr]
+    expected = [f"{split}/{i:03d}_{tag}" for i in range(count)]
+    missing = sorted(set(expected) - set(sample_ids))
+    if missing:
+        raise UserError(f"run {run.path} lacks {len(missing)} of {count} {split} maps (e.g. "
+                        f"{run.path / 'maps' / missing[0]}.tiff): its private maps are incomplete; train the "
+                        "category again (`hybridad evaluate` re-scores maps, it cannot make them)")
 
 
 def _honour_umask(folder: Path) -> None:
@@ -209,7 +254,7 @@ def _reencode_map(src: Path) -> bytes:
 
 
 def _reencode_mask(src: Path) -> bytes:
-    img = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+    img = imread(src, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise UserError(f"{src}: cannot read mask PNG")
     if img.ndim == 3:
@@ -334,7 +379,7 @@ def _check_tiff(file: Path) -> tuple[list[str], tuple[int, ...]]:
 
 
 def _check_png(file: Path) -> tuple[list[str], tuple[int, ...]]:
-    img = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+    img = imread(file, cv2.IMREAD_UNCHANGED)
     if img is None:
         return [f"{file}: cannot read PNG"], ()
     if img.ndim != 2:
@@ -381,15 +426,12 @@ def pack_submission(path: Path, out: Path, expected_counts: dict[str, int] | Non
     prefix = path.resolve().name if arc_root is None else arc_root
     files = sorted(p for name in (MAPS_DIR, MASKS_DIR) if (path / name).is_dir()
                    for p in (path / name).rglob("*") if p.is_file())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
+
+    def write(raw: BinaryIO) -> None:
+        with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
             for file in tqdm(files, desc="packing submission", unit="file", disable=None):
                 rel = file.relative_to(path).as_posix()
                 tar.add(file, arcname=f"{prefix}/{rel}" if prefix else rel, recursive=False)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write_with(out, write)  # temporary file (0666 minus the umask), fsync, rename; removed on failure
     return out

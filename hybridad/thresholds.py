@@ -56,7 +56,7 @@ class ThresholdConfig:
     k: float = 3.0  # mean_std: mean + k * std of validation pixel scores
     percentile: float = 99.0  # percentile: q-th percentile of validation scores ...
     factor: float = 1.0  # ... times factor
-    value: float = 0.0  # fixed
+    value: Optional[float] = None  # fixed (required by method=fixed)
     percentile_method: str = "linear"  # numpy.percentile method: linear | lower | higher | nearest
     test_private: SplitThresholdConfig = field(default_factory=SplitThresholdConfig)
     test_private_mixed: SplitThresholdConfig = field(default_factory=SplitThresholdConfig)
@@ -199,6 +199,8 @@ def fit_threshold(
                             "threshold.method=pseudo_f1 (or threshold.pseudo_repeats>0) so the run stores it")
         return ThresholdResult(float(pseudo), "pseudo_f1", "validation + pseudo-anomalies", False)
     if cfg.method == "fixed":
+        if cfg.value is None or not math.isfinite(cfg.value):
+            raise UserError(f"threshold.method=fixed needs a finite threshold.value (got {cfg.value!r})")
         return ThresholdResult(float(cfg.value), "fixed", "config", False)
     if cfg.method == "f1_optimal":
         if labelled is None:

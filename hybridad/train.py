@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from callbacks.pseudo_threshold import PseudoThresholdCallback
 from callbacks.score_writer import ScoreWriterCallback
 from callbacks.threshold_search import ThresholdCallback
 from data_modules.datamodule import MVTecAD2DataModule
-from hybridad.config import RunConfig, check_paths, to_dict, to_yaml
+from hybridad.config import RunConfig, check_paths, ignored_settings, to_dict, to_yaml
 from hybridad.errors import UserError
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.run_claim import (
@@ -201,6 +202,9 @@ def train(cfg: RunConfig, callbacks: list[L.Callback] | None = None) -> Path:
                         "SLURM srun")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     owner = not launch.child and launch.rank <= 0
+    if owner:
+        for line in ignored_settings(cfg):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     check_paths(cfg)  # a wrong weight, checkpoint, defect or data path stops the run before any decoding
     model = build_model(cfg)  # weight files are read before the (slow) deep data check
     if owner and not launch.external:

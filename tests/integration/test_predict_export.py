@@ -163,19 +163,21 @@ def test_predict_takes_threshold_and_postprocessing_from_an_evaluation(inp_run: 
     image = Path(load_run_config(inp_run).data.root) / "can" / "test_public" / "bad" / "000_regular.png"
     h, w = read_image(image).shape[:2]
     # evaluation directories as `hybridad evaluate` writes them: evaluation.yaml + thresholds.yaml
+    own = f"run: {inp_run}\ncategory: can\n"
     low = tmp_path / "eval_low"  # every pixel above the threshold
-    RunDir(low).write_text("evaluation.yaml", "overrides: [threshold.method=fixed]\n")
+    RunDir(low).write_text("evaluation.yaml", own + "overrides: [threshold.method=fixed]\n")
     RunDir(low).write_thresholds({"value": -1.0e9, "method": "fixed", "source": "fixed"})
     predict(inp_run, [str(image)], tmp_path / "low", evaluation=low)
     assert _read_csv(tmp_path / "low" / "scores.csv")[0]["anomalous_area_px"] == str(h * w)
     tidy = tmp_path / "eval_tidy"  # the same threshold, then every component removed by min_area
-    RunDir(tidy).write_text("evaluation.yaml", f"overrides: [postprocess.min_area={h * w + 1}]\n")
+    RunDir(tidy).write_text("evaluation.yaml", own + f"overrides: [postprocess.min_area={h * w + 1}]\n")
     RunDir(tidy).write_thresholds({"value": -1.0e9, "method": "fixed", "source": "fixed"})
     predict(inp_run, [str(image)], tmp_path / "tidy", evaluation=tidy)
     row = _read_csv(tmp_path / "tidy" / "scores.csv")[0]
     assert row["anomalous_area_px"] == "0" and row["decision"] == "good"
     resolved = tmp_path / "eval_resolved"  # the resolved section wins over the override list
-    RunDir(resolved).write_text("evaluation.yaml", f"overrides: []\npostprocess: {{min_area: {h * w + 1}}}\n")
+    RunDir(resolved).write_text("evaluation.yaml",
+                                own + f"overrides: []\npostprocess: {{min_area: {h * w + 1}}}\n")
     RunDir(resolved).write_thresholds({"value": -1.0e9, "method": "fixed", "source": "fixed"})
     predict(inp_run, [str(image)], tmp_path / "resolved", evaluation=resolved)
     assert _read_csv(tmp_path / "resolved" / "scores.csv")[0]["anomalous_area_px"] == "0"

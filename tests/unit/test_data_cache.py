@@ -6,6 +6,8 @@ import dataclasses
 import multiprocessing as mp
 import os
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import cv2
@@ -14,7 +16,7 @@ import pytest
 import torch
 from test_data_layer import H, W, make_tree  # tests/unit is on sys.path (no __init__.py)
 
-from data_modules.cache import DecodedCache
+from data_modules.cache import DecodedCache, prune_cache
 from data_modules.datamodule import DataConfig, MVTecAD2DataModule
 from data_modules.dataset import MVTecAD2Dataset
 from data_modules.listing import decode_image, list_samples, read_image
@@ -97,10 +99,23 @@ def test_failed_build_leaves_nothing_under_final_names(tmp_path):
         _open(root, cache_root)
     assert _files(cache_root) == ["source.txt", "train.npy"]  # old array kept, its index removed: invalid
     entry = next(cache_root.glob("can-*"))
-    (entry / "train.npy.tmp-999999").write_bytes(b"half")  # what a killed build leaves
+    host = socket.gethostname().replace("-", "_")
+    dead = _dead_pid()
+    (entry / f"train.npy.tmp-{host}-{dead}").write_bytes(b"half")  # what a killed build here leaves
+    (entry / "train.npy.tmp-othernode-1").write_bytes(b"live?")  # another node's build: maybe alive
+    (entry / f"train.npy.tmp-{host}-{os.getppid()}").write_bytes(b"x")  # a live process here: kept too
     make_tree(tmp_path / "data")  # restore the files
     cache = _open(root, cache_root)
-    assert cache.built_seconds > 0 and _files(cache_root) == ["source.txt", "train.json", "train.npy"]
+    assert cache.built_seconds > 0
+    assert _files(cache_root) == sorted(["source.txt", "train.json", "train.npy", "train.npy.tmp-othernode-1",
+                                         f"train.npy.tmp-{host}-{os.getppid()}"])
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def _build_in_child(args: tuple[str, str]) -> float:
@@ -115,13 +130,41 @@ def test_concurrent_builders_build_once(tmp_path):
     assert sum(b > 0 for b in built) == 1  # one process built; the others waited on the lock and reused it
 
 
-def test_stale_entries_of_removed_trees_are_pruned(tmp_path):
+def test_a_build_never_deletes_other_entries(tmp_path):
+    """A source folder missing here may be another node's staged copy: its entry stays (issue 18, item 10)."""
     cache_root = tmp_path / "cache"
     gone = make_tree(tmp_path / "gone")
     _open(gone, cache_root)
     shutil.rmtree(gone)
     _open(make_tree(tmp_path / "data"), cache_root)
-    assert [p.name.split("-")[0] for p in cache_root.iterdir()] == ["can"]  # only the live tree's entry
+    assert len(list(cache_root.iterdir())) == 2
+
+
+def test_prune_removes_only_entries_unused_for_the_given_age(tmp_path, capsys):
+    from hybridad.cli import main
+
+    cache_root = tmp_path / "cache"
+    old_root, new_root = make_tree(tmp_path / "old"), make_tree(tmp_path / "new")
+    _open(old_root, cache_root)
+    _open(new_root, cache_root)
+    old_entry, new_entry = (next(p for p in cache_root.iterdir() if (p / "source.txt").read_text().startswith(
+        str(r.resolve()))) for r in (old_root, new_root))
+    ten_days = 10 * 86400
+    for f in [*old_entry.iterdir(), *new_entry.iterdir()]:
+        os.utime(f, (f.stat().st_atime - ten_days, f.stat().st_mtime - ten_days))
+    _open(new_root, cache_root)  # opening a valid entry stamps it as used
+    with pytest.raises(SystemExit) as stop:
+        main(["cache", "prune", "--older-than", "7", "--cache-dir", str(cache_root), "--dry-run"])
+    assert stop.value.code == 0 and f"would remove {old_entry}" in capsys.readouterr().out
+    assert old_entry.is_dir()
+    with pytest.raises(SystemExit):
+        main(["cache", "prune", "--older-than", "7", "--cache-dir", str(cache_root)])
+    assert not old_entry.exists() and new_entry.is_dir()
+    with pytest.raises(SystemExit):
+        main(["cache", "prune", "--older-than", "0", "--cache-dir", str(cache_root)])
+    assert not new_entry.exists()
+    with pytest.raises(UserError, match="older-than"):
+        prune_cache(cache_root, float("nan"))
 
 
 def test_unwritable_cache_dir_is_one_line(tmp_path):

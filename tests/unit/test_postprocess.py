@@ -15,7 +15,6 @@ from hybridad.postprocess import (
     erode,
     fill_holes,
     hsv_kmeans_foreground,
-    normalize,
     remove_small,
     smooth,
 )
@@ -100,13 +99,6 @@ def test_smooth_matches_scipy_mirror(sigma: float) -> None:
         ref = ndi.gaussian_filter(x[i, 0].astype(np.float64), sigma, mode="mirror", truncate=4.0)
         np.testing.assert_allclose(got[i, 0], ref, atol=1e-5)
     assert smooth(torch.ones(1, 1, 3, 3), PostProcessConfig(whole_map_blur_sigma=4.0)).shape == (1, 1, 3, 3)
-
-
-def test_normalize() -> None:
-    x = torch.tensor([[-1.0, 0.0, 1.0, 2.0, 3.0]])
-    assert normalize(x, 0.0, 2.0).tolist() == [[0.0, 0.0, 0.5, 1.0, 1.0]]
-    with pytest.raises(ValueError):
-        normalize(x, 1.0, 1.0)
 
 
 def two_cluster_image(h: int = 60, w: int = 80) -> tuple[torch.Tensor, np.ndarray]:

@@ -181,8 +181,9 @@ def test_write_refuses_non_empty_out_unless_overwrite(tmp_path: Path) -> None:
     write_submission([run], out)  # an empty folder is fine
     with pytest.raises(UserError, match="not empty"):
         write_submission([run], out)
-    (out / "stale.txt").write_text("old")
+    (out / "anomaly_images" / "stale.txt").write_text("old")  # a stale tree is replaced whole
     write_submission([run], out, overwrite=True)
+    assert not (out / "anomaly_images" / "stale.txt").exists()
     assert sorted(p.name for p in out.iterdir()) == ["anomaly_images", "anomaly_images_thresholded"]
     # no temporary tree or backup left; the provenance sits beside the tree
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_can", "sub", "sub.provenance.yaml"]

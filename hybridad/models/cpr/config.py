@@ -21,7 +21,6 @@ class CprConfig:
     foreground: bool = True  # FEB + foreground-weighted positives + remote negatives (objects); False = texture
     lr: float = 1e-3
     weight_decay: float = 1e-2
-    steps: int = 2000  # informative: the run's trainer.max_steps decides (fruit_jelly 2000, vial 1300)
 
     # model
     image_size: int = 320  # model input; other tile sizes are resized (bilinear, no antialias) to it

@@ -10,14 +10,14 @@ Official -> ours (spec section 4), head h in {0 (stride 4), 1 (stride 8)}:
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from hybridad.errors import UserError
+from hybridad.errors import UserError, first_line
+from hybridad.run_dir import atomic_write_with
 
 TRUNK_PREFIX = "backbone.feature_extractor.backbone."
 _LRB = re.compile(r"^lrb\.conv\.(\d)\.(.+)$")
@@ -73,18 +73,18 @@ def convert_state_dict(official: dict[str, Tensor]) -> dict[str, Tensor]:
 def convert_checkpoint(src: Path, out: Path) -> None:
     """Read an official CPR `.pth`, convert it and write our weight file atomically (tmp file + rename)."""
     src, out = Path(src), Path(out)
+    if out.is_dir():
+        raise UserError(f"convert: --out {out} is a folder; give the weight file to write (e.g. {out}/model.pth)")
     if not src.is_file():
         raise UserError(f"{src}: checkpoint not found")
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"{src}: cannot read checkpoint ({err})") from None
+        raise UserError(f"{src}: cannot read checkpoint ({first_line(err)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise UserError(f"{src}: not a state_dict")
     state = convert_state_dict(obj)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    # temporary file, fsync, rename; removed on failure (a full disk: one line, no abort)
+    atomic_write_with(out, lambda f: torch.save(state, f), defer_write_errors=True)

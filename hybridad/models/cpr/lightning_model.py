@@ -41,17 +41,15 @@ class Cpr(AnomalyModule):
     Args:
         cfg: CPR settings.
         postprocess: map smoothing / mask post-processing (shared eval path).
-        top_ratio: unused by CPR (image score = top-T sum), kept for the base class.
     """
 
     def __init__(self, cfg: CprConfig | dict[str, Any] | None = None,
-                 postprocess: PostProcessConfig | dict[str, Any] | None = None, top_ratio: float = 0.01) -> None:
+                 postprocess: PostProcessConfig | dict[str, Any] | None = None) -> None:
         pp = PostProcessConfig(**postprocess) if isinstance(postprocess, dict) else postprocess
-        super().__init__(postprocess=pp, top_ratio=top_ratio)
+        super().__init__(postprocess=pp)  # image score: CPR's own top-T sum (`image_score`)
         self.cfg = CprConfig(**cfg) if isinstance(cfg, dict) else (cfg or CprConfig())
         # plain dicts, so checkpoints (last.ckpt for resume included) load with torch.load(weights_only=True)
-        self.save_hyperparameters({"cfg": asdict(self.cfg), "postprocess": asdict(self.postprocess),
-                                   "top_ratio": top_ratio})
+        self.save_hyperparameters({"cfg": asdict(self.cfg), "postprocess": asdict(self.postprocess)})
         self.model = CprModel(self.cfg)
         self._ref_images: Tensor | None = None  # (N, 3, S, S) uint8, CPU
         self._ref_index: dict[str, int] = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from hybridad.errors import UserError
+from hybridad.errors import UserError, first_line
 
 _DOWNLOAD_HINT = (
     "download torchvision's densenet201-c1103571.pth (or timm `densenet201.tv_in1k`) and set cpr.weights=<file>"
@@ -22,7 +22,11 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, pickled objects: one line naming the file
+        why = first_line(err)
+        raise UserError(f"{path}: cannot read weights ({why}); {_DOWNLOAD_HINT}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -105,7 +109,14 @@ def load_cpr_weights(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"cpr.checkpoint: '{path}' not found; convert an official file with `hybridad convert cpr`")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"holds a {type(state).__name__}, not a state_dict")
+    except Exception as err:  # truncated, corrupt, pickled objects: one line naming the file
+        why = first_line(err)
+        raise UserError(f"cpr.checkpoint: cannot read {path} ({why}); convert the official file again with "
+                        "`hybridad convert cpr`") from None
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown or not any(k.startswith("heads.") for k in state):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from hybridad.errors import UserError
+from hybridad.errors import UserError, first_line
+from hybridad.run_dir import atomic_write_with
 from hybridad.models.inp_former.weights import read_state_dict, to_timm_keys
 
 # official prefix -> ours; the sub-module names below these prefixes are the same in both
@@ -57,6 +57,8 @@ def convert_checkpoint(src: Path, out: Path) -> None:
         UserError: missing or unrecognised source file.
     """
     src, out = Path(src), Path(out)
+    if out.is_dir():
+        raise UserError(f"convert: --out {out} is a folder; give the weight file to write (e.g. {out}/model.pth)")
     if not src.is_file():
         raise UserError(f"convert inp-former: checkpoint '{src}' not found")
     try:
@@ -66,10 +68,9 @@ def convert_checkpoint(src: Path, out: Path) -> None:
         converted = convert_state_dict(official)
     except Exception as err:
         raise UserError(
-            f"convert inp-former: '{src}' is not an official INP-Former model.pth ({err}); "
+            f"convert inp-former: '{src}' is not an official INP-Former model.pth "
+            f"({first_line(err)}); "
             "expected keys prototype_token, encoder.*, bottleneck.0.*, aggregation.0.*, decoder.<i>.*"
         ) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(converted, tmp)
-    os.replace(tmp, out)
+    # temporary file, fsync, rename; removed on failure (a full disk: one line, no abort)
+    atomic_write_with(out, lambda f: torch.save(converted, f), defer_write_errors=True)
