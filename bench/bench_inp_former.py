@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 
@@ -135,6 +136,7 @@ def vs_official(
     steps: int = 3,
     device: str = "cpu",
     compile_model: bool = False,
+    cfg: InpFormerConfig | None = None,
 ) -> list[dict]:
     """Training step and per-image inference, ours vs the official arithmetic, same weights: one row each with
     both medians and ours / official (lower is better), plus the max |map difference|."""
@@ -142,10 +144,10 @@ def vs_official(
     from hybridad.models.inp_former.optim import StableAdamW
 
     dev = torch.device(device)
-    cfg = InpFormerConfig(encoder=encoder, random_encoder=True)
+    cfg = cfg or InpFormerConfig(encoder=encoder, random_encoder=True)  # tests pass a tiny cfg
     torch.manual_seed(0)
     ours = InpFormerModel.from_config(cfg).to(dev)
-    official = InpFormerModel(encoder=encoder, fused_attn=False).to(dev)
+    official = InpFormerModel.from_config(dataclasses.replace(cfg, fused_attn=False)).to(dev)
     official.load_state_dict(ours.state_dict())
     loss_fn = InpFormerLoss(cfg.coherence_weight, cfg.soft_mining_gamma)
     x = torch.rand(batch_size, 3, input_size, input_size, device=dev, generator=None)
@@ -180,7 +182,7 @@ def vs_official(
     rows = []
     for phase in ("train_step", "inference_per_image"):
         o, r = statistics.median(times[(phase, "ours")]), statistics.median(times[(phase, "official")])
-        rows.append({"name": f"inp_former_{phase}_vs_official", "encoder": encoder, "input": input_size,
+        rows.append({"name": f"inp_former_{phase}_vs_official", "encoder": ours.encoder_name, "input": input_size,
                      "batch": batch_size if phase == "train_step" else 1, "device": str(dev),
                      "threads": torch.get_num_threads(), "ours_s": round(o, 3), "official_s": round(r, 3),
                      "ours_over_official": round(o / r, 3), "max_map_diff": f"{max_diff:.1e}"})  # fmt: skip
