@@ -262,7 +262,17 @@ class InpFormerModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: InpFormerConfig) -> InpFormerModel:
-        """Build from `InpFormerConfig`; the tiny preset is a `tiny_depth`-block ViT-S/14 tapping every block."""
+        """Build from `InpFormerConfig`; the tiny preset is a `tiny_depth`-block ViT-S/14 tapping every block.
+
+        `cfg.compile` (a torch.compile backend name) compiles the forward in place (`nn.Module.compile`: the
+        state-dict keys, hence checkpoints, are unchanged)."""
+        model = cls._build(cfg)
+        if cfg.compile:
+            model.compile(backend=cfg.compile)
+        return model
+
+    @classmethod
+    def _build(cls, cfg: InpFormerConfig) -> InpFormerModel:
         if cfg.preset == "tiny":
             return cls(
                 encoder=TINY_ENCODER,
