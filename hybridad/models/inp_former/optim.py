@@ -11,6 +11,22 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
+CHUNK_ELEMENTS = 1 << 22  # parameter elements per multi-tensor update (16 MiB of float32 scratch per list)
+
+
+def _chunks(params: list[Tensor], limit: int) -> list[list[Tensor]]:
+    """Consecutive runs of `params` holding at most `limit` elements each (a larger tensor is a run alone)."""
+    out: list[list[Tensor]] = []
+    size = limit
+    for p in params:
+        if size + p.numel() > limit:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += p.numel()
+    return out
+
+
 class StableAdamW(Optimizer):
     """AdamW with decoupled decay applied first, optional AMSGrad and an RMS-clipped step size.
 
@@ -42,8 +58,10 @@ class StableAdamW(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One step for every parameter with a gradient, as multi-tensor (`torch._foreach_*`) in-place ops.
 
-        Same equations as the official per-parameter loop; the foreach form allocates two scratch lists per
-        step instead of ~8 temporaries per parameter (page faults on CPU, kernel launches on GPU).
+        Same equations as the official per-parameter loop, on chunks of at most `CHUNK_ELEMENTS` parameter
+        elements: two scratch lists per chunk instead of six temporaries per parameter (fewer kernel launches
+        on GPU), and scratch small enough to be reused from the heap on CPU (one 68 M-element list would be
+        fresh, page-faulted memory every step).
         """
         loss = None
         if closure is not None:
@@ -66,7 +84,8 @@ class StableAdamW(Optimizer):
                 state["step"] += 1
                 by_step.setdefault(state["step"], []).append(p)
             for t, params in by_step.items():
-                self._update(group, params, t)
+                for chunk in _chunks(params, CHUNK_ELEMENTS):
+                    self._update(group, chunk, t)
         return loss
 
     def _update(self, group: dict, params: list[Tensor], t: int) -> None:
