@@ -42,7 +42,7 @@ COMMON = [
 ]
 BRANCH = {
     "inp_former": ["data.tiling.input_size=112", "data.batch_size=8", "trainer.max_epochs=-1",
-                   "trainer.max_steps=120", "inp_former.warmup_steps=15"],
+                   "trainer.max_steps=160", "inp_former.warmup_steps=20"],
     "cpr": ["data.tiling.input_size=128", "cpr.image_size=128", "data.batch_size=8", "trainer.max_epochs=-1",
             "trainer.max_steps=90", "cpr.k_nearest=3"],
 }
