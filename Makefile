@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test test-all demo train train-all bench submission clean
+.PHONY: help install test test-all demo train train-all gpu-check bench submission clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -44,9 +44,11 @@ demo: $(STAMP) ## synthetic dataset -> train tiny models -> evaluate -> submissi
 train: $(STAMP) ## train one category: make train CAT=can DATA=<root> ARGS="key=value ..." (ARGS=resume=latest continues)
 	$(BIN)/python -m hybridad train data.category=$(CAT) data.root=$(DATA) $(ARGS)
 
-train-all: $(STAMP) ## train every category with its routed branch
-	for c in can fabric fruit_jelly rice sheet_metal vial wallplugs walnuts; do \
-	  $(BIN)/python -m hybridad train data.category=$$c data.root=$(DATA) $(ARGS) || exit 1; done
+train-all: $(STAMP) ## every category, routed branch; GPUS=0,1,2,3 runs one per GPU at once; skips completed ones
+	$(BIN)/python -m hybridad train-all $(if $(GPUS),--gpus $(GPUS)) data.root=$(DATA) $(ARGS)
+
+gpu-check: $(STAMP) ## GPU timings and memory into gpu_check.json (one line and exit 0 without CUDA)
+	$(BIN)/python -m bench.gpu_check --out gpu_check.json
 
 bench: $(STAMP) ## benchmarks (timings and memory, printed as a table)
 	$(BIN)/python -m bench

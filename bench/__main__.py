@@ -33,8 +33,9 @@ def _runner(name: str, gpu: bool) -> Callable[[], list[dict]]:
         return run_plan
     if name == "inp_former":
         from bench.bench_inp_former import run as run_inp
+        from bench.bench_inp_former import vs_official
 
-        return lambda: run_inp(gpu=gpu)
+        return lambda: run_inp(gpu=gpu) + vs_official(device="cuda" if gpu else "cpu")
     from bench.bench_cpr import run as run_cpr
 
     return lambda: run_cpr(gpu=gpu)

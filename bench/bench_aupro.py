@@ -16,6 +16,7 @@ spinning (`python -c "while True: pass"`) beside it. The native-category row str
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import resource
 import statistics
@@ -117,20 +118,23 @@ def _run_variants(load: str, names: tuple[str, ...]) -> list[dict]:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress: the busy run takes minutes
     by_name = {r["variant"]: r for r in rows}
     for ours, base in BASELINE.items():
+        if ours not in by_name:
+            continue
         r, b = by_name[ours], by_name[base]
         r["speedup"] = round(b["seconds"] / r["seconds"], 1)
         r["abs_diff"] = f"{abs(r['value'] - b['value']):.1e}"
     return rows
 
 
-def run(busy: int = 2) -> list[dict]:
+def run(busy: int = 2, only_aupro: bool = False) -> list[dict]:
     """Every variant idle, then with `busy` spinning processes beside it (the native category only idle); one
-    row per variant and load."""
-    rows = _run_variants("idle", VARIANTS)
+    row per variant and load. `only_aupro`: just AU-PRO and its MVTec baseline, with the busy processes."""
+    rows = [] if only_aupro else _run_variants("idle", VARIANTS)
     if busy:
         spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
         try:
-            rows += _run_variants(f"{busy} busy procs", VARIANTS[:-1])
+            names = VARIANTS[:2] if only_aupro else VARIANTS[:-1]
+            rows += _run_variants(f"{busy} busy procs, load {os.getloadavg()[0]:.1f}", names)
         finally:
             for p in spinners:  # our own children, ended by handle
                 p.kill()
@@ -142,13 +146,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default=None, help="run one variant in this process and print JSON")
     parser.add_argument("--busy", type=int, default=2, help="spinning processes for the loaded run (0: none)")
+    parser.add_argument("--only-aupro", action="store_true", help="AU-PRO and MVTec's code only, busy run only")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(_variant(args.variant)))
         return
     from bench.__main__ import markdown_table
 
-    print(markdown_table(run(args.busy)))
+    print(markdown_table(run(args.busy, args.only_aupro)))
 
 
 if __name__ == "__main__":

@@ -5,16 +5,24 @@ Inference = `anomaly_map` on the tiles of a native image, then `untile`; random 
 
     python -m bench.bench_inp_former          # CPU: tiny preset, batch 8, 112 px; a 448x224 image as 2x4 tiles
     python -m bench.bench_inp_former --gpu    # CUDA: ViT-L/14 reg4, 448 px, batch 16, bf16 autocast
+    python -m bench.bench_inp_former --vs-official   # ours / official, ViT-B/14 reg4 280 px, same weights
+
+`vs_official` times hybridad's model (SDPA attention, multi-tensor StableAdamW) and the official arithmetic
+(`bench/inp_former_official.py`: explicit softmax attention, per-parameter optimizer loop) on the same weights,
+alternating the two every iteration so that a change of load hits both; it also reports the largest anomaly-map
+difference between them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 
 import torch
+from torch import Tensor
 
 from bench.device_timing import sync as _sync
 from bench.device_timing import timed as _timed
@@ -121,11 +129,77 @@ def run(
     return rows
 
 
+def vs_official(
+    encoder: str = "vit_base_patch14_reg4_dinov2",
+    input_size: int = 280,
+    batch_size: int = 2,
+    steps: int = 3,
+    device: str = "cpu",
+    compile_model: bool = False,
+    cfg: InpFormerConfig | None = None,
+) -> list[dict]:
+    """Training step and per-image inference, ours vs the official arithmetic, same weights: one row each with
+    both medians and ours / official (lower is better), plus the max |map difference|."""
+    from bench.inp_former_official import OfficialStableAdamW
+    from hybridad.models.inp_former.optim import StableAdamW
+
+    dev = torch.device(device)
+    cfg = cfg or InpFormerConfig(encoder=encoder, random_encoder=True)  # tests pass a tiny cfg
+    torch.manual_seed(0)
+    ours = InpFormerModel.from_config(cfg).to(dev)
+    official = InpFormerModel.from_config(dataclasses.replace(cfg, fused_attn=False)).to(dev)
+    official.load_state_dict(ours.state_dict())
+    loss_fn = InpFormerLoss(cfg.coherence_weight, cfg.soft_mining_gamma)
+    x = torch.rand(batch_size, 3, input_size, input_size, device=dev, generator=None)
+    arms = {}
+    for name, model, opt_cls in (("ours", ours, StableAdamW), ("official", official, OfficialStableAdamW)):
+        params = model.trainable_parameters()
+        opt = opt_cls(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, amsgrad=True)
+        fwd = torch.compile(model) if compile_model and name == "ours" else model
+
+        def train_step(model=model, fwd=fwd, opt=opt, params=params) -> None:
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            loss_fn(fwd(x))["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+
+        def infer(model=model) -> Tensor:
+            model.eval()
+            with torch.inference_mode():
+                return model.anomaly_map(x[:1])  # (1,1,S,S): one image
+
+        arms[name] = (train_step, infer)
+    with torch.inference_mode():
+        max_diff = float((arms["ours"][1]() - arms["official"][1]()).abs().max())  # same weights, before training
+    times: dict[tuple[str, str], list[float]] = {}
+    for phase, idx in (("train_step", 0), ("inference_per_image", 1)):
+        for name in arms:  # warm-up
+            arms[name][idx]()
+        for _ in range(steps):
+            for name in arms:  # alternate: a load change hits both arms
+                times.setdefault((phase, name), []).extend(_timed(arms[name][idx], dev, 1))
+    rows = []
+    for phase in ("train_step", "inference_per_image"):
+        o, r = statistics.median(times[(phase, "ours")]), statistics.median(times[(phase, "official")])
+        rows.append({"name": f"inp_former_{phase}_vs_official", "encoder": ours.encoder_name, "input": input_size,
+                     "batch": batch_size if phase == "train_step" else 1, "device": str(dev),
+                     "threads": torch.get_num_threads(), "ours_s": round(o, 3), "official_s": round(r, 3),
+                     "ours_over_official": round(o / r, 3), "max_map_diff": f"{max_diff:.1e}"})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="ViT-L/14 reg4, 448, batch 16, bf16 on CUDA")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--vs-official", action="store_true", help="ours / official, ViT-B/14 280 px, same weights")
+    parser.add_argument("--compile", action="store_true", help="with --vs-official: torch.compile our model")
     args = parser.parse_args()
+    if args.vs_official:
+        for row in vs_official(steps=args.steps or 3, compile_model=args.compile):
+            print(json.dumps(row))
+        return
     for row in run(gpu=args.gpu, steps=args.steps):
         print(json.dumps(row))
 

@@ -30,6 +30,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_all(args: argparse.Namespace) -> int:
+    from hybridad import train_all as ta
+
+    cats = args.categories or None
+    if args.summary:
+        results = ta.summary_from_runs(args.overrides, cats)
+    elif args.slurm_array:
+        from hybridad.types import CATEGORIES
+
+        results = ta.train_all(args.overrides, [ta.slurm_category(list(cats or CATEGORIES))])
+    else:
+        gpus = ta.parse_gpus(args.gpus) if args.gpus else None
+        results = ta.train_all(args.overrides, cats, gpus=gpus, jobs=args.jobs)
+    print(ta.summary_table(results))
+    return ta.exit_code(results)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from hybridad.evaluate import create_evaluation, recreate_best
 
@@ -216,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved config (every key, with these overrides) and exit")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("train-all", help="train every category (one process each; --gpus 0,1,2,3: one per GPU); "
+                       "skips completed ones, prints a summary")
+    p.add_argument("--categories", nargs="*", default=None, help="subset (default: all 8)")
+    p.add_argument("--gpus", default="", help="comma-separated GPU indices: one category per GPU at a time")
+    p.add_argument("--jobs", type=int, default=1, help="without --gpus: categories at once on the CPU")
+    p.add_argument("--slurm-array", action="store_true",
+                   help="train categories[$SLURM_ARRAY_TASK_ID] only (sbatch --array=0-7)")
+    p.add_argument("--summary", action="store_true", help="only print each category's state from its runs")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every category")
+    p.set_defaults(func=_cmd_train_all)
 
     p = sub.add_parser("evaluate", help="re-score a run's cached maps with other post-processing/thresholds "
                        "into a new <run>/evaluations/<id>/ (printed last)")

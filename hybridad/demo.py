@@ -3,7 +3,8 @@
 Synthetic MVTec AD 2 tree -> tiny INP-Former / CPR per category (routed as for the real data) -> threshold on
 validation -> test_public metrics -> private-split predictions -> submission tree (written, checked, packed) ->
 report table. One progress bar per category; torch and OpenCV use every core on an idle machine and one thread
-on a busy one (`pick_threads`; HYBRIDAD_DEMO_THREADS=<n> forces n).
+on a busy one, chosen before each category (`pick_threads`) and re-checked every `RECHECK_STEPS` training steps
+from the CPU time other processes took meanwhile (`AdaptiveThreads`); HYBRIDAD_DEMO_THREADS=<n> forces n.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hybridad.config import RunConfig, load_config
 from hybridad.errors import UserError
 from hybridad.types import CATEGORIES
 
+RECHECK_STEPS = 10  # training steps between two thread choices (each window is a few seconds of CPU time)
 NATIVE_LONG_SIDE = {"can": 2232, "fabric": 2448, "fruit_jelly": 2100, "rice": 2448, "sheet_metal": 4224,
                     "vial": 1900, "wallplugs": 2448, "walnuts": 2448}
 DEMO_LONG_SIDE = 256
@@ -42,7 +44,7 @@ BRANCH = {
     "inp_former": ["data.tiling.input_size=112", "data.batch_size=8", "trainer.max_epochs=-1",
                    "trainer.max_steps=160", "inp_former.warmup_steps=20"],
     "cpr": ["data.tiling.input_size=128", "cpr.image_size=128", "data.batch_size=8", "trainer.max_epochs=-1",
-            "trainer.max_steps=120", "cpr.k_nearest=3"],
+            "trainer.max_steps=90", "cpr.k_nearest=3"],
 }
 
 
@@ -67,9 +69,14 @@ class CategoryProgress(L.Callback):
     """One progress bar per category: training steps, then the batches of validate, test and predict."""
 
     def __init__(self, category: str, branch: str, threads: int) -> None:
-        self.name = f"{category:<12} {branch:<10} {threads} thr"
+        self.label = f"{category:<12} {branch:<10}"
+        self.name = f"{self.label} {threads} thr"
         fmt = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]"
         self.bar = tqdm(total=0, desc=self.name, dynamic_ncols=True, bar_format=fmt, delay=0.5)
+
+    def rename(self, threads: int) -> None:
+        """Show a new thread count (`AdaptiveThreads` switched)."""
+        self.name = f"{self.label} {threads} thr"
 
     def _grow(self, n: Any, phase: str) -> None:
         self.bar.total += sum(n) if isinstance(n, list) else int(n) if n != float("inf") else 0
@@ -144,6 +151,63 @@ def pick_threads(own_threads: float = 0.0) -> int:
         except (AttributeError, OSError):  # no load average on this platform
             return cores
     return 1 if others >= 1.0 else cores
+
+
+def _cpu_jiffies() -> tuple[int, int, int] | None:
+    """(total, idle, this process's) CPU jiffies since boot, from /proc (None where it is missing)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # fields after the command name
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0), int(own[11]) + int(own[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class OtherProcessesMeter:
+    """Cores other processes kept busy between two `others()` calls: non-idle CPU time of the machine less this
+    process's own (utime + stime of all its threads), so the demo's own threads do not count as load."""
+
+    def __init__(self) -> None:
+        self.last = _cpu_jiffies()
+
+    def others(self) -> float | None:
+        now = _cpu_jiffies()
+        last, self.last = self.last, now
+        if now is None or last is None or now[0] <= last[0]:
+            return None
+        total, idle, own = (a - b for a, b in zip(now, last))
+        return max(0.0, (total - idle - own) / total) * max(1, os.cpu_count() or 1)
+
+
+class AdaptiveThreads(L.Callback):
+    """Re-choose the thread count every `every` training steps: one thread while other processes keep at least
+    a core busy, every core otherwise (HYBRIDAD_DEMO_THREADS, when set, is never overridden)."""
+
+    def __init__(self, threads: int, progress: CategoryProgress | None = None, every: int = RECHECK_STEPS) -> None:
+        self.threads, self.progress, self.every = threads, progress, every
+        self.meter = OtherProcessesMeter()
+        self.changes: list[tuple[int, int]] = []  # (step, threads) of each switch
+
+    def choose(self, others: float | None) -> int:
+        """Threads for a window in which other processes used `others` cores (None: keep the current count)."""
+        if others is None or os.environ.get("HYBRIDAD_DEMO_THREADS"):
+            return self.threads
+        return 1 if others >= 1.0 else max(1, os.cpu_count() or 1)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if (trainer.global_step + 1) % self.every:
+            return
+        n = self.choose(self.meter.others())
+        if n != self.threads:
+            import cv2
+            import torch
+
+            torch.set_num_threads(n)
+            cv2.setNumThreads(n)
+            self.threads = n
+            self.changes.append((trainer.global_step, n))
+            if self.progress is not None:
+                self.progress.rename(n)
 
 
 @contextlib.contextmanager
@@ -224,7 +288,9 @@ def run_demo(out: Path, overrides: list[str] | None = None, categories: list[str
         captured = io.StringIO()  # Lightning's per-run metric tables: the demo's report sums them up at the end
         try:
             with demo_threads(threads), silence_lightning(), contextlib.redirect_stdout(captured):
-                run_dirs.append(train(cfg, callbacks=[progress]))
+                adaptive = AdaptiveThreads(threads, progress)
+                run_dirs.append(train(cfg, callbacks=[progress, adaptive]))
+                threads = adaptive.threads
         except BaseException:
             progress.bar.close()
             print(captured.getvalue())

@@ -66,3 +66,46 @@ def test_bad_thread_override_is_a_user_error(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("HYBRIDAD_DEMO_THREADS", "two")
     with pytest.raises(UserError, match="HYBRIDAD_DEMO_THREADS"):
         pick_threads()
+
+
+def test_adaptive_threads_switch_with_other_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from hybridad.demo import AdaptiveThreads
+
+    monkeypatch.delenv("HYBRIDAD_DEMO_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    cb = AdaptiveThreads(threads=2, every=5)
+    loads = iter([1.3, 0.1, None])  # a neighbour starts, it ends, /proc unreadable
+    monkeypatch.setattr(cb.meter, "others", lambda: next(loads))
+    try:
+        for step, expect in ((3, 2), (4, 1), (9, 2), (14, 2)):  # checks after steps 5, 10, 15 (0-based 4, 9, 14)
+            cb.on_train_batch_end(SimpleNamespace(global_step=step))
+            assert cb.threads == expect and torch.get_num_threads() == expect, step
+        assert cb.changes == [(4, 1), (9, 2)]
+        monkeypatch.setenv("HYBRIDAD_DEMO_THREADS", "2")
+        assert cb.choose(1.5) == 2  # a forced count is never overridden
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_other_processes_meter_subtracts_own_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from hybridad import demo as demo_mod
+
+    now = demo_mod._cpu_jiffies()
+    if now is None:
+        pytest.skip("no /proc on this platform")
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.3:  # burn our own CPU: /proc/self/stat must see it
+        pass
+    assert demo_mod._cpu_jiffies()[2] - now[2] >= 15  # >= 0.15 s in 100 Hz jiffies
+    samples = iter([(1000, 200, 300), (2000, 300, 800), (2000, 300, 800)])
+    monkeypatch.setattr(demo_mod, "_cpu_jiffies", lambda: next(samples))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    meter = demo_mod.OtherProcessesMeter()
+    # 1000 jiffies over 2 cores: 100 idle, 500 ours -> others used 400 / 1000 of the machine = 0.8 cores
+    assert meter.others() == pytest.approx(0.8)
+    assert meter.others() is None  # no time elapsed: no figure

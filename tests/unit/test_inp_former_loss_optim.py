@@ -175,3 +175,20 @@ def test_warmup_is_100_iterations_unless_capped_in_the_config(max_fraction: floa
     overrides = ["data.category=wallplugs", f"inp_former.warmup_max_fraction={max_fraction}"]
     resolved = to_yaml(load_config(overrides))
     assert "warmup_steps: 100" in resolved and f"warmup_max_fraction: {max_fraction}" in resolved
+
+
+def test_stable_adamw_chunks_cover_every_parameter_once() -> None:
+    from hybridad.models.inp_former.optim import _chunks
+
+    params = [torch.zeros(n) for n in (3, 5, 2, 9, 1, 1)]
+    chunks = _chunks(params, 6)
+    assert [[p.numel() for p in c] for c in chunks] == [[3], [5], [2], [9], [1, 1]]
+    assert [id(p) for c in chunks for p in c] == [id(p) for p in params]
+    assert [[p.numel() for p in c] for c in _chunks(params, 100)] == [[3, 5, 2, 9, 1, 1]]
+
+
+def test_stable_adamw_chunked_matches_reference(monkeypatch) -> None:
+    import hybridad.models.inp_former.optim as optim
+
+    monkeypatch.setattr(optim, "CHUNK_ELEMENTS", 7)  # several chunks on the small shapes below
+    test_stable_adamw_matches_reference(6, True, 1.0, 1e-4, 1e-10)

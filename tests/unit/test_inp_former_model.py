@@ -271,3 +271,26 @@ def test_bench_gpu_path_runs_on_cpu_with_tiny_override() -> None:
     names = [r["name"] for r in rows]
     assert names == ["inp_former_train_step", "inp_former_inference_tiles", "inp_former_inference_native_image"]
     assert rows[0]["seconds"] > 0 and rows[2]["images_per_s"] > 0 and rows[0]["peak_reserved_gib"] is None
+
+
+def test_compile_option_same_maps_and_state_dict() -> None:
+    compiled = InpFormerModel.from_config(tiny_cfg(compile="aot_eager"))  # "inductor" in real use
+    eager = InpFormerModel.from_config(tiny_cfg())
+    eager.load_state_dict(compiled.state_dict())  # keys unchanged by compiling
+    assert set(eager.state_dict()) == set(compiled.state_dict())
+    x = torch.rand(1, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.anomaly_map(x), eager.anomaly_map(x), rtol=0, atol=1e-5)
+    assert compiled._compiled_call_impl is not None and eager._compiled_call_impl is None
+
+
+def test_fused_extractor_attention_matches_official_explicit_softmax() -> None:
+    fused = InpFormerModel.from_config(tiny_cfg())
+    exact = InpFormerModel.from_config(tiny_cfg(fused_attn=False))
+    exact.load_state_dict(fused.state_dict())
+    assert fused.extractor.attn.fused and not exact.extractor.attn.fused
+    x = torch.rand(2, 3, 42, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.anomaly_map(x), exact.anomaly_map(x), rtol=0, atol=1e-5)
+        out_f, out_e = fused(x), exact(x)
+    torch.testing.assert_close(out_f.inps, out_e.inps, rtol=1e-5, atol=1e-5)

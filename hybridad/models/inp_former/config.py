@@ -40,3 +40,4 @@ class InpFormerConfig:
     random_encoder: bool = False  # allow a random-init encoder without `weights` (benchmarks only)
     encoder_seed: int = 0  # seed of the random-init encoder (tiny preset / random_encoder), so reloads match
     tiny_depth: int = 4  # encoder depth of the tiny preset (ViT-S/14 width)
+    compile: str = ""  # "" = eager; a torch.compile backend ("inductor") compiles the model's forward in place

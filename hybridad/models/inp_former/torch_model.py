@@ -96,12 +96,17 @@ class Mlp(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head softmax cross-attention: queries from `x` (B,M,D), keys/values from `ctx` (B,N,D)."""
+    """Multi-head softmax cross-attention: queries from `x` (B,M,D), keys/values from `ctx` (B,N,D).
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    `fused`: `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU, no (B,H,M,N) score
+    tensor kept for backward); False: the official explicit softmax(q k^T * scale) v, bit-exact.
+    """
+
+    def __init__(self, dim: int, num_heads: int, fused: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
+        self.fused = fused
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -110,19 +115,21 @@ class CrossAttention(nn.Module):
         B, M, D = x.shape
         N, H = ctx.shape[1], self.num_heads
         q = self.q(x).reshape(B, M, H, D // H).transpose(1, 2)  # (B,H,M,d)
-        kv = self.kv(ctx).reshape(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (2,B,H,N,d)
-        attn = ((q @ kv[0].transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B,H,M,N)
-        y = (attn @ kv[1]).transpose(1, 2).reshape(B, M, D)  # (B,H,M,d) -> (B,M,H,d) -> (B,M,D)
-        return self.proj(y)
+        k, v = self.kv(ctx).reshape(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B,H,N,d)
+        if self.fused:
+            y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B,H,M,d)
+        else:
+            y = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1) @ v  # (B,H,M,N) @ (B,H,N,d)
+        return self.proj(y.transpose(1, 2).reshape(B, M, D))  # (B,H,M,d) -> (B,M,H,d) -> (B,M,D)
 
 
 class InpExtractor(nn.Module):
     """One pre-LN cross-attention block: INP = T' + MLP(LN2 T'), T' = T + Attn(LN1 T, LN1 F_Q) (shared LN1)."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, fused: bool = True) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-8)
-        self.attn = CrossAttention(dim, num_heads)
+        self.attn = CrossAttention(dim, num_heads, fused)
         self.norm2 = nn.LayerNorm(dim, eps=1e-8)
         self.mlp = Mlp(dim, 4 * dim)
 
@@ -210,7 +217,8 @@ class InpFormerModel(nn.Module):
         tapped_layers: 0-based encoder blocks to tap (even count; empty = per-size default).
         num_inps: M, the number of INP tokens.
         pos_embed: "dinov2" (official resampling) or "timm" (timm's antialiased resampling).
-        fused_attn: fused (SDPA) encoder attention; False = explicit softmax, as the official code.
+        fused_attn: fused (SDPA) encoder and INP-extractor attention; False = explicit softmax, as the official
+            code (bit-exact).
         encoder_depth: build the encoder with this many blocks (tiny preset); None = the model's own.
         encoder_seed: seed of the encoder's random init (weights are loaded separately).
     """
@@ -246,7 +254,7 @@ class InpFormerModel(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.inp_tokens = nn.Parameter(torch.randn(num_inps, D))  # T: (M,D), std 1
-        self.extractor = InpExtractor(D, H)
+        self.extractor = InpExtractor(D, H, fused_attn)
         self.bottleneck = Mlp(D, 4 * D)
         self.decoder = nn.ModuleList(InpDecoderBlock(D, H) for _ in taps)
         for part in (self.extractor, self.bottleneck, self.decoder):
@@ -254,7 +262,17 @@ class InpFormerModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: InpFormerConfig) -> InpFormerModel:
-        """Build from `InpFormerConfig`; the tiny preset is a `tiny_depth`-block ViT-S/14 tapping every block."""
+        """Build from `InpFormerConfig`; the tiny preset is a `tiny_depth`-block ViT-S/14 tapping every block.
+
+        `cfg.compile` (a torch.compile backend name) compiles the forward in place (`nn.Module.compile`: the
+        state-dict keys, hence checkpoints, are unchanged)."""
+        model = cls._build(cfg)
+        if cfg.compile:
+            model.compile(backend=cfg.compile)
+        return model
+
+    @classmethod
+    def _build(cls, cfg: InpFormerConfig) -> InpFormerModel:
         if cfg.preset == "tiny":
             return cls(
                 encoder=TINY_ENCODER,
