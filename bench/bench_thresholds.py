@@ -52,6 +52,13 @@ class FamilyCalibration(L.Callback):
         self.cfg = ThresholdConfig(pseudo_repeats=repeats)
         self.stats = ScoreStats()
         self.counts: dict[str, PseudoCounts] = {}
+        self.seconds = 0.0
+        self.mean = self.std = float("nan")
+
+    def save(self, path: Path) -> None:
+        """Keep what the rules need (re-scoring new rules without retraining: `load_calibration`)."""
+        torch.save({"mean": self.mean, "std": self.std,
+                    "counts": {k: vars(v) for k, v in self.counts.items()}}, path)
 
     def _final(self, trainer: L.Trainer) -> bool:
         return trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking
@@ -67,10 +74,13 @@ class FamilyCalibration(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._final(trainer):
             return
+        t0 = time.time()
         grid = candidate_grid(self.stats)
         for recipe in self.recipes:
             self.counts[recipe.name] = pseudo_counts(pl_module, trainer.datamodule, self.cfg, grid,  # type: ignore[arg-type]
                                                      recipe)
+        self.seconds = time.time() - t0
+        self.mean, self.std = self.stats.mean, self.stats.std
 
 
 @dataclass
@@ -118,9 +128,17 @@ def f1_optimal(maps: torch.Tensor, gts: torch.Tensor, pp: PostProcessConfig) -> 
     return best
 
 
+def load_calibration(path: Path) -> FamilyCalibration:
+    data = torch.load(path, weights_only=False)
+    cal = FamilyCalibration([])
+    cal.mean, cal.std = data["mean"], data["std"]
+    cal.counts = {k: PseudoCounts(**v) for k, v in data["counts"].items()}
+    return cal
+
+
 def rule_thresholds(cal: FamilyCalibration, held_out: str | None) -> dict[str, float]:
     """Every label-free rule's threshold, its pseudo rules calibrated without `held_out`."""
-    out = {"mean_std": mean_std_threshold(cal.stats.mean, cal.stats.std, 3.0)}
+    out = {"mean_std": mean_std_threshold(cal.mean, cal.std, 3.0)}
     for recipe in [LEGACY, *RECIPES.values()]:
         counts = cal.counts[recipe.name]
         fams = [f for f in counts.families if f != held_out]
@@ -182,10 +200,13 @@ def run(out: Path | None = None, textures: tuple[str, ...] = TEXTURES) -> list[d
     for tex, root in roots.items():
         t0 = time.time()
         run_dir, cal = _train_one(tex, root, out / "runs")
+        cal.save(run_dir / "bench_calibration.pt")
+        t1 = time.time()
         pp = _run_postprocess(run_dir)
         for r in evaluate_texture(run_dir, root, cal, pp):
             rows.append({"texture": tex, **r})
-        print(f"  {tex}: {time.time() - t0:.0f} s", flush=True)
+        print(f"  {tex}: train + calibrate {t1 - t0:.0f} s (calibration {cal.seconds:.0f} s), score "
+              f"{time.time() - t1:.0f} s", flush=True)
     rows += _means(rows)
     if tmp is not None:
         tmp.cleanup()

@@ -87,6 +87,7 @@ def _library(seed: int):  # noqa: ANN202 (DefectLibrary: torch imported lazily)
 
 
 def _rng(seed: int, texture: str, split: str, index: int) -> np.random.Generator:
+    _source(texture)  # a clear error for an unknown texture
     return np.random.default_rng([seed, TEXTURES.index(texture), list(BANDS).index(split), index])
 
 
