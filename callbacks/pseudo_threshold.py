@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
-from hybridad.pseudo_threshold import RECIPES, candidate_grid, pseudo_counts, score_candidates
+from hybridad.pseudo_threshold import RECIPES, candidate_grid, capped_faint, pseudo_counts, score_candidates
 from hybridad.run_dir import RunDir
 from hybridad.thresholds import PSEUDO_METHODS, ScoreStats, ThresholdConfig, fit_threshold, mean_std_threshold
 from hybridad.types import AnomalyOutput
@@ -20,7 +20,8 @@ class PseudoThresholdCallback(L.Callback):
     """After the stand-alone `trainer.validate` (final model), fits the label-free threshold candidates.
 
     `mean_std` comes from the validation pixel scores, `pseudo_f1` and `pseudo_faint` from
-    `hybridad.pseudo_threshold` (skipped when `threshold.pseudo_repeats=0`). With `threshold.method` one of
+    `hybridad.pseudo_threshold`, `capped_faint` = min(mean_std, pseudo_faint) (the pseudo rules are skipped
+    when `threshold.pseudo_repeats=0`). With `threshold.method` one of
     those, the module's threshold is set here, before test. Candidates go to `<run>/thresholds.yaml` (`candidates:`); after test, the SegF1 each
     candidate and the test-tuned F1-optimal threshold reach on test_public goes to `metrics.json`
     (`test_public/threshold=<rule>/seg_f1`, `.../value`).
@@ -65,6 +66,7 @@ class PseudoThresholdCallback(L.Callback):
                 cands[name] = {"value": thr if math.isfinite(thr) else None, "pseudo_seg_f1": f1,
                                "repeats": self.cfg.pseudo_repeats, "seed": self.cfg.pseudo_seed,
                                "scale_of": self.cfg.pseudo_scale_of, "pasted_pixels": float(counts.pos.sum())}
+            cands["capped_faint"] = {"value": capped_faint(value, cands["pseudo_faint"]["value"]), "k": self.cfg.k}
         self.candidates = cands
         record: dict[str, Any] = {}
         if self.cfg.method in PSEUDO_METHODS:

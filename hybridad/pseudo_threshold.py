@@ -17,6 +17,10 @@ Rules (both label-free; defaults chosen on the benchmark's calibration families 
 - `pseudo_f1`: pastes as the training cut-paste draws them (opacity and minimum contrast of `data.cut_paste`).
 - `pseudo_faint`: the same families with sizes from 0.5x to 3x the training range and opacity U(0.15, 1)
   without a minimum contrast: down to barely visible, as real defects often are.
+- `capped_faint`: the lower of mean + k std and pseudo_faint. Each errs high in its own way (mean + k std
+  when the normal scores have a long tail, the pseudo rule when pastes are easier than real defects); real
+  defects are subtler than either model of them. Best on the threshold benchmark's calibration families
+  (docs/thresholds.md).
 
 `score_candidates` re-scores a run's cached test_public maps with each rule's threshold and the run's
 post-processing, so reports can show SegF1 at every label-free rule and at the F1-optimal threshold (tuned on
@@ -263,7 +267,7 @@ def pseudo_f1_threshold(pos: Tensor, neg: Tensor) -> tuple[float, float]:
 
 def candidate_thresholds(thresholds: dict[str, Any], k: float) -> dict[str, float]:
     """The label-free candidates of a run's `thresholds.yaml`: `{"mean_std": ..., "pseudo_f1": ...,
-    "pseudo_faint": ...}` (those present); mean + k std is recomputed with `k` from the stored validation statistics."""
+    "pseudo_faint": ..., "capped_faint": ...}` (those present); mean + k std is recomputed with `k` from the stored validation statistics."""
     out: dict[str, float] = {}
     cands = thresholds.get("candidates") or {}
     mean_std = cands.get("mean_std") if isinstance(cands.get("mean_std"), dict) else {}
@@ -276,7 +280,16 @@ def candidate_thresholds(thresholds: dict[str, Any], k: float) -> dict[str, floa
         pseudo = cands.get(rule)
         if isinstance(pseudo, dict) and pseudo.get("value") is not None and np.isfinite(pseudo["value"]):
             out[rule] = float(pseudo["value"])
+    capped = capped_faint(out.get("mean_std"), out.get("pseudo_faint"))
+    if capped is not None:
+        out["capped_faint"] = capped
     return out
+
+
+def capped_faint(mean_std: float | None, pseudo_faint: float | None) -> float | None:
+    """min(mean + k std, pseudo_faint); the one present when the other is missing; None without either."""
+    values = [v for v in (mean_std, pseudo_faint) if v is not None and np.isfinite(v)]
+    return min(values) if values else None
 
 
 def _test_pairs(run: RunDir, root: str, category: str) -> Iterator[tuple[Tensor, Tensor]]:

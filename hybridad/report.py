@@ -49,7 +49,7 @@ ISVL_REPORTED: dict[str, tuple[float, float, float, float]] = {
 }
 RULES: tuple[tuple[str, str], ...] = (  # label-free rules first, then the one tuned on test
     ("mean_std", "mean + k std"), ("pseudo_f1", "pseudo_f1"), ("pseudo_faint", "pseudo_faint"),
-    ("f1_optimal", "F1-optimal (tuned on test)"))
+    ("capped_faint", "capped_faint"), ("f1_optimal", "F1-optimal (tuned on test)"))
 MISSING = "–"
 OVERLAY_LONG_SIDE = 768  # overlays are downscaled to this long side
 FPR_LIMIT = 0.05
@@ -213,7 +213,7 @@ def rules_table(runs: list[_Run]) -> Table | None:
     rows.append(["mean", *[_mean_cell(c) for c in cols]])
     note = ("SegF1 % on test_public at each rule's threshold (value after @), with the run's "
             "post-processing. "
-            "mean + k std, pseudo_f1 and pseudo_faint are label-free: they use normal data only (the pseudo "
+            "mean + k std, pseudo_f1, pseudo_faint and capped_faint are label-free: they use normal data only (the pseudo "
             "rules: cut-paste pseudo-anomalies pasted into validation images, docs/thresholds.md); "
             "F1-optimal is tuned on the test labels and is an upper bound, not a method.")
     return Table("Threshold rules: SegF1 on test_public", ["category", *[t for _, t in RULES]], rows, note)
@@ -402,7 +402,8 @@ def plot_pro_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
 
 
 _RULE_STYLE = {"run": ("black", "-"), "mean_std": ("tab:orange", "--"), "pseudo_f1": ("tab:green", "--"),
-               "pseudo_faint": ("tab:olive", "-."), "f1_optimal": ("tab:purple", ":")}
+               "pseudo_faint": ("tab:olive", "-."),
+               "capped_faint": ("tab:red", "-."), "f1_optimal": ("tab:purple", ":")}
 
 
 def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path: Path) -> None:

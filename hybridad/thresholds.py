@@ -29,7 +29,15 @@ from hybridad.metrics.functional import (
 )
 from hybridad.metrics.segmentation import PixelF1Max
 
-PSEUDO_METHODS = ("pseudo_f1", "pseudo_faint")  # fitted with the model (hybridad.pseudo_threshold.RECIPES)
+# fitted with the model at training time and stored in thresholds.yaml candidates (hybridad.pseudo_threshold):
+# pseudo_f1, pseudo_faint (pasted pseudo-defects) and capped_faint = min(mean + k std, pseudo_faint)
+PSEUDO_METHODS = ("pseudo_f1", "pseudo_faint", "capped_faint")
+# what each rule needs; a rule that needs test labels is "tuned on test"
+RULE_NEEDS: dict[str, tuple[str, ...]] = {
+    "mean_std": ("validation maps",), "percentile": ("validation maps",), "fixed": (),
+    "pseudo_f1": ("model", "validation images"), "pseudo_faint": ("model", "validation images"),
+    "capped_faint": ("validation maps", "model", "validation images"), "f1_optimal": ("test labels",),
+}
 METHODS = ("mean_std", "percentile", "f1_optimal", "fixed", *PSEUDO_METHODS)
 PERCENTILE_METHODS = ("linear", "lower", "higher", "nearest")
 TUNED_ON_TEST = "threshold tuned on test"  # the label of every value chosen with test_public labels
@@ -53,7 +61,7 @@ class SplitThresholdConfig:
 
 @dataclass
 class ThresholdConfig:
-    method: str = "mean_std"  # "mean_std" | "percentile" | "f1_optimal" | "fixed" | "pseudo_f1" | "pseudo_faint"
+    method: str = "mean_std"  # mean_std | percentile | f1_optimal | fixed | pseudo_f1 | pseudo_faint | capped_faint
     k: float = 3.0  # mean_std: mean + k * std of validation pixel scores
     percentile: float = 99.0  # percentile: q-th percentile of validation scores ...
     factor: float = 1.0  # ... times factor

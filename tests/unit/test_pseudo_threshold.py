@@ -133,8 +133,15 @@ def test_candidate_thresholds_from_a_stored_thresholds_yaml() -> None:
     assert candidate_thresholds({"candidates": {"pseudo_f1": {"value": None}}}, k=3.0) == {}
 
 
-def test_every_pseudo_method_has_a_recipe() -> None:
-    assert tuple(RECIPES) == PSEUDO_METHODS
+def test_every_pseudo_method_has_a_recipe_or_is_the_cap() -> None:
+    assert (*RECIPES, "capped_faint") == PSEUDO_METHODS
+    from hybridad.pseudo_threshold import capped_faint, candidate_thresholds
+
+    assert capped_faint(0.4, 0.3) == 0.3 and capped_faint(0.2, 0.3) == 0.2 and capped_faint(None, 0.3) == 0.3
+    assert capped_faint(0.2, float("inf")) == 0.2 and capped_faint(None, None) is None
+    stored = {"candidates": {"mean_std": {"stats": {"mean": 0.1, "std": 0.1}}, "pseudo_faint": {"value": 0.3}}}
+    assert candidate_thresholds(stored, k=3.0)["capped_faint"] == pytest.approx(0.3)
+    assert candidate_thresholds(stored, k=1.0)["capped_faint"] == pytest.approx(0.2)  # the asked k
 
 
 def test_pastes_stay_on_the_object_with_object_relative_sizes() -> None:
@@ -203,13 +210,19 @@ def test_each_rule_lands_where_it_should(synthetic_root: Path) -> None:
     stats = ScoreStats()
     for i in range(len(ds)):
         stats.update(torch.full((1, 1, 8, 8), 0.1))
-    assert fit_threshold(ThresholdConfig(), stats).value == pytest.approx(0.1)
+    mean_std = fit_threshold(ThresholdConfig(), stats).value
+    assert mean_std == pytest.approx(0.1)
     grid = candidate_grid(stats)
     cfg = ThresholdConfig(pseudo_repeats=2)
+    found = {}
     for name, recipe in RECIPES.items():
         counts = pseudo_counts(model, dm, cfg, grid, recipe)
         assert counts.families == ("crack", "scratch", "spot", "contamination")
         thr, f1 = counts.pick(recipe)
+        found[name] = thr
         assert 0.1 < thr <= 0.6 and f1 == 1.0, name
         halves = [pseudo_counts(model, dm, cfg, grid, recipe, rank=r, world=2) for r in (0, 1)]
         assert torch.equal(halves[0].tp + halves[1].tp, counts.tp)  # rank-independent pastes
+    from hybridad.pseudo_threshold import capped_faint
+
+    assert capped_faint(mean_std, found["pseudo_faint"]) == pytest.approx(0.1)  # the lower of the two
