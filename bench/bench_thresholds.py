@@ -88,8 +88,8 @@ class FamilyCalibration(L.Callback):
         t0 = time.time()
         grid = candidate_grid(self.stats)
         for recipe in self.recipes:
-            self.counts[recipe.name] = pseudo_counts(pl_module, trainer.datamodule, self.cfg, grid,  # type: ignore[arg-type]
-                                                     recipe)
+            dm = trainer.datamodule
+            self.counts[recipe.name] = pseudo_counts(pl_module, dm, self.cfg, grid, recipe)  # type: ignore[arg-type]
         self.seconds = time.time() - t0
         self.mean, self.std = self.stats.mean, self.stats.std
 

@@ -21,8 +21,8 @@ class PseudoThresholdCallback(L.Callback):
 
     `mean_std` comes from the validation pixel scores, `pseudo_f1` and `pseudo_faint` from
     `hybridad.pseudo_threshold`, `capped_faint` = min(mean_std, pseudo_faint) (the pseudo rules are skipped
-    when `threshold.pseudo_repeats=0`). With `threshold.method` one of
-    those, the module's threshold is set here, before test. Candidates go to `<run>/thresholds.yaml` (`candidates:`); after test, the SegF1 each
+    when `threshold.pseudo_repeats=0`). With `threshold.method` one of those, the module's threshold is set
+    here, before test. Candidates go to `<run>/thresholds.yaml` (`candidates:`); after test, the SegF1 each
     candidate and the test-tuned F1-optimal threshold reach on test_public goes to `metrics.json`
     (`test_public/threshold=<rule>/seg_f1`, `.../value`).
     """

@@ -267,7 +267,8 @@ def pseudo_f1_threshold(pos: Tensor, neg: Tensor) -> tuple[float, float]:
 
 def candidate_thresholds(thresholds: dict[str, Any], k: float) -> dict[str, float]:
     """The label-free candidates of a run's `thresholds.yaml`: `{"mean_std": ..., "pseudo_f1": ...,
-    "pseudo_faint": ..., "capped_faint": ...}` (those present); mean + k std is recomputed with `k` from the stored validation statistics."""
+    "pseudo_faint": ..., "capped_faint": ...}` (those present); mean + k std (and so capped_faint) is
+    recomputed with `k` from the stored validation statistics."""
     out: dict[str, float] = {}
     cands = thresholds.get("candidates") or {}
     mean_std = cands.get("mean_std") if isinstance(cands.get("mean_std"), dict) else {}
