@@ -56,6 +56,7 @@ class PseudoThresholdCallback(L.Callback):
         if self.cfg.pseudo_repeats > 0:
             with self.stats.sync_context():
                 grid = candidate_grid(self.stats)
+            raw: dict[str, float] = {}  # inf where nothing was pasted
             for name, recipe in RECIPES.items():
                 counts = pseudo_counts(pl_module, trainer.datamodule, self.cfg, grid,  # type: ignore[arg-type]
                                        recipe, trainer.global_rank, trainer.world_size)
@@ -63,10 +64,11 @@ class PseudoThresholdCallback(L.Callback):
                     part = getattr(counts, key).to(pl_module.device)  # NCCL reduces device tensors
                     setattr(counts, key, trainer.strategy.reduce(part, reduce_op="sum").cpu())
                 thr, f1 = counts.pick(recipe)
+                raw[name] = thr
                 cands[name] = {"value": thr if math.isfinite(thr) else None, "pseudo_seg_f1": f1,
                                "repeats": self.cfg.pseudo_repeats, "seed": self.cfg.pseudo_seed,
                                "scale_of": self.cfg.pseudo_scale_of, "pasted_pixels": float(counts.pos.sum())}
-            cands["capped_faint"] = {"value": capped_faint(value, cands["pseudo_faint"]["value"]), "k": self.cfg.k}
+            cands["capped_faint"] = {"value": capped_faint(value, raw["pseudo_faint"]), "k": self.cfg.k}
         self.candidates = cands
         record: dict[str, Any] = {}
         if self.cfg.method in PSEUDO_METHODS:

@@ -281,14 +281,18 @@ def candidate_thresholds(thresholds: dict[str, Any], k: float) -> dict[str, floa
         pseudo = cands.get(rule)
         if isinstance(pseudo, dict) and pseudo.get("value") is not None and np.isfinite(pseudo["value"]):
             out[rule] = float(pseudo["value"])
-    capped = capped_faint(out.get("mean_std"), out.get("pseudo_faint"))
+    faint = out.get("pseudo_faint", float("inf") if isinstance(cands.get("pseudo_faint"), dict) else None)
+    capped = capped_faint(out.get("mean_std"), faint)  # computed but nothing pasted (inf): mean + k std
     if capped is not None:
         out["capped_faint"] = capped
     return out
 
 
 def capped_faint(mean_std: float | None, pseudo_faint: float | None) -> float | None:
-    """min(mean + k std, pseudo_faint); the one present when the other is missing; None without either."""
+    """min(mean + k std, pseudo_faint); None when pseudo_faint was not computed (threshold.pseudo_repeats=0).
+    A pseudo_faint of inf (nothing pasted) leaves mean + k std."""
+    if pseudo_faint is None:
+        return None
     values = [v for v in (mean_std, pseudo_faint) if v is not None and np.isfinite(v)]
     return min(values) if values else None
 

@@ -138,7 +138,7 @@ def test_every_pseudo_method_has_a_recipe_or_is_the_cap() -> None:
     from hybridad.pseudo_threshold import capped_faint, candidate_thresholds
 
     assert capped_faint(0.4, 0.3) == 0.3 and capped_faint(0.2, 0.3) == 0.2 and capped_faint(None, 0.3) == 0.3
-    assert capped_faint(0.2, float("inf")) == 0.2 and capped_faint(None, None) is None
+    assert capped_faint(0.2, float("inf")) == 0.2 and capped_faint(0.2, None) is None  # not computed
     stored = {"candidates": {"mean_std": {"stats": {"mean": 0.1, "std": 0.1}}, "pseudo_faint": {"value": 0.3}}}
     assert candidate_thresholds(stored, k=3.0)["capped_faint"] == pytest.approx(0.3)
     assert candidate_thresholds(stored, k=1.0)["capped_faint"] == pytest.approx(0.2)  # the asked k
