@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test test-all demo train train-all gpu-check bench submission clean
+.PHONY: help install test test-all demo demo-photos train train-all gpu-check bench submission clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,26 @@ test-all: $(STAMP) ## every test, the slow ones included
 demo: $(STAMP) ## synthetic dataset -> train tiny models -> evaluate -> submission -> report
 	$(BIN)/python -m hybridad demo --out demo_out $(ARGS)
 
+# demo-photos: real photographs (scikit-image's brick, grass, gravel) with defect families no generator of ours
+# makes; each texture runs in the fabric slot (its routing and post-processing, closing scaled to 128 px) with
+# the demo's tiny INP-Former preset, through the normal CLI: train, evaluate (each label-free rule), report.
+PHOTOS     ?= demo_photos
+PHOTO_ARGS := data.category=fabric name=demo inp_former.preset=tiny "inp_former.weights=''" data.num_workers=0 \
+  logging.wandb=false trainer.check_val_every_n_epoch=100000 trainer.enable_progress_bar=false \
+  data.augment.exposure=0.8 data.augment.probability=0.7 data.tiling.input_size=112 data.batch_size=8 \
+  trainer.max_epochs=-1 trainer.max_steps=160 inp_former.warmup_steps=20 postprocess.closing_kernel=4
+
+demo-photos: $(STAMP) ## threshold rules on real photographs and unseen defects: train, evaluate, report per texture
+	$(BIN)/python -m data_modules.photos --root $(PHOTOS)/data
+	for t in brick grass gravel; do \
+	  rm -rf $(PHOTOS)/runs/$$t; \
+	  $(BIN)/python -m hybridad train data.root=$(PHOTOS)/data/$$t out_dir=$(PHOTOS)/runs/$$t $(PHOTO_ARGS) $(ARGS) \
+	    || exit 1; \
+	  for m in mean_std pseudo_f1 pseudo_faint; do \
+	    $(BIN)/python -m hybridad evaluate $(PHOTOS)/runs/$$t/fabric/demo threshold.method=$$m || exit 1; done; \
+	  $(BIN)/python -m hybridad report $(PHOTOS)/runs/$$t/fabric/demo --out $(PHOTOS)/report/$$t || exit 1; \
+	done
+
 train: $(STAMP) ## train one category: make train CAT=can DATA=<root> ARGS="key=value ..." (ARGS=resume=latest continues)
 	$(BIN)/python -m hybridad train data.category=$(CAT) data.root=$(DATA) $(ARGS)
 
@@ -60,5 +80,5 @@ submission: $(STAMP) ## write, check, pack: make submission RUN_DIRS="runs/*/lat
 	$(BIN)/python -m hybridad submission pack $(SUBMISSION) --out $(SUBMISSION).tar.gz $(SUBMISSION_SCOPE)
 
 clean: ## remove caches and demo output (keeps .venv and runs/)
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out demo_photos .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +

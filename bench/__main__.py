@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-SUITES = ("data", "aupro", "inp_former", "cpr", "disk", "plan")
+SUITES = ("data", "aupro", "inp_former", "cpr", "disk", "plan", "thresholds")  # thresholds: trains, minutes
 
 
 def _runner(name: str, gpu: bool) -> Callable[[], list[dict]]:
@@ -27,6 +27,10 @@ def _runner(name: str, gpu: bool) -> Callable[[], list[dict]]:
         from bench.bench_disk import run as run_disk
 
         return run_disk
+    if name == "thresholds":
+        from bench.bench_thresholds import run as run_thresholds
+
+        return run_thresholds
     if name == "plan":
         from bench.bench_plan import run as run_plan
 

@@ -1,4 +1,5 @@
-"""Threshold candidates of a run: mean + k std and pseudo_f1 (pasted pseudo-anomalies), then their SegF1."""
+"""Threshold candidates of a run: mean + k std and the pseudo-defect rules (pasted pseudo-anomalies), then their
+SegF1."""
 
 from __future__ import annotations
 
@@ -9,18 +10,19 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
-from hybridad.pseudo_threshold import pseudo_f1_threshold, pseudo_histograms, score_candidates
+from hybridad.pseudo_threshold import RECIPES, candidate_grid, capped_faint, pseudo_counts, score_candidates
 from hybridad.run_dir import RunDir
-from hybridad.thresholds import ScoreStats, ThresholdConfig, fit_threshold, mean_std_threshold
+from hybridad.thresholds import PSEUDO_METHODS, ScoreStats, ThresholdConfig, fit_threshold, mean_std_threshold
 from hybridad.types import AnomalyOutput
 
 
 class PseudoThresholdCallback(L.Callback):
     """After the stand-alone `trainer.validate` (final model), fits the label-free threshold candidates.
 
-    `mean_std` comes from the validation pixel scores, `pseudo_f1` from `hybridad.pseudo_threshold` (skipped
-    when `threshold.pseudo_repeats=0`). With `threshold.method=pseudo_f1` the module's threshold is set here,
-    before test. Candidates go to `<run>/thresholds.yaml` (`candidates:`); after test, the SegF1 each
+    `mean_std` comes from the validation pixel scores, `pseudo_f1` and `pseudo_faint` from
+    `hybridad.pseudo_threshold`, `capped_faint` = min(mean_std, pseudo_faint) (the pseudo rules are skipped
+    when `threshold.pseudo_repeats=0`). With `threshold.method` one of those, the module's threshold is set
+    here, before test. Candidates go to `<run>/thresholds.yaml` (`candidates:`); after test, the SegF1 each
     candidate and the test-tuned F1-optimal threshold reach on test_public goes to `metrics.json`
     (`test_public/threshold=<rule>/seg_f1`, `.../value`).
     """
@@ -51,19 +53,26 @@ class PseudoThresholdCallback(L.Callback):
         value = mean_std_threshold(mean, std, self.cfg.k)
         stats = {"mean": mean, "std": std}
         cands: dict[str, Any] = {"mean_std": {"value": value, "k": self.cfg.k, "stats": stats}}
-        pseudo = None
         if self.cfg.pseudo_repeats > 0:
-            pos, neg = pseudo_histograms(pl_module, trainer.datamodule, self.cfg,  # type: ignore[arg-type]
-                                         trainer.global_rank, trainer.world_size)
-            pos = trainer.strategy.reduce(pos, reduce_op="sum")  # sum over ranks (each scored a share)
-            neg = trainer.strategy.reduce(neg, reduce_op="sum")
-            thr, f1 = pseudo_f1_threshold(pos, neg)
-            pseudo = thr if math.isfinite(thr) else None
-            cands["pseudo_f1"] = {"value": pseudo, "pseudo_seg_f1": f1, "repeats": self.cfg.pseudo_repeats,
-                                  "seed": self.cfg.pseudo_seed, "pasted_pixels": float(pos.sum())}
+            with self.stats.sync_context():
+                grid = candidate_grid(self.stats)
+            raw: dict[str, float] = {}  # inf where nothing was pasted
+            for name, recipe in RECIPES.items():
+                counts = pseudo_counts(pl_module, trainer.datamodule, self.cfg, grid,  # type: ignore[arg-type]
+                                       recipe, trainer.global_rank, trainer.world_size)
+                for key in ("pos", "neg", "tp", "fp", "fn"):  # sum over ranks (each scored a share)
+                    part = getattr(counts, key).to(pl_module.device)  # NCCL reduces device tensors
+                    setattr(counts, key, trainer.strategy.reduce(part, reduce_op="sum").cpu())
+                thr, f1 = counts.pick(recipe)
+                raw[name] = thr
+                cands[name] = {"value": thr if math.isfinite(thr) else None, "pseudo_seg_f1": f1,
+                               "repeats": self.cfg.pseudo_repeats, "seed": self.cfg.pseudo_seed,
+                               "scale_of": self.cfg.pseudo_scale_of, "pasted_pixels": float(counts.pos.sum())}
+            cands["capped_faint"] = {"value": capped_faint(value, raw["pseudo_faint"]), "k": self.cfg.k}
         self.candidates = cands
         record: dict[str, Any] = {}
-        if self.cfg.method == "pseudo_f1":
+        if self.cfg.method in PSEUDO_METHODS:
+            pseudo = (cands.get(self.cfg.method) or {}).get("value")
             result = fit_threshold(self.cfg, pseudo=pseudo)
             pl_module.set_threshold(result.value)  # type: ignore[operator]
             record = {"value": result.value, "method": result.method, "source": result.source,

@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 
 from hybridad.run_dir import RunDir
-from hybridad.thresholds import ScoreStats, ThresholdConfig, fit_threshold
+from hybridad.thresholds import PSEUDO_METHODS, ScoreStats, ThresholdConfig, fit_threshold
 from hybridad.types import AnomalyOutput
 
 
@@ -38,7 +38,7 @@ class ThresholdCallback(L.Callback):
             self.stats.update(outputs.anomaly_map)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.cfg.method in ("f1_optimal", "pseudo_f1"):  # fitted elsewhere
+        if trainer.sanity_checking or self.cfg.method in ("f1_optimal", *PSEUDO_METHODS):  # fitted elsewhere
             return
         result = fit_threshold(self.cfg, self.stats)
         with self.stats.sync_context():  # statistics over every rank's validation pixels

@@ -45,6 +45,7 @@ from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1, group_keys, proc
 from hybridad.postprocess import binarize
 from hybridad.run_dir import RunDir
 from hybridad.thresholds import (
+    PSEUDO_METHODS,
     TUNED_ON_TEST,
     ScoreStats,
     ThresholdResult,
@@ -110,18 +111,19 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResu
     """
     rules = {s.value: rule_for_split(cfg.threshold, s.value) for s in SPLITS}
     methods = {r.method for r in rules.values()}
-    stats = _validation_stats(run) if methods - {"fixed", "f1_optimal", "pseudo_f1"} else None
+    stats = _validation_stats(run) if methods - {"fixed", "f1_optimal", *PSEUDO_METHODS} else None
     labelled = None
     if "f1_optimal" in methods:
         labelled = PixelF1Max(**process_local())
         for _, m, g in _labelled_maps(run, cfg, "test_public maps (threshold)"):
             labelled.update(m, g)
-    pseudo = None
-    if "pseudo_f1" in methods:  # needs the model: the value the run found at training time
+    pseudo: dict[str, float] = {}
+    if methods & set(PSEUDO_METHODS):  # needs the model: the values the run found at training time
         from hybridad.pseudo_threshold import candidate_thresholds
 
-        pseudo = candidate_thresholds(run.read_thresholds(), cfg.threshold.k).get("pseudo_f1")
-    return {split: fit_threshold(rule, stats, labelled=labelled, pseudo=pseudo) for split, rule in rules.items()}
+        pseudo = candidate_thresholds(run.read_thresholds(), cfg.threshold.k)
+    return {split: fit_threshold(rule, stats, labelled=labelled, pseudo=pseudo.get(rule.method))
+            for split, rule in rules.items()}
 
 
 def _labelled_maps(run: RunDir, cfg: RunConfig, desc: str

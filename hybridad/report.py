@@ -52,8 +52,9 @@ ISVL_REPORTED: dict[str, tuple[float, float, float, float]] = {
     "sheet_metal": (69.69, 69.74, 86.00, 85.19), "vial": (44.01, 42.12, 67.56, 62.49),
     "wallplugs": (11.99, 6.24, 26.63, 22.04), "walnuts": (68.34, 67.65, 80.47, 76.57),
 }
-RULES: tuple[tuple[str, str], ...] = (
-    ("mean_std", "mean + k std"), ("pseudo_f1", "pseudo_f1"), ("f1_optimal", "F1-optimal (tuned on test)"))
+RULES: tuple[tuple[str, str], ...] = (  # label-free rules first, then the one tuned on test
+    ("mean_std", "mean + k std"), ("pseudo_f1", "pseudo_f1"), ("pseudo_faint", "pseudo_faint"),
+    ("capped_faint", "capped_faint"), ("f1_optimal", "F1-optimal (tuned on test)"))
 MISSING = "–"
 FPR_LIMIT = 0.05
 
@@ -283,9 +284,9 @@ def rules_table(runs: list[_Run]) -> Table | None:
     rows.append(["mean", *[_mean_cell(c) for c in cols]])
     note = ("SegF1 % on test_public at each rule's threshold (value after @), with the run's "
             "post-processing. "
-            "mean + k std and pseudo_f1 use normal data only (pseudo_f1: cut-paste pseudo-anomalies pasted "
-            "into "
-            "validation images); F1-optimal is tuned on the test labels and is an upper bound, not a method.")
+            "mean + k std, pseudo_f1, pseudo_faint and capped_faint are label-free: they use normal data only (the pseudo "
+            "rules: cut-paste pseudo-anomalies pasted into validation images, docs/thresholds.md); "
+            "F1-optimal is tuned on the test labels and is an upper bound, not a method.")
     return Table("Threshold rules: SegF1 on test_public", ["category", *[t for _, t in RULES]], rows, note)
 
 
@@ -479,7 +480,8 @@ def plot_pro_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
 
 
 _RULE_STYLE = {"run": ("black", "-"), "mean_std": ("tab:orange", "--"), "pseudo_f1": ("tab:green", "--"),
-               "f1_optimal": ("tab:purple", ":")}
+               "pseudo_faint": ("tab:olive", "-."),
+               "capped_faint": ("tab:red", "-."), "f1_optimal": ("tab:purple", ":")}
 
 
 def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path: Path) -> None:

@@ -29,7 +29,16 @@ from hybridad.metrics.functional import (
 )
 from hybridad.metrics.segmentation import PixelF1Max
 
-METHODS = ("mean_std", "percentile", "f1_optimal", "fixed", "pseudo_f1")
+# fitted with the model at training time and stored in thresholds.yaml candidates (hybridad.pseudo_threshold):
+# pseudo_f1, pseudo_faint (pasted pseudo-defects) and capped_faint = min(mean + k std, pseudo_faint)
+PSEUDO_METHODS = ("pseudo_f1", "pseudo_faint", "capped_faint")
+# what each rule needs; a rule that needs test labels is "tuned on test"
+RULE_NEEDS: dict[str, tuple[str, ...]] = {
+    "mean_std": ("validation maps",), "percentile": ("validation maps",), "fixed": (),
+    "pseudo_f1": ("model", "validation images"), "pseudo_faint": ("model", "validation images"),
+    "capped_faint": ("validation maps", "model", "validation images"), "f1_optimal": ("test labels",),
+}
+METHODS = ("mean_std", "percentile", "f1_optimal", "fixed", *PSEUDO_METHODS)
 PERCENTILE_METHODS = ("linear", "lower", "higher", "nearest")
 TUNED_ON_TEST = "threshold tuned on test"  # the label of every value chosen with test_public labels
 OVERRIDABLE_SPLITS = ("test_private", "test_private_mixed")
@@ -52,7 +61,7 @@ class SplitThresholdConfig:
 
 @dataclass
 class ThresholdConfig:
-    method: str = "mean_std"  # "mean_std" | "percentile" | "f1_optimal" | "fixed"
+    method: str = "mean_std"  # mean_std | percentile | f1_optimal | fixed | pseudo_f1 | pseudo_faint | capped_faint
     k: float = 3.0  # mean_std: mean + k * std of validation pixel scores
     percentile: float = 99.0  # percentile: q-th percentile of validation scores ...
     factor: float = 1.0  # ... times factor
@@ -60,11 +69,15 @@ class ThresholdConfig:
     percentile_method: str = "linear"  # numpy.percentile method: linear | lower | higher | nearest
     test_private: SplitThresholdConfig = field(default_factory=SplitThresholdConfig)
     test_private_mixed: SplitThresholdConfig = field(default_factory=SplitThresholdConfig)
-    # pseudo_f1 (hybridad.pseudo_threshold): SegF1-optimal on validation images with pasted pseudo-anomalies;
-    # also computed as a candidate under any method unless pseudo_repeats=0
+    # pseudo_f1 / pseudo_faint (hybridad.pseudo_threshold): SegF1-optimal on validation images with pasted
+    # pseudo-anomalies, through the run's post-processing; computed as candidates under any method unless
+    # pseudo_repeats=0
     pseudo_repeats: int = 4  # pasted copies of each validation image (different draws); 0 = off
     pseudo_seed: int = 0  # seed of the pastes (fixed: the same run gives the same threshold)
-    pseudo_scale_of: str = "image"  # data.cut_paste scales are fractions of the "image" or of a test "tile"
+    # patch sizes: "training" (fractions of a test tile, or of the object for size_reference=object, as the
+    # training cut-paste) | "image" (fractions of the image's long side; the default before issue 17);
+    # "tile" = "training"
+    pseudo_scale_of: str = "training"
 
 
 @dataclass
@@ -190,14 +203,14 @@ def fit_threshold(
         cfg: the rule and its parameters.
         stats: validation pixel scores (needed by "mean_std" and "percentile").
         labelled: labelled-map histograms (needed by "f1_optimal", which tunes on test data).
-        pseudo: the "pseudo_f1" value fitted at training time with the model (`hybridad.pseudo_threshold`;
-            stored in thresholds.yaml `candidates.pseudo_f1.value`).
+        pseudo: the value of `cfg.method` ("pseudo_f1" | "pseudo_faint") fitted at training time with the model
+            (`hybridad.pseudo_threshold`; stored in thresholds.yaml `candidates.<method>.value`).
     """
-    if cfg.method == "pseudo_f1":
+    if cfg.method in PSEUDO_METHODS:
         if pseudo is None or not math.isfinite(pseudo):
-            raise UserError("threshold.method=pseudo_f1 is fitted with the model at training time: train with "
-                            "threshold.method=pseudo_f1 (or threshold.pseudo_repeats>0) so the run stores it")
-        return ThresholdResult(float(pseudo), "pseudo_f1", "validation + pseudo-anomalies", False)
+            raise UserError(f"threshold.method={cfg.method} is fitted with the model at training time: train "
+                            f"with threshold.pseudo_repeats>0 so the run stores it")
+        return ThresholdResult(float(pseudo), cfg.method, "validation + pseudo-anomalies", False)
     if cfg.method == "fixed":
         if cfg.value is None or not math.isfinite(cfg.value):
             raise UserError(f"threshold.method=fixed needs a finite threshold.value (got {cfg.value!r})")

@@ -24,7 +24,8 @@ FAST = ["trainer.max_epochs=1", "trainer.max_steps=3", "trainer.limit_val_batche
 @pytest.fixture(scope="module")
 def can_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
-    return train(demo_config("can", synthetic_root, runs, [*FAST, "logging.wandb=true"]))
+    # mean + 3 std (not the INP-Former default capped_faint): this run checks the per-validation threshold log
+    return train(demo_config("can", synthetic_root, runs, [*FAST, "logging.wandb=true", "threshold.method=mean_std"]))
 
 
 def _stems(folder: Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""pseudo_f1: pastes inside the image, rank-independent histograms, the F1-optimal pick, candidate SegF1."""
+"""Pseudo-defect rules: pastes inside the image and the object, rank-independent counts, the pick on the
+post-processed masks, known answers for every rule, candidate SegF1."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from hybridad.errors import UserError
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.postprocess import PostProcessConfig
 from hybridad.pseudo_threshold import (
+    RECIPES,
+    PseudoCounts,
+    best_candidate,
+    candidate_grid,
+    pseudo_counts,
     paste_native,
     pseudo_cut_paste,
     pseudo_f1_threshold,
@@ -24,7 +30,7 @@ from hybridad.pseudo_threshold import (
     score_candidates,
 )
 from hybridad.run_dir import RunDir
-from hybridad.thresholds import ThresholdConfig, fit_threshold
+from hybridad.thresholds import PSEUDO_METHODS, ScoreStats, ThresholdConfig, fit_threshold
 from hybridad.types import AnomalyOutput, Batch
 
 
@@ -125,3 +131,98 @@ def test_candidate_thresholds_from_a_stored_thresholds_yaml() -> None:
     old = {"value": 0.7, "method": "mean_std", "stats": {"mean": 0.25, "std": 0.125}}
     assert candidate_thresholds(old, k=2.0) == {"mean_std": 0.5}
     assert candidate_thresholds({"candidates": {"pseudo_f1": {"value": None}}}, k=3.0) == {}
+
+
+def test_every_pseudo_method_has_a_recipe_or_is_the_cap() -> None:
+    assert (*RECIPES, "capped_faint") == PSEUDO_METHODS
+    from hybridad.pseudo_threshold import capped_faint, candidate_thresholds
+
+    assert capped_faint(0.4, 0.3) == 0.3 and capped_faint(0.2, 0.3) == 0.2 and capped_faint(None, 0.3) == 0.3
+    assert capped_faint(0.2, float("inf")) == 0.2 and capped_faint(0.2, None) is None  # not computed
+    stored = {"candidates": {"mean_std": {"stats": {"mean": 0.1, "std": 0.1}}, "pseudo_faint": {"value": 0.3}}}
+    assert candidate_thresholds(stored, k=3.0)["capped_faint"] == pytest.approx(0.3)
+    assert candidate_thresholds(stored, k=1.0)["capped_faint"] == pytest.approx(0.2)  # the asked k
+
+
+def test_pastes_stay_on_the_object_with_object_relative_sizes() -> None:
+    from data_modules.cut_paste import otsu_foreground
+
+    images = torch.full((4, 3, 60, 80), 20 / 255.0)  # dark background ...
+    images[..., 20:40, 30:50] = 200 / 255.0  # ... and a bright 20 x 20 object
+    fg = otsu_foreground(images)
+    assert int(fg[0].sum()) == 400
+    config = CutPasteConfig(probability=1.0, max_patches=1, size_reference="object", foreground="otsu",
+                            scale_min=0.5, scale_max=0.5, library_size=2, opacity_min=1.0, min_contrast=0.3)
+    cp = pseudo_cut_paste(config, 40, 80)  # object reference: the tile side does not rescale
+    assert (cp.config.scale_min, cp.config.scale_max) == (0.5, 0.5)
+    out, mask = paste_native(images, cp, torch.Generator().manual_seed(0), fg)
+    assert mask.any() and not (mask & (fg < 0.5)).any()  # only object pixels change
+    assert int(mask.flatten(1).sum(1).max()) <= 100  # a patch of side 0.5 x 20 px: at most 10 x 10
+
+
+def test_best_candidate_and_pick_known_answers() -> None:
+    cands = torch.tensor([0.1, 0.2, 0.3])
+    # F1 at each candidate: 2*8/(16+4+0)=0.8, 2*8/(16+0+0)=1.0, 2*4/(8+0+4)=0.667 -> 0.2
+    tp, fp, fn = torch.tensor([8.0, 8, 4]), torch.tensor([4.0, 0, 0]), torch.tensor([0.0, 0, 4])
+    assert best_candidate(cands, tp, fp, fn) == (pytest.approx(0.2), 1.0)
+    assert best_candidate(cands, torch.zeros(3), fp, torch.zeros(3)) == (float("inf"), 0.0)
+    from hybridad.metrics.functional import float16_keys, key_histogram
+
+    # two families; the raw-map pick (legacy) and the post-processed pick see different data on purpose
+    pos = torch.stack([key_histogram(float16_keys(torch.tensor([0.5]))), key_histogram(float16_keys(torch.tensor([0.75])))])
+    neg = torch.stack([key_histogram(float16_keys(torch.tensor([0.25]))), key_histogram(float16_keys(torch.tensor([0.6])))])
+    counts = PseudoCounts(("a", "b"), cands, pos.double(), neg.double(), torch.stack([tp, torch.tensor([0.0, 0, 9])]),
+                          torch.stack([fp, torch.zeros(3)]), torch.stack([fn, torch.tensor([9.0, 9, 0])]))
+    assert counts.pick(RECIPES["pseudo_f1"], ["a"]) == (pytest.approx(0.2), 1.0)
+    assert counts.pick(RECIPES["pseudo_f1"], ["b"]) == (pytest.approx(0.3), 1.0)  # leave "a" out
+    legacy = dataclasses.replace(RECIPES["pseudo_f1"], postprocessed=False)
+    assert counts.pick(legacy, ["b"]) == (0.75, 1.0)  # raw map: 0.75 separates 0.75 from 0.6
+
+
+def test_candidate_grid_spans_the_validation_scores() -> None:
+    stats = ScoreStats()
+    stats.update(torch.linspace(0, 1, 10001))
+    grid = candidate_grid(stats)
+    assert torch.all(grid[1:] > grid[:-1])  # sorted, unique
+    assert 0.7 < float(grid[0]) < 0.85 and float(grid.max()) == pytest.approx(4.0, rel=1e-3)
+    assert torch.equal(grid, grid.half().float())  # float16 values: as the maps are compared
+
+
+class _OffsetDiffModel(_DiffModel):
+    """Untouched pixels score 0.1, pasted (changed) pixels 0.6: the best threshold is anything in (0.1, 0.6]."""
+
+    def predict_batch(self, batch: Batch) -> AnomalyOutput:
+        out = super().predict_batch(batch)
+        amap = torch.where(out.anomaly_map > 0, 0.6, 0.1)
+        return AnomalyOutput(amap, amap.flatten(1).amax(1), None)
+
+
+def test_each_rule_lands_where_it_should(synthetic_root: Path) -> None:
+    """Maps built so that the answer is known: validation maps are 0.1 everywhere (mean 0.1, std 0, so mean +
+    3 std = 0.1 flags every pixel); pastes score 0.6, so every pseudo rule must land in (0.1, 0.6] with
+    pseudo SegF1 1 (scored on the masks the run writes: binarize with the model's post-processing)."""
+    data = DataConfig(root=str(synthetic_root), category="can", num_workers=0,
+                      tiling=TilingConfig(input_size=32),
+                      cut_paste=CutPasteConfig(probability=1.0, library_size=2))
+    dm = MVTecAD2DataModule(data)
+    ds = dm.dataset("validation")
+    model = _OffsetDiffModel({ds[i]["sample_id"]: ds[i]["image"] for i in range(len(ds))})
+    stats = ScoreStats()
+    for i in range(len(ds)):
+        stats.update(torch.full((1, 1, 8, 8), 0.1))
+    mean_std = fit_threshold(ThresholdConfig(), stats).value
+    assert mean_std == pytest.approx(0.1)
+    grid = candidate_grid(stats)
+    cfg = ThresholdConfig(pseudo_repeats=2)
+    found = {}
+    for name, recipe in RECIPES.items():
+        counts = pseudo_counts(model, dm, cfg, grid, recipe)
+        assert counts.families == ("crack", "scratch", "spot", "contamination")
+        thr, f1 = counts.pick(recipe)
+        found[name] = thr
+        assert 0.1 < thr <= 0.6 and f1 == 1.0, name
+        halves = [pseudo_counts(model, dm, cfg, grid, recipe, rank=r, world=2) for r in (0, 1)]
+        assert torch.equal(halves[0].tp + halves[1].tp, counts.tp)  # rank-independent pastes
+    from hybridad.pseudo_threshold import capped_faint
+
+    assert capped_faint(mean_std, found["pseudo_faint"]) == pytest.approx(0.1)  # the lower of the two

@@ -92,11 +92,11 @@ def test_paper_layout_table_beside_the_winners_numbers(two_runs: list[Path], tmp
 def test_threshold_rules_table(two_runs: list[Path], tmp_path: Path) -> None:
     lines = write_report(two_runs, tmp_path / "rep", num_overlays=0).splitlines()
     assert _table_after(lines, "## Threshold rules: SegF1 on test_public", 5) == [
-        "| category | mean + k std | pseudo_f1 | F1-optimal (tuned on test) |",
-        "|---|---|---|---|",
-        "| can | 10.00 @ 1 | 15.00 @ 0.75 | 20.00 @ 0.5 |",
-        "| vial | 25.00 @ 0.5 | – | 37.50 @ 0.25 |",
-        "| mean | 17.50 | 15.00* | 28.75 |",
+        "| category | mean + k std | pseudo_f1 | pseudo_faint | capped_faint | F1-optimal (tuned on test) |",
+        "|---|---|---|---|---|---|",
+        "| can | 10.00 @ 1 | 15.00 @ 0.75 | – | – | 20.00 @ 0.5 |",
+        "| vial | 25.00 @ 0.5 | – | – | – | 37.50 @ 0.25 |",
+        "| mean | 17.50 | 15.00* | – | – | 28.75 |",
     ]
 
 

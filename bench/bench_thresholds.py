@@ -1,0 +1,248 @@
+"""`python -m bench --only thresholds`: label-free threshold rules on real photographs and unseen defects.
+
+For each texture of `data_modules.photos` (crops of scikit-image's photographs; train, validation and test from
+disjoint regions) a tiny INP-Former is trained through the project's own `train` path (the `fabric` slot's
+routing, tiling and post-processing, kernels scaled to 128 px). A callback scores pasted validation images for
+every pseudo-defect rule at the final validation, keeping counts per pseudo family. Then every rule's
+threshold binarises the cached test_public maps with the run's post-processing, family by family:
+- held-out pseudo families: the rule is calibrated on the other three families only (leave one family out);
+- novel families (blur, dent, phase swap, hole, crease, blocks): calibrated on all four pseudo families.
+SegF1 is pooled over the test good images and the family's bad images, averaged over the group's families;
+"F1-opt" is the best SegF1 on a dense threshold grid for that family: tuned on test (an oracle, for scale).
+Pixel AUROC and AU-PRO(0.05) are the model's, the same for every rule.
+
+The default rule was chosen on the held-out pseudo rows (leave-one-out over our own families); the novel rows
+are the check. `BENCH_THRESHOLDS_OUT=<dir>` keeps the trees and runs there; with `BENCH_THRESHOLDS_REUSE=1` the
+runs already there are re-scored without training (rules are functions of the stored calibration counts).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+import numpy as np
+import torch
+
+from data_modules.photos import NOVEL_FAMILIES, PSEUDO_FAMILIES, TEXTURES, read_manifest, write_photo_dataset
+from hybridad.metrics.functional import au_pro, binary_counts, f1_from_counts, pixel_auroc
+from hybridad.postprocess import PostProcessConfig, binarize
+from hybridad.pseudo_threshold import (
+    LEGACY,
+    RECIPES,
+    PseudoCounts,
+    PseudoRecipe,
+    candidate_grid,
+    capped_faint,
+    pseudo_counts,
+)
+from hybridad.run_dir import RunDir
+from hybridad.thresholds import ScoreStats, ThresholdConfig, mean_std_threshold
+from hybridad.types import AnomalyOutput
+
+SLOT = "fabric"
+CLOSING = 4  # fabric's 80 px closing at 2448 px, scaled to the 128 px crops
+STEPS = int(os.environ.get("BENCH_THRESHOLDS_STEPS", "160"))
+REPEATS = 4  # pasted copies of each validation image per rule
+LABEL_FREE = ("mean_std", LEGACY.name, *RECIPES, "capped_faint")
+REUSE = os.environ.get("BENCH_THRESHOLDS_REUSE", "") == "1"  # re-score the runs already in `out` (no training)
+
+
+class FamilyCalibration(L.Callback):
+    """At the final validation: validation statistics and per-family pseudo counts of every recipe."""
+
+    def __init__(self, recipes: list[PseudoRecipe], repeats: int = REPEATS) -> None:
+        self.recipes = recipes
+        self.cfg = ThresholdConfig(pseudo_repeats=repeats)
+        self.stats = ScoreStats()
+        self.counts: dict[str, PseudoCounts] = {}
+        self.seconds = 0.0
+        self.mean = self.std = float("nan")
+
+    def save(self, path: Path) -> None:
+        """Keep what the rules need (re-scoring new rules without retraining: `load_calibration`)."""
+        torch.save({"mean": self.mean, "std": self.std,
+                    "counts": {k: vars(v) for k, v in self.counts.items()}}, path)
+
+    def _final(self, trainer: L.Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stats = ScoreStats()
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._final(trainer) and isinstance(outputs, AnomalyOutput):
+            self.stats.update(outputs.anomaly_map.cpu())
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._final(trainer):
+            return
+        t0 = time.time()
+        grid = candidate_grid(self.stats)
+        for recipe in self.recipes:
+            dm = trainer.datamodule
+            self.counts[recipe.name] = pseudo_counts(pl_module, dm, self.cfg, grid, recipe)  # type: ignore[arg-type]
+        self.seconds = time.time() - t0
+        self.mean, self.std = self.stats.mean, self.stats.std
+
+
+@dataclass
+class TestSet:
+    """Cached test_public maps of one run: good images, and bad images per family."""
+
+    good_maps: list[torch.Tensor] = field(default_factory=list)  # (1,1,H,W) each
+    bad: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # family -> (map, gt)
+
+    def subset(self, family: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,1,H,W) maps and bool GT of the good images plus `family`'s bad images."""
+        maps = self.good_maps + [m for m, _ in self.bad[family]]
+        gts = [torch.zeros_like(m, dtype=torch.bool) for m in self.good_maps] + [g for _, g in self.bad[family]]
+        return torch.cat(maps), torch.cat(gts)
+
+
+def load_test_set(run: Path, data_root: Path) -> TestSet:
+    from data_modules.listing import list_samples, read_mask
+
+    families = read_manifest(data_root)
+    rd, ts = RunDir(run), TestSet()
+    for s in list_samples(data_root, SLOT, "test_public"):
+        m = torch.from_numpy(rd.read_map(s.sample_id))[None, None]  # (1,1,H,W)
+        if s.mask_path is None:
+            ts.good_maps.append(m)
+            continue
+        gt = torch.from_numpy(np.asarray(read_mask(s.mask_path, s.image_path, tuple(m.shape[-2:])) > 0))
+        ts.bad.setdefault(families[s.sample_id], []).append((m, gt[None, None]))
+    return ts
+
+
+def seg_f1(maps: torch.Tensor, gts: torch.Tensor, threshold: float, pp: PostProcessConfig) -> float:
+    if not np.isfinite(threshold):
+        return 0.0
+    return f1_from_counts(*binary_counts(binarize(maps, threshold, pp), gts))
+
+
+def f1_optimal(maps: torch.Tensor, gts: torch.Tensor, pp: PostProcessConfig) -> tuple[float, float]:
+    """(SegF1, threshold) best on a dense grid of the subset's own values: tuned on test (oracle)."""
+    qs = torch.tensor(np.concatenate([np.linspace(0.5, 0.99, 50), 1 - np.geomspace(1e-2, 1e-6, 50)]))
+    flat = maps.flatten().double()
+    grid = torch.unique(torch.quantile(flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))
+                                            [: 2**22]], qs).float().to(torch.float16).float())
+    best = max((seg_f1(maps, gts, float(t), pp), float(t)) for t in grid)
+    return best
+
+
+def load_calibration(path: Path) -> FamilyCalibration:
+    data = torch.load(path, weights_only=False)
+    cal = FamilyCalibration([])
+    cal.mean, cal.std = data["mean"], data["std"]
+    cal.counts = {k: PseudoCounts(**v) for k, v in data["counts"].items()}
+    return cal
+
+
+def rule_thresholds(cal: FamilyCalibration, held_out: str | None) -> dict[str, float]:
+    """Every label-free rule's threshold, its pseudo rules calibrated without `held_out`."""
+    out = {"mean_std": mean_std_threshold(cal.mean, cal.std, 3.0)}
+    for recipe in [LEGACY, *RECIPES.values()]:
+        counts = cal.counts[recipe.name]
+        fams = [f for f in counts.families if f != held_out]
+        out[recipe.name], _ = counts.pick(recipe, fams)
+    out["capped_faint"] = capped_faint(out["mean_std"], out["pseudo_faint"])
+    return out
+
+
+def _train_one(texture: str, data_root: Path, runs: Path) -> tuple[Path, FamilyCalibration]:
+    from hybridad.demo import demo_config, silence_lightning
+    from hybridad.train import train
+
+    cal = FamilyCalibration([LEGACY, *RECIPES.values()])
+    over = ["predict_private=false", f"postprocess.closing_kernel={CLOSING}", "threshold.pseudo_repeats=0",
+            f"trainer.max_steps={STEPS}", "name=bench"]
+    cfg = demo_config(SLOT, data_root, runs / texture, over)
+    with silence_lightning():
+        run = train(cfg, callbacks=[cal])
+    return run, cal
+
+
+def evaluate_texture(run: Path, data_root: Path, cal: FamilyCalibration, pp: PostProcessConfig) -> list[dict]:
+    ts = load_test_set(run, data_root)
+    per_family: dict[str, dict[str, Any]] = {}
+    for fam in (*PSEUDO_FAMILIES, *NOVEL_FAMILIES):
+        maps, gts = ts.subset(fam)
+        opt, opt_thr = f1_optimal(maps, gts, pp)
+        thr = rule_thresholds(cal, fam if fam in PSEUDO_FAMILIES else None)
+        per_family[fam] = {"opt": opt, "opt_thr": opt_thr, "auroc": pixel_auroc(maps, gts),
+                           "aupro": au_pro(maps, gts, 0.05),
+                           "rules": {r: (seg_f1(maps, gts, t, pp), t) for r, t in thr.items()}}
+    rows = []
+    for group, fams in (("held-out pseudo (leave-one-out)", PSEUDO_FAMILIES), ("novel families", NOVEL_FAMILIES)):
+        opt = statistics.mean(per_family[f]["opt"] for f in fams)
+        for rule in LABEL_FREE:
+            f1 = statistics.mean(per_family[f]["rules"][rule][0] for f in fams)
+            thr = statistics.mean(per_family[f]["rules"][rule][1] for f in fams)
+            rows.append({"defects": group, "rule": rule, "SegF1 %": round(100 * f1, 2),
+                         "ratio to F1-opt": round(f1 / opt, 3) if opt > 0 else float("nan"),
+                         "threshold": round(thr, 4)})
+        rows.append({"defects": group, "rule": "f1_optimal (tuned on test)", "SegF1 %": round(100 * opt, 2),
+                     "ratio to F1-opt": 1.0,
+                     "threshold": round(statistics.mean(per_family[f]["opt_thr"] for f in fams), 4)})
+        auroc = statistics.mean(per_family[f]["auroc"] for f in fams)
+        aupro = statistics.mean(per_family[f]["aupro"] for f in fams)
+        for r in rows[-len(LABEL_FREE) - 1:]:
+            r.update({"pixel AUROC %": round(100 * auroc, 1), "AU-PRO(0.05) %": round(100 * aupro, 1)})
+    return rows
+
+
+def run(out: Path | None = None, textures: tuple[str, ...] = TEXTURES) -> list[dict]:
+    """Train one tiny model per texture and return one row per (texture, defect group, rule), then the means."""
+    tmp = None
+    out = out or (Path(os.environ["BENCH_THRESHOLDS_OUT"]) if os.environ.get("BENCH_THRESHOLDS_OUT") else None)
+    if out is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_thresholds_")
+        out = Path(tmp.name)
+    rows: list[dict] = []
+    roots = {t: out / "data" / t for t in textures} if REUSE else write_photo_dataset(out / "data", textures)
+    for tex, root in roots.items():
+        t0 = time.time()
+        if REUSE:
+            run_dir = out / "runs" / tex / SLOT / "bench"
+            cal = load_calibration(run_dir / "bench_calibration.pt")
+        else:
+            run_dir, cal = _train_one(tex, root, out / "runs")
+            cal.save(run_dir / "bench_calibration.pt")
+        t1 = time.time()
+        pp = _run_postprocess(run_dir)
+        for r in evaluate_texture(run_dir, root, cal, pp):
+            rows.append({"texture": tex, **r})
+        print(f"  {tex}: train + calibrate {t1 - t0:.0f} s (calibration {cal.seconds:.0f} s), score "
+              f"{time.time() - t1:.0f} s", flush=True)
+    rows += _means(rows)
+    if tmp is not None:
+        tmp.cleanup()
+    return rows
+
+
+def _run_postprocess(run_dir: Path) -> PostProcessConfig:
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["postprocess"]
+    return PostProcessConfig(**cfg)
+
+
+def _means(rows: list[dict]) -> list[dict]:
+    """Mean over textures of SegF1 and of the ratio to F1-optimal, per (defect group, rule)."""
+    out = []
+    keys = list(dict.fromkeys((r["defects"], r["rule"]) for r in rows))
+    for group, rule in keys:
+        sel = [r for r in rows if (r["defects"], r["rule"]) == (group, rule)]
+        out.append({"texture": "**mean**", "defects": group, "rule": rule,
+                    "SegF1 %": round(statistics.mean(r["SegF1 %"] for r in sel), 2),
+                    "ratio to F1-opt": round(statistics.mean(r["ratio to F1-opt"] for r in sel), 3)})
+    return out
