@@ -116,6 +116,9 @@ def overlay_panel(image: np.ndarray, anomaly_map: np.ndarray, gt: np.ndarray | N
     if not caption:
         return out
     band = np.full((CAPTION_HEIGHT, out.shape[1], 3), BACKGROUND, np.uint8)
+    # Hershey fonts draw ASCII only, and OpenCV crashes on a str that is not valid UTF-8 (a file name with
+    # surrogate escapes): draw an ASCII rendering of the caption
+    caption = caption.encode("ascii", "backslashreplace").decode("ascii")
     cv2.putText(band, caption, (6, CAPTION_HEIGHT - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.55, TEXT_COLOUR, 1,
                 cv2.LINE_AA)
     return np.concatenate([band, out], axis=0)

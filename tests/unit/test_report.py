@@ -203,4 +203,4 @@ def test_all_metrics_lists_every_key_and_thresholds_keep_their_digits(tmp_path: 
     assert lines[start + 2:start + 4] == ["| metrics.json key | can |", "|---|---|"]
     assert "| test_public/threshold=mean_std/value | 1.0039 |" in lines
     assert "| validation/mean | 0.981235 |" in lines and "| tuned_on_test | False |" in lines
-    assert "| can | 12.50 @ 1.0039 | – | – |" in lines  # the rules table: 1.0039, not "@ 1"
+    assert "| can | 12.50 @ 1.0039 | – | – | – | – |" in lines  # the rules table: 1.0039, not "@ 1"

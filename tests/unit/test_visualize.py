@@ -85,3 +85,13 @@ def test_caption_adds_a_text_line_above_the_panels() -> None:
     np.testing.assert_array_equal(captioned[CAPTION_HEIGHT:], plain)
     band = captioned[:CAPTION_HEIGHT]
     assert (band.min(-1) < 100).any() and (band == 255).all(-1).mean() > 0.5  # dark text on white
+
+
+def test_caption_with_a_non_utf8_file_name_is_drawn_as_ascii() -> None:
+    """A file name with surrogate escapes (not valid UTF-8) crashed cv2.putText; it is drawn escaped."""
+    image = np.zeros((40, 60, 3), np.uint8)
+    amap = np.linspace(0, 1, 40 * 60, dtype=np.float32).reshape(40, 60)
+    odd = b"bad\xff".decode("utf-8", "surrogateescape")
+    with_odd = overlay_panel(image, amap, None, None, threshold=0.5, caption=f"{odd} score 1")
+    escaped = overlay_panel(image, amap, None, None, threshold=0.5, caption="bad\\udcff score 1")
+    assert np.array_equal(with_odd, escaped)
