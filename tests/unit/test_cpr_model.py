@@ -363,12 +363,11 @@ def test_training_makes_pseudo_anomalous_pixels_score_above_normal_ones(one_thre
     assert trained_contrast > 3.0 and trained_contrast > 1.5 * untrained_contrast
 
 
-def test_pair_generator_depends_on_the_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fitted_tiny_cpr_and_batch(monkeypatch: pytest.MonkeyPatch):
+    """A tiny CPR fitted on 6 seeded random 32 px references (logging off) and a batch of the first two."""
     from hybridad.models.cpr.lightning_model import Cpr
-    from hybridad.training_seed import micro_batch_seed
     from hybridad.types import Batch
 
-    assert len({micro_batch_seed(1, step, rank) for step in range(50) for rank in range(8)}) == 400
     torch.manual_seed(0)
     images = torch.rand(6, 3, 32, 32)
     ids = [f"train/good/{i:03d}" for i in range(6)]
@@ -377,6 +376,15 @@ def test_pair_generator_depends_on_the_rank(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
     batch = Batch(image=images[:2], label=torch.zeros(2, dtype=torch.long), sample_id=ids[:2],
                   lighting=["regular"] * 2)
+    return module, batch
+
+
+def test_pair_generator_depends_on_the_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridad.models.cpr.lightning_model import Cpr
+    from hybridad.training_seed import micro_batch_seed
+
+    assert len({micro_batch_seed(1, step, rank) for step in range(50) for rank in range(8)}) == 400
+    module, batch = _fitted_tiny_cpr_and_batch(monkeypatch)
 
     def loss_on_rank(rank: int) -> float:
         monkeypatch.setattr(Cpr, "global_rank", property(lambda self: rank))
@@ -393,17 +401,7 @@ def test_every_micro_batch_of_an_accumulation_window_draws_its_own_pairs(monkeyp
     (reference pick, noise, pairs) must not; the same micro-batch index gives the same draws."""
     from types import SimpleNamespace
 
-    from hybridad.models.cpr.lightning_model import Cpr
-    from hybridad.types import Batch
-
-    torch.manual_seed(0)
-    images = torch.rand(6, 3, 32, 32)
-    ids = [f"train/good/{i:03d}" for i in range(6)]
-    module = Cpr(tiny_cfg(image_size=32))
-    module.fit_references(images, ids)
-    monkeypatch.setattr(module, "log", lambda *a, **k: None)
-    batch = Batch(image=images[:2], label=torch.zeros(2, dtype=torch.long), sample_id=ids[:2],
-                  lighting=["regular"] * 2)
+    module, batch = _fitted_tiny_cpr_and_batch(monkeypatch)
 
     def loss_at(micro_batch: int) -> float:
         progress = SimpleNamespace(total=SimpleNamespace(completed=micro_batch))
