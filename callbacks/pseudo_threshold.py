@@ -88,9 +88,8 @@ class PseudoThresholdCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         values = {rule: c["value"] for rule, c in self.candidates.items() if c.get("value") is not None}
-        data = trainer.datamodule.config  # type: ignore[attr-defined]
         metrics = score_candidates(self.run_dir.path, values, pl_module.postprocess,  # type: ignore[arg-type]
-                                   data.root, data.category)
+                                   trainer.datamodule.config)  # type: ignore[attr-defined]
         self.run_dir.write_metrics(metrics)
 
     def state_dict(self) -> dict[str, Any]:

@@ -27,7 +27,6 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +36,10 @@ import yaml
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from data_modules.formats import list_split, list_splits
-from data_modules.listing import read_mask
+from data_modules.formats import list_splits
 from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
+from hybridad.labelled_maps import labelled_test_maps, load_cached_map
 from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1, group_keys, process_local
 from hybridad.postprocess import binarize
 from hybridad.run_dir import RunDir
@@ -52,27 +51,12 @@ from hybridad.thresholds import (
     fit_threshold,
     rule_for_split,
 )
-from hybridad.types import Sample, Split
+from hybridad.types import Split
 
 EVALUATIONS_DIR = "evaluations"
 EVALUATION_FILE = "evaluation.yaml"
 OVERRIDABLE = ("threshold.", "postprocess.")  # what `evaluate` may change: nothing that needs the model
 SPLITS = (Split.VALIDATION, Split.TEST_PUBLIC, Split.TEST_PRIVATE, Split.TEST_PRIVATE_MIXED)
-
-
-def _read_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
-    """Ground truth (H,W) bool; all-normal for good images."""
-    if sample.mask_path is None:
-        return np.zeros(shape, dtype=bool)
-    return read_mask(sample.mask_path, sample.image_path, shape) > 0
-
-
-def _load_map(run: RunDir, sample_id: str) -> torch.Tensor:
-    path = run.map_path(sample_id)
-    if not path.is_file():
-        raise UserError(f"{path} missing: the run has no cached map for {sample_id} "
-                        "(re-run `hybridad train`)")
-    return torch.from_numpy(run.read_map(sample_id))[None, None]  # (1,1,H,W), already smoothed by the run
 
 
 def _validation_stats(run: RunDir) -> ScoreStats:
@@ -81,7 +65,7 @@ def _validation_stats(run: RunDir) -> ScoreStats:
     if not ids:
         raise UserError(f"{run.path}/maps/validation is empty: the threshold rule needs the validation maps")
     for sid in tqdm(ids, desc="validation maps", leave=False):
-        stats.update(_load_map(run, sid))
+        stats.update(load_cached_map(run, sid))
     return stats
 
 
@@ -115,8 +99,8 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResu
     labelled = None
     if "f1_optimal" in methods:
         labelled = PixelF1Max(**process_local())
-        for _, m, g in _labelled_maps(run, cfg, "test_public maps (threshold)"):
-            labelled.update(m, g)
+        for item in labelled_test_maps(run, cfg.data, "test_public maps (threshold)"):
+            labelled.update(item.anomaly_map, item.mask)
     pseudo: dict[str, float] = {}
     if methods & set(PSEUDO_METHODS):  # needs the model: the values the run found at training time
         from hybridad.pseudo_threshold import candidate_thresholds
@@ -124,21 +108,6 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResu
         pseudo = candidate_thresholds(run.read_thresholds(), cfg.threshold.k)
     return {split: fit_threshold(rule, stats, labelled=labelled, pseudo=pseudo.get(rule.method))
             for split, rule in rules.items()}
-
-
-def _labelled_maps(run: RunDir, cfg: RunConfig, desc: str
-                   ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(sample id, (1,1,H,W) map, (1,1,H,W) GT) of test_public, one image at a time."""
-    for s, m, g in _labelled_samples(run, cfg, desc):
-        yield s.sample_id, m, g
-
-
-def _labelled_samples(run: RunDir, cfg: RunConfig, desc: str
-                      ) -> Iterator[tuple[Sample, torch.Tensor, torch.Tensor]]:
-    """(sample, (1,1,H,W) map, (1,1,H,W) GT) of test_public, one image at a time."""
-    for s in tqdm(list_split(cfg.data, Split.TEST_PUBLIC), desc=desc, leave=False):
-        m = _load_map(run, s.sample_id)
-        yield s, m, torch.from_numpy(_read_mask(s, tuple(m.shape[-2:])))[None, None]
 
 
 def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult], masks_to: RunDir | None,
@@ -150,7 +119,8 @@ def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult], 
     thr = thresholds[Split.TEST_PUBLIC.value].value
     local = process_local()
     groups: dict[str, dict[str, Any]] = {}
-    for sample, m, g in _labelled_samples(run, cfg, "test_public maps"):
+    for item in labelled_test_maps(run, cfg.data, "test_public maps"):
+        sample, m, g = item.sample, item.anomaly_map, item.mask
         pred = binarize(m, thr, cfg.postprocess)  # (1,1,H,W) bool
         for key in group_keys(sample.sample_id, sample.lighting):
             if key not in groups:
@@ -175,7 +145,7 @@ def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult], 
                 print(f"warning: {run.path}/maps/{split.value} is empty; no {split.value} masks written",
                       file=sys.stderr)
             for sid, _ in tqdm(maps, desc=f"{split.value} masks", leave=False):
-                masks_to.write_mask(sid, binarize(_load_map(run, sid), thresholds[split.value].value,
+                masks_to.write_mask(sid, binarize(load_cached_map(run, sid), thresholds[split.value].value,
                                                   cfg.postprocess)[0, 0])
     return metrics
 

@@ -30,7 +30,7 @@ test: an oracle, labelled as such).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from hybridad.errors import UserError
+from hybridad.labelled_maps import labelled_test_maps
 from hybridad.metrics import SegF1, process_local
 from hybridad.metrics.functional import binary_counts, f1_from_counts, f1_max_from_histograms, pixel_histograms
 from hybridad.postprocess import PostProcessConfig, binarize
@@ -49,7 +50,7 @@ from hybridad.types import Batch, Split
 
 if TYPE_CHECKING:
     from data_modules.cut_paste import CutPaste, CutPasteConfig
-    from data_modules.datamodule import MVTecAD2DataModule
+    from data_modules.datamodule import DataConfig, MVTecAD2DataModule
     from hybridad.models.anomaly_module import AnomalyModule
 
 SCALE_OF = ("training", "tile", "image")  # "tile" = "training" (older name); "image": the long side (legacy)
@@ -297,38 +298,19 @@ def capped_faint(mean_std: float | None, pseudo_faint: float | None) -> float | 
     return min(values) if values else None
 
 
-def _test_pairs(run: RunDir, root: str, category: str) -> Iterator[tuple[Tensor, Tensor]]:
-    """(1,1,H,W) cached map and GT of every test_public image with a cached map (all of them, unless the run
-    limited its test batches), one at a time."""
-    from data_modules.formats import list_split
-    from data_modules.listing import read_mask
-    from hybridad.config import load_run_config
-
-    data = load_run_config(run.path).data if (run.path / "config.yaml").is_file() else None
-    if data is None or (data.root, data.category) != (root, category):
-        from data_modules.datamodule import DataConfig
-
-        data = DataConfig(root=root, category=category)  # an MVTec AD 2 tree
-    for s in list_split(data, Split.TEST_PUBLIC):
-        if not run.map_path(s.sample_id).is_file():
-            continue
-        m = torch.from_numpy(run.read_map(s.sample_id))[None, None]  # (1,1,H,W)
-        hw = tuple(m.shape[-2:])
-        gt = read_mask(s.mask_path, s.image_path, hw) > 0 if s.mask_path else np.zeros(hw, bool)
-        yield m, torch.from_numpy(np.asarray(gt))[None, None]
-
-
 def score_candidates(
-    run_path: Path, thresholds: dict[str, float], postprocess: PostProcessConfig, root: str, category: str
+    run_path: Path, thresholds: dict[str, float], postprocess: PostProcessConfig, data: DataConfig
 ) -> dict[str, float]:
-    """SegF1 on test_public at each given threshold and at the F1-optimal (tuned on test) one.
+    """SegF1 on test_public (the cached maps of `data`'s test_public images) at each given threshold and at the
+    F1-optimal (tuned on test) one.
 
     Returns flat metrics: `test_public/threshold=<rule>/seg_f1` and `test_public/threshold=<rule>/value`.
     """
     run = RunDir(run_path)
     seg = {rule: SegF1(**process_local()) for rule in thresholds}
     pos = neg = None
-    for m, g in _test_pairs(run, root, category):
+    for item in labelled_test_maps(run, data, require_all=False):
+        m, g = item.anomaly_map, item.mask
         p, n = pixel_histograms(m, g)
         pos, neg = (p, n) if pos is None else (pos + p, neg + n)
         for rule, thr in thresholds.items():
@@ -338,8 +320,8 @@ def score_candidates(
         _, values["f1_optimal"] = f1_max_from_histograms(pos, neg)
         if np.isfinite(values["f1_optimal"]):
             seg["f1_optimal"] = SegF1(**process_local())
-            for m, g in _test_pairs(run, root, category):
-                seg["f1_optimal"].update(binarize(m, values["f1_optimal"], postprocess), g)
+            for item in labelled_test_maps(run, data, require_all=False):
+                seg["f1_optimal"].update(binarize(item.anomaly_map, values["f1_optimal"], postprocess), item.mask)
     out: dict[str, float] = {}
     for rule, metric in seg.items():
         out[f"test_public/threshold={rule}/seg_f1"] = float(metric.compute())

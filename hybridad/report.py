@@ -399,37 +399,37 @@ def _pred_mask(r: _Run, sid: str, amap: np.ndarray) -> np.ndarray | None:
     return mask[0, 0].numpy()
 
 
-def _test_samples(r: _Run) -> tuple[list[Sample] | None, str]:
-    """The run's test_public samples, listed in its layout (`data.format`); else None and why not."""
-    from data_modules.formats import list_split
+def _test_data(r: _Run) -> tuple[Any | None, str]:
+    """The run's dataset config (`DataConfig`), when its data can be listed; else None and why not."""
     from hybridad.config import load_run_config
 
     try:
         data = load_run_config(r.run.path).data
-        if not Path(data.root).is_dir():
-            return None, f"dataset not found at {Path(data.root) / data.category}"
-        return list_split(data, Split.TEST_PUBLIC), ""
     except UserError as err:
         return None, f"dataset not listed: {err}"
+    if not Path(data.root).is_dir():
+        return None, f"dataset not found at {Path(data.root) / data.category}"
+    return data, ""
 
 
 def _analyse(r: _Run) -> tuple[_Analysis | None, str]:
-    from data_modules.listing import read_mask
+    from hybridad.labelled_maps import labelled_samples, labelled_test_maps
     from hybridad.metrics.functional import PixelHistograms, ProHistograms, f1_from_counts
 
-    listed, why = _test_samples(r)
-    if listed is None:
+    data, why = _test_data(r)
+    if data is None:
         return None, why
-    samples = [s for s in listed if r.run.map_path(s.sample_id).is_file()]
+    try:
+        samples = labelled_samples(data, r.run, require_all=False)
+    except UserError as err:
+        return None, f"dataset not listed: {err}"
     if not samples:
         return None, "no test_public maps in the run"
     pro_hists, pixel_hists = ProHistograms(), PixelHistograms()
     image_scores, per_image = [], []
-    for s in samples:
-        amap = r.run.read_map(s.sample_id)  # (H,W) float32
-        gt_np = np.zeros(amap.shape, bool)
-        if s.mask_path is not None:
-            gt_np = read_mask(s.mask_path, s.image_path, amap.shape) > 0
+    for item in labelled_test_maps(r.run, data, samples=samples):
+        s = item.sample
+        amap, gt_np = item.anomaly_map[0, 0].numpy(), item.mask[0, 0].numpy()  # (H,W) float32, (H,W) bool
         pro_hists.add(amap, gt_np)
         pixel_hists.add(amap, gt_np)
         image_scores.append((float(amap.max()), int(s.label)))

@@ -110,8 +110,10 @@ def test_score_candidates_segf1_per_rule(tmp_path: Path) -> None:
         run.write_map(f"test_public/bad/{png.stem}", (gt > 0).astype(np.float32) * 0.75 + 0.125)
     for png in sorted((root / "wallplugs/test_public/good").glob("*.png")):
         run.write_map(f"test_public/good/{png.stem}", np.full((32, 40), 0.125, np.float32))
-    out = score_candidates(run.path, {"mean_std": 0.5, "pseudo_f1": 2.0}, PostProcessConfig(), str(root),
-                           "wallplugs")
+    from data_modules.datamodule import DataConfig
+
+    out = score_candidates(run.path, {"mean_std": 0.5, "pseudo_f1": 2.0}, PostProcessConfig(),
+                           DataConfig(root=str(root), category="wallplugs"))
     assert out["test_public/threshold=mean_std/seg_f1"] == 1.0  # separates GT exactly
     assert out["test_public/threshold=pseudo_f1/seg_f1"] == 0.0  # nothing predicted
     assert out["test_public/threshold=f1_optimal/seg_f1"] == 1.0
