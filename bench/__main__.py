@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.table import markdown_table
+
 SUITES = ("data", "aupro", "inp_former", "cpr", "disk", "plan", "thresholds")  # thresholds: trains, minutes
 
 
@@ -43,13 +45,6 @@ def _runner(name: str, gpu: bool) -> Callable[[], list[dict]]:
     from bench.bench_cpr import run as run_cpr
 
     return lambda: run_cpr(gpu=gpu)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main() -> None:

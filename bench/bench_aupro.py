@@ -151,7 +151,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps(_variant(args.variant)))
         return
-    from bench.__main__ import markdown_table
+    from bench.table import markdown_table
 
     print(markdown_table(run(args.busy, args.only_aupro)))
 

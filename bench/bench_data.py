@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    from bench.__main__ import markdown_table
+    from bench.table import markdown_table
 
     print(markdown_table(run(tuple(args.categories), args.images, args.epochs, args.workers)))
 

@@ -114,7 +114,7 @@ def run() -> list[dict]:
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    from bench.__main__ import markdown_table
+    from bench.table import markdown_table
 
     print(markdown_table(codec_rows()))
     print()

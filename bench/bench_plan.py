@@ -205,7 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.precision=bf16-mixed")
     args = parser.parse_args()
-    from bench.__main__ import markdown_table
+    from bench.table import markdown_table
 
     print(markdown_table(plan_rows(args.overrides)))
 
