@@ -42,7 +42,8 @@ def train_step_row(device: torch.device, size: int = 320, batch: int = 8, steps:
     mask = torch.zeros(batch, 1, size, size, device=device)
     mask[::2, :, size // 4 : size // 3, size // 4 : size // 2] = 1  # cut-paste squares on half the tiles
     data = Batch(image=torch.rand(batch, 3, size, size, device=device), label=(mask.flatten(1).amax(1) > 0).long(),
-                 sample_id=ids[:batch], lighting=["regular"] * batch, mask=mask)  # fmt: skip
+                 sample_id=ids[:batch], split=["train"] * batch, lighting=["regular"] * batch,
+                 mask=mask)  # fmt: skip
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

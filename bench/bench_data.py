@@ -83,6 +83,7 @@ def _collate_whole(items: list[dict[str, Any]]) -> Batch:
     return Batch(
         image=torch.stack([it["image"] for it in items]),  # (B,3,H,W) native
         label=torch.zeros(len(items), dtype=torch.long), sample_id=[it["sample_id"] for it in items],
+        split=[it["split"] for it in items],
         lighting=["regular"] * len(items), tile_box=torch.stack([it["tile_box"] for it in items]),
     )  # fmt: skip
 

@@ -98,8 +98,8 @@ class MapWriterCallback(L.Callback):
             return
         maps = outputs.anomaly_map.detach().float().cpu()  # (B,1,H,W)
         masks = outputs.pred_mask.detach().cpu() if outputs.pred_mask is not None else None
-        for i, sample_id in enumerate(batch.sample_id):
-            if sample_id.split("/", 1)[0] not in self.splits:
+        for i, (sample_id, split) in enumerate(zip(batch.sample_id, batch.split)):
+            if split not in self.splits:
                 continue
             map16 = to_float16_map(maps[i, 0])  # (H,W) float16: half the bytes waiting in the queue
             self.writer.submit(self._write_one, sample_id, map16, None if masks is None else masks[i, 0].numpy())

@@ -41,10 +41,10 @@ class ScoreWriterCallback(L.Callback):
                  if outputs.pred_mask is not None else [None] * len(scores))
         labels = batch.label.tolist()
         types = batch.defect_type or [""] * len(labels)
-        for sid, label, defect, light, score, area in zip(batch.sample_id, labels, types, batch.lighting, scores,
-                                                          areas):
+        for sid, split, label, defect, light, score, area in zip(batch.sample_id, batch.split, labels, types,
+                                                                 batch.lighting, scores, areas):
             row = (sid, label if label >= 0 else None, defect, light, score, None if area is None else int(area))
-            self.rows[sid.split("/", 1)[0]].append(row)
+            self.rows[split].append(row)
 
     def _flush(self, trainer: L.Trainer) -> None:
         rows, self.rows = self.rows, defaultdict(list)

@@ -57,8 +57,8 @@ class MVTecAD2Dataset(Dataset):
             they are.
 
     Items are dicts: `image` (3,h,w) uint8 (training: the tile's native crop, h,w = box size, (1,h,w) with
-    `keep_gray`; eval: the whole image), `mask` (1,H,W) float or None, `label`, `sample_id`, `lighting`,
-    `tile_box` (4,) long native (y0,x0,y1,x1) (training) or None.
+    `keep_gray`; eval: the whole image), `mask` (1,H,W) float or None, `label`, `sample_id`, `split` (the
+    `Split` value), `lighting`, `tile_box` (4,) long native (y0,x0,y1,x1) (training) or None.
     """
 
     def __init__(
@@ -153,6 +153,7 @@ class MVTecAD2Dataset(Dataset):
             "mask": mask,
             "label": s.label,
             "sample_id": s.sample_id,
+            "split": s.split.value,
             "lighting": s.lighting,
             "defect_type": s.defect_type,
             "tile_box": None if box is None else torch.tensor(box, dtype=torch.long),
@@ -173,6 +174,7 @@ def collate_batch(items: list[dict[str, Any]]) -> Batch:
         image=images if boxes[0] is not None else torch.stack(images),
         label=torch.tensor([it["label"] for it in items], dtype=torch.long),
         sample_id=[it["sample_id"] for it in items],
+        split=[it["split"] for it in items],
         lighting=[it["lighting"] for it in items],
         defect_type=[it.get("defect_type", "") for it in items],
         mask=None if masks[0] is None else torch.stack(masks),

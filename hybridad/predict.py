@@ -47,7 +47,7 @@ from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.postprocess import PostProcessConfig
 from hybridad.run_dir import RunDir, atomic_write_bytes, encode_mask_png, encode_tiff, to_float16_map, write_png
 from hybridad.tile_grid import TileLevel, level_boxes
-from hybridad.types import AnomalyOutput, Batch
+from hybridad.types import NO_SPLIT, AnomalyOutput, Batch
 from hybridad.visualize import format_threshold, overlay_panel
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -111,7 +111,8 @@ def check_tileable(paths: list[Path], sizes: list[tuple[int, int]], level: TileL
 
 
 class NewImages(Dataset):
-    """Decoded images as eval items: `image` (3,H,W) uint8 RGB, no mask, label -1, `sample_id` = name."""
+    """Decoded images as eval items: `image` (3,H,W) uint8 RGB, no mask, label -1, `sample_id` = name, split
+    NO_SPLIT."""
 
     def __init__(self, paths: list[Path], names: list[str]) -> None:
         self.paths, self.names = paths, names
@@ -122,7 +123,8 @@ class NewImages(Dataset):
     def __getitem__(self, idx: int) -> dict[str, Any]:
         img = read_image(self.paths[idx])  # (H,W,3) uint8 RGB; UserError if undecodable
         return {"image": torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1),  # (3,H,W)
-                "mask": None, "label": -1, "sample_id": self.names[idx], "lighting": "", "tile_box": None}
+                "mask": None, "label": -1, "sample_id": self.names[idx], "split": NO_SPLIT,
+                "lighting": "", "tile_box": None}
 
 
 class SameSizeBatches(Sampler[list[int]]):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -34,6 +34,7 @@ class Split(str, Enum):
 
 
 PRIVATE_SPLITS: tuple[Split, ...] = (Split.TEST_PRIVATE, Split.TEST_PRIVATE_MIXED)
+NO_SPLIT = ""  # `Batch.split` of an image outside every dataset split (new images given to `predict`)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ class Batch:
     layout: TileLayout | None = None
     tile_box: Tensor | None = None  # train only: (B,4) long (y0, x0, y1, x1) of the tile each item stands for
     defect_type: list[str] | None = None  # per item: "good", the defect type, or "" where unknown
+    split: list[str] = field(kw_only=True)  # per item: the `Split` value, NO_SPLIT for new images (predict)
+
+    def __post_init__(self) -> None:
+        if len(self.split) != len(self.sample_id):
+            raise ValueError(f"Batch: {len(self.split)} splits for {len(self.sample_id)} sample ids")
 
     def __len__(self) -> int:
         return len(self.sample_id)

@@ -62,7 +62,7 @@ class AnomalyModule(L.LightningModule):
         `batch.image` is the native (B,3,H,W) uint8 image of eval batches."""
         pp = self.postprocess
         if self.foreground_images is None:
-            picked = [i for i, sid in enumerate(batch.sample_id) if sid.split("/")[0] in pp.foreground_splits]
+            picked = [i for i, split in enumerate(batch.split) if split in pp.foreground_splits]
         else:
             picked = list(range(len(batch.sample_id))) if self.foreground_images else []
         if not picked:

@@ -111,7 +111,8 @@ def test_overlay_writes_raise_when_the_png_is_not_written(small_fs: Path) -> Non
     callback = OverlayLoggerCallback(small_fs / "run", num_overlays=1)
     image = torch.randint(0, 255, (1, 3, 256, 256), dtype=torch.uint8)
     batch = Batch(image=image, mask=torch.zeros(1, 1, 256, 256), label=torch.ones(1, dtype=torch.long),
-                  sample_id=["test_public/bad/000_regular"], lighting=["regular"], tile_box=None)
+                  sample_id=["test_public/bad/000_regular"], split=["test_public"], lighting=["regular"],
+                  tile_box=None)
     outputs = AnomalyOutput(torch.rand(1, 1, 256, 256), torch.rand(1), torch.rand(1, 1, 256, 256) > 0.5)
     trainer = type("T", (), {"is_global_zero": True, "loggers": []})()
     with pytest.raises(OSError) as err:

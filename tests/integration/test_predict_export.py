@@ -81,7 +81,7 @@ def _reference_outputs(run: Path, samples: list[Sample]) -> dict[str, tuple[np.n
         image = torch.from_numpy(read_image(s.image_path)).permute(2, 0, 1)[None]  # (1,3,H,W) uint8
         tiles, layout = tiler(image)
         o = module.predict_batch(Batch(image, torch.tensor([s.label]), [s.sample_id], [s.lighting],
-                                       tiles=tiles, layout=layout))
+                                       tiles=tiles, layout=layout, split=[s.split.value]))
         out[s.sample_id] = (o.anomaly_map[0, 0].numpy(), float(o.image_score[0]))
     return out
 

@@ -29,7 +29,7 @@ def _trainer(**kw: object) -> SimpleNamespace:
 def _batch(ids: list[str], masks: torch.Tensor | None, labels: list[int]) -> Batch:
     n, _, h, w = masks.shape if masks is not None else (len(ids), 1, 8, 8)
     return Batch(image=torch.zeros(n, 3, h, w, dtype=torch.uint8), label=torch.tensor(labels), sample_id=ids,
-                 lighting=["regular"] * n, mask=masks)
+                 split=[sid.split("/")[0] for sid in ids], lighting=["regular"] * n, mask=masks)
 
 
 def test_threshold_callback_sets_mean_plus_k_std_of_validation_pixels(tmp_path: Path) -> None:

@@ -276,7 +276,8 @@ def test_lightning_fit_few_steps() -> None:
         x = images[idx].clone()
         x[0, :, 20:30, 20:30] = 1 - x[0, :, 20:30, 20:30]
         return Batch(image=x, label=torch.zeros(len(idx), dtype=torch.long),
-                     sample_id=[ids[i] for i in idx], lighting=["regular"] * len(idx), mask=mask)  # fmt: skip
+                     sample_id=[ids[i] for i in idx], lighting=["regular"] * len(idx), mask=mask,
+                     split=["train"] * len(idx))  # fmt: skip
 
     for synthesis in ("cut_paste", "perlin"):
         module = Cpr(tiny_cfg(synthesis=synthesis))
@@ -339,7 +340,7 @@ def test_training_makes_pseudo_anomalous_pixels_score_above_normal_ones(one_thre
     def collate(idx: list[int]) -> Batch:
         x, mask = _paste_checker(train[idx], paste_gen)
         return Batch(image=x, label=torch.ones(len(idx), dtype=torch.long), sample_id=[ids[i] for i in idx],
-                     lighting=["regular"] * len(idx), mask=mask)  # fmt: skip
+                     lighting=["regular"] * len(idx), mask=mask, split=["train"] * len(idx))  # fmt: skip
 
     torch.manual_seed(0)
     module = Cpr(tiny_cfg(image_size=SIZE, foreground=False, n_pairs=64))
@@ -375,7 +376,7 @@ def _fitted_tiny_cpr_and_batch(monkeypatch: pytest.MonkeyPatch):
     module.fit_references(images, ids)
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
     batch = Batch(image=images[:2], label=torch.zeros(2, dtype=torch.long), sample_id=ids[:2],
-                  lighting=["regular"] * 2)
+                  lighting=["regular"] * 2, split=["train"] * 2)
     return module, batch
 
 

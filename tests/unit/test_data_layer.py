@@ -228,10 +228,26 @@ def test_collate_masks_none_without_gt(tree):
     b = collate_batch([ds[0], ds[1]])
     assert b.mask is None and b.image.shape == (2, 3, H, W) and b.label.tolist() == [0, 0]
     assert b.sample_id == ["validation/good/000_regular", "validation/good/001_regular"]
+    assert b.split == ["validation", "validation"]
     ds = MVTecAD2Dataset(list_samples(tree, "can", "test_public"))
     b = collate_batch([ds[1], ds[2]])
     assert b.mask.shape == (2, 1, H, W) and b.mask[0].sum() == 0 and b.mask[1].sum() == 24
-    assert b.label.tolist() == [0, 1] and b.lighting == ["shift_2", "regular"]
+    assert b.label.tolist() == [0, 1] and b.lighting == ["shift_2", "regular"] and b.split == ["test_public"] * 2
+
+
+def test_batch_split_is_set_per_item_by_the_loaders_not_parsed_from_sample_ids(tree):
+    """Dataset items carry their `Split`; new images given to predict carry NO_SPLIT; a Batch whose split list
+    does not match its ids is refused."""
+    from hybridad.predict import NewImages
+    from hybridad.types import NO_SPLIT, Batch
+
+    samples = list_samples(tree, "can", "test_private")
+    b = collate_batch([MVTecAD2Dataset(samples)[0]])
+    assert b.split == ["test_private"]
+    path = samples[0].image_path
+    assert collate_batch([NewImages([path], ["test_public/good/looks_like_a_split"])[0]]).split == [NO_SPLIT]
+    with pytest.raises(ValueError, match="2 splits for 1 sample ids"):
+        Batch(image=b.image, label=b.label, sample_id=b.sample_id, lighting=b.lighting, split=["train", "train"])
 
 
 def test_augment_keeps_size_and_changes_pixels(tree):

@@ -170,6 +170,7 @@ def _batch(n: int, size: int = 42, pasted: int = 0):
         image=torch.rand(n, 3, size, size),
         label=(mask.flatten(1).amax(1) > 0).long(),
         sample_id=[f"t{i}" for i in range(n)],
+        split=["train"] * n,
         lighting=["regular"] * n,
         mask=mask,
     )

@@ -68,7 +68,7 @@ def _native_batch(images: torch.Tensor, level: TileLevel, s: int) -> Batch:
     tiles, layout = tile(images, level, out_size=s)
     return Batch(image=images, label=torch.zeros(len(images), dtype=torch.long),
                  sample_id=[f"test_public/good/{i}" for i in range(len(images))], lighting=["regular"] * len(images),
-                 tiles=tiles / 255, layout=layout)
+                 tiles=tiles / 255, layout=layout, split=["test_public"] * len(images))
 
 
 @pytest.mark.parametrize("smoothing", ["isvl", "official"])

@@ -143,10 +143,12 @@ def test_anomaly_module_applies_the_foreground_to_the_configured_split_only() ->
     image, disc = two_cluster_image()
     module = AnomalyModule(PostProcessConfig(foreground_splits=["test_private_mixed"], foreground_dilation=0))
     batch = Batch(image=image.repeat(2, 1, 1, 1), label=torch.full((2,), -1), lighting=["regular", "mixed"],
-                  sample_id=["test_private/000_regular", "test_private_mixed/000_mixed"])
+                  sample_id=["test_private/000_regular", "test_private_mixed/000_mixed"],
+                  split=["test_private", "test_private_mixed"])
     fg = module.foreground(batch)
     assert fg is not None and fg[0].all() and np.array_equal(fg[1, 0].numpy(), disc)
     batch.sample_id = ["test_private/000_regular", "test_public/good/000_regular"]
+    batch.split = ["test_private", "test_public"]
     assert module.foreground(batch) is None
     with pytest.raises(UserError, match="foreground_splits"):
         AnomalyModule(PostProcessConfig(foreground_splits=["test_privat_mixed"]))
@@ -164,7 +166,7 @@ def test_object_mask_is_chosen_explicitly_for_new_images_not_by_their_path() -> 
     """Run eval: the splits in `foreground_splits`; predict: `foreground_images` True / False for every image,
     whatever the sample id says."""
     from hybridad.models.anomaly_module import AnomalyModule
-    from hybridad.types import Batch
+    from hybridad.types import NO_SPLIT, Batch
 
     module = AnomalyModule(PostProcessConfig(foreground_splits=["test_private_mixed"], foreground_dilation=1))
     image = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
@@ -172,12 +174,13 @@ def test_object_mask_is_chosen_explicitly_for_new_images_not_by_their_path() -> 
     expected = hsv_kmeans_foreground(image, 1)
     assert 0 < int(expected.sum()) < 64
 
-    def fg(sample_id: str) -> torch.Tensor | None:
+    def fg(sample_id: str, split: str) -> torch.Tensor | None:
         return module.foreground(Batch(image=image, label=torch.zeros(1, dtype=torch.long), sample_id=[sample_id],
-                                       lighting=["mixed"]))
+                                       split=[split], lighting=["mixed"]))
 
-    assert torch.equal(fg("test_private_mixed/000_mixed"), expected) and fg("test_private/000_regular") is None
+    mixed = ("test_private_mixed/000_mixed", "test_private_mixed")
+    assert torch.equal(fg(*mixed), expected) and fg("test_private/000_regular", "test_private") is None
     module.foreground_images = False  # predict without --foreground: a path that looks like the split is no reason
-    assert fg("test_private_mixed/000_mixed") is None
+    assert fg("test_private_mixed/000_mixed", NO_SPLIT) is None and fg(*mixed) is None
     module.foreground_images = True  # predict --foreground: every image
-    assert torch.equal(fg("some_folder/photo"), expected)
+    assert torch.equal(fg("some_folder/photo", NO_SPLIT), expected)
