@@ -40,7 +40,7 @@ from data_modules.formats import list_splits
 from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
 from hybridad.labelled_maps import labelled_test_maps, load_cached_map
-from hybridad.metrics import AUPRO, ClassF1, PixelF1Max, SegF1, group_keys, process_local
+from hybridad.metrics import GroupedMetrics, PixelF1Max, group_keys, process_local
 from hybridad.postprocess import binarize
 from hybridad.run_dir import RunDir
 from hybridad.thresholds import (
@@ -113,29 +113,20 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResu
 def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult], masks_to: RunDir | None,
            mask_splits: tuple[Split, ...] = (Split.VALIDATION, Split.TEST_PRIVATE, Split.TEST_PRIVATE_MIXED),
            ) -> dict[str, float]:
-    """test_public metrics, overall and per group as `MetricsCallback` names them (`test_public/<group>/<name>`:
-    SegF1 and ClassF1 per lighting and good/bad, AU-PRO per lighting); with `masks_to`, also the masks of
-    test_public and of every split of `mask_splits` with cached maps written there."""
+    """test_public metrics of the metric suite, overall and per group as `MetricsCallback` names them
+    (`test_public/<group>/<name>`), but for those reading an image score (cached maps have none); with
+    `masks_to`, also the masks of test_public and of every split of `mask_splits` with cached maps written
+    there."""
     thr = thresholds[Split.TEST_PUBLIC.value].value
-    local = process_local()
-    groups: dict[str, dict[str, Any]] = {}
+    groups = GroupedMetrics(fields=("map", "mask", "pred", "label"), **process_local())
     for item in labelled_test_maps(run, cfg.data, "test_public maps"):
         sample, m, g = item.sample, item.anomaly_map, item.mask
         pred = binarize(m, thr, cfg.postprocess)  # (1,1,H,W) bool
-        for key in group_keys(sample.sample_id, sample.lighting):
-            if key not in groups:
-                groups[key] = {"seg_f1": SegF1(**local), "class_f1": ClassF1(**local)}
-                if key == "all" or key.startswith("lighting="):
-                    groups[key]["aupro_0.05"] = AUPRO(fpr_limit=0.05, **local)
-            for name, metric in groups[key].items():
-                if name.startswith("aupro"):
-                    metric.update(m, g)
-                else:
-                    metric.update(pred, g)
+        inputs = {"map": m, "mask": g, "pred": pred, "label": torch.tensor([sample.label])}
+        groups.update(group_keys(sample.label, sample.lighting, sample.defect_type), inputs)
         if masks_to is not None:
             masks_to.write_mask(sample.sample_id, pred[0, 0])
-    metrics = {f"test_public/{name}" if key == "all" else f"test_public/{key}/{name}": float(metric.compute())
-               for key in sorted(groups) for name, metric in groups[key].items()}
+    metrics = groups.compute(Split.TEST_PUBLIC.value, sorted(groups.groups))
     metrics.update({f"{split}/threshold": float(r.value) for split, r in thresholds.items()})
     if masks_to is not None:
         on_disk = list_splits(cfg.data).splits

@@ -30,20 +30,12 @@ import torch
 
 from data_modules.listing import imread
 from hybridad.errors import UserError
+from hybridad.metrics.suite import MetricSpec, metric_suite
 from hybridad.run_dir import RunDir, atomic_write_bytes
 from hybridad.types import CATEGORIES, Sample, Split
 from hybridad.visualize import format_threshold, overlay_panel
 
-# (metrics.json name, column title)
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("aupro_0.05", "AU-PRO(0.05) %"),
-    ("seg_f1", "SegF1 %"),
-    ("class_f1", "ClassF1 %"),
-    ("image_auroc", "image AUROC %"),
-    ("pixel_auroc", "pixel AUROC %"),
-    ("pixel_f1_max", "pixel F1-max %"),
-)
-LIGHTING_METRICS: tuple[tuple[str, str], ...] = (("aupro_0.05", "AU-PRO(0.05) %"), ("seg_f1", "SegF1 %"))
+
 LIGHTING_ORDER = ("regular", "overexposed", "underexposed")  # then shift_* and others, sorted
 # ISVL (VAND 2025 winner) report, Tables 1-2, in %: (SegF1 priv, SegF1 mix, AU-PRO(0.05) priv, AU-PRO mix)
 ISVL_REPORTED: dict[str, tuple[float, float, float, float]] = {
@@ -149,12 +141,22 @@ def _value(metrics: dict[str, Any], split: str, name: str) -> float | None:
     return float(value) if ok else None
 
 
-def _pct(value: float | None) -> str:
-    return MISSING if value is None else f"{100.0 * value:.2f}"
+def shown_in(place: str) -> list[MetricSpec]:
+    """The suite's metrics that the report table `place` shows (`headline`, `kpi`, `defect`, `lighting`)."""
+    return [spec for spec in metric_suite() if place in spec.shown_in]
 
 
-def _delta(value: float | None) -> str:
-    return "" if value is None else f"{100.0 * value:+.2f}".replace("-", "−")
+def _pct(value: float | None, percent: bool = True) -> str:
+    """A fraction as a percentage with two decimals; `percent=False`: the value to 4 significant digits."""
+    if value is None:
+        return MISSING
+    return f"{100.0 * value:.2f}" if percent else f"{value:.4g}"
+
+
+def _delta(value: float | None, percent: bool = True) -> str:
+    if value is None:
+        return ""
+    return (f"{100.0 * value:+.2f}" if percent else f"{value:+.4g}").replace("-", "−")
 
 
 def _mean(values: list[float | None]) -> tuple[float | None, bool]:
@@ -162,9 +164,9 @@ def _mean(values: list[float | None]) -> tuple[float | None, bool]:
     return (sum(present) / len(present) if present else None), len(present) < len(values)
 
 
-def _mean_cell(values: list[float | None]) -> str:
+def _mean_cell(values: list[float | None], percent: bool = True) -> str:
     m, partial = _mean(values)
-    return MISSING if m is None else _pct(m) + ("*" if partial else "")
+    return MISSING if m is None else _pct(m, percent) + ("*" if partial else "")
 
 
 PARTIAL_NOTE = "* mean over the categories that have this metric."
@@ -184,11 +186,13 @@ def _threshold_source(r: _Run) -> str:
 
 def main_table(runs: list[_Run], split: str) -> Table:
     """Every headline metric of one split (the detailed table)."""
-    values = [[_value(r.metrics, split, name) for name, _ in COLUMNS] for r in runs]
-    rows = [[r.category, *map(_pct, v), _threshold_source(r), str(r.config.get("branch", MISSING))]
-            for r, v in zip(runs, values)]
-    rows.append(["mean", *[_mean_cell([v[j] for v in values]) for j in range(len(COLUMNS))], "", ""])
-    return Table(split, ["category", *[t for _, t in COLUMNS], "threshold source", "branch"], rows)
+    specs = shown_in("headline")
+    values = [[_value(r.metrics, split, spec.name) for spec in specs] for r in runs]
+    rows = [[r.category, *[_pct(x, spec.percent) for x, spec in zip(v, specs)], _threshold_source(r),
+             str(r.config.get("branch", MISSING))] for r, v in zip(runs, values)]
+    means = [_mean_cell([v[j] for v in values], spec.percent) for j, spec in enumerate(specs)]
+    rows.append(["mean", *means, "", ""])
+    return Table(split, ["category", *[spec.header for spec in specs], "threshold source", "branch"], rows)
 
 
 def paper_table(runs: list[_Run]) -> Table:
@@ -246,10 +250,6 @@ def summary_table(runs: list[_Run]) -> Table:
     return t
 
 
-DEFECT_METRICS: tuple[tuple[str, str], ...] = (
-    ("aupro_0.05", "AU-PRO(0.05) %"), ("seg_f1", "SegF1 %"), ("class_f1", "ClassF1 %"))
-
-
 def defect_table(runs: list[_Run], split: str = "test_public") -> Table | None:
     """Per defect type (layouts that name types): AU-PRO(0.05), SegF1 and ClassF1 of that type's images."""
     prefix = f"{split}/defect="
@@ -257,12 +257,14 @@ def defect_table(runs: list[_Run], split: str = "test_public") -> Table | None:
     for r in runs:
         types = sorted({k[len(prefix):].rsplit("/", 1)[0] for k in r.metrics if k.startswith(prefix)})
         for t in types:
-            rows.append([r.category, t, *[_pct(_value(r.metrics, f"{prefix}{t}", m)) for m, _ in DEFECT_METRICS]])
+            rows.append([r.category, t, *[_pct(_value(r.metrics, f"{prefix}{t}", spec.name), spec.percent)
+                                          for spec in shown_in("defect")]])
     if not rows:
         return None
     note = (f"Metrics of each defect type's {split} images alone (AU-PRO: normal pixels of those images give "
             "the false positive rate; ClassF1 without good images counts only missed images).")
-    return Table("Per defect type", ["category", "defect type", *[t for _, t in DEFECT_METRICS]], rows, note)
+    headers = [spec.header for spec in shown_in("defect")]
+    return Table("Per defect type", ["category", "defect type", *headers], rows, note)
 
 
 def rules_table(runs: list[_Run]) -> Table | None:
@@ -300,7 +302,8 @@ def lighting_tables(runs: list[_Run], split: str = "test_public") -> list[Table]
     """Per lighting condition: the metric, and in brackets its change from regular lighting (points)."""
     lightings = _lightings(runs, split)
     tables = []
-    for name, title in LIGHTING_METRICS:
+    for spec in shown_in("lighting"):
+        name, title, pc = spec.name, spec.header, spec.percent
         values = [[_value(r.metrics, f"{split}/lighting={x}", name) for x in lightings] for r in runs]
         if not any(v is not None for row in values for v in row):
             continue
@@ -311,13 +314,13 @@ def lighting_tables(runs: list[_Run], split: str = "test_public") -> list[Table]
             ref = row[base] if base is not None else None
             d = [None if v is None or ref is None or j == base else v - ref for j, v in enumerate(row)]
             deltas.append(d)
-            rows.append([r.category, *[_pct(v) + (f" ({_delta(dj)})" if dj is not None else "")
+            rows.append([r.category, *[_pct(v, pc) + (f" ({_delta(dj, pc)})" if dj is not None else "")
                                        for v, dj in zip(row, d)]])
         mean_row = ["mean"]
         for j in range(len(lightings)):
-            cell = _mean_cell([row[j] for row in values])
+            cell = _mean_cell([row[j] for row in values], pc)
             md, _ = _mean([d[j] for d in deltas])
-            mean_row.append(cell + (f" ({_delta(md)})" if md is not None else ""))
+            mean_row.append(cell + (f" ({_delta(md, pc)})" if md is not None else ""))
         rows.append(mean_row)
         note = (f"{title} on {split} per lighting condition; in brackets the change from regular lighting in "
                 "points (the mean row averages the per-category changes).")
@@ -580,10 +583,9 @@ def _attr(value: str) -> str:
 
 def _kpis(r: _Run) -> str:
     parts = []
-    for name, title in (("aupro_0.05", "AU-PRO(0.05)"), ("seg_f1", "SegF1"), ("class_f1", "ClassF1"),
-                        ("image_auroc", "image AUROC")):
-        value = _pct(_value(r.metrics, "test_public", name))
-        parts.append(f'<span class="kpi">{title} <b>{value}</b></span>')
+    for spec in shown_in("kpi"):
+        value = _pct(_value(r.metrics, "test_public", spec.name), spec.percent)
+        parts.append(f'<span class="kpi">{html.escape(spec.title or spec.name)} <b>{value}</b></span>')
     parts.append(f'<span class="kpi">threshold <b>{html.escape(_threshold_source(r))}</b></span>')
     return "".join(parts)
 
@@ -698,7 +700,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None, num_overlays: in
     for s in Split:
         if s == Split.TEST_PUBLIC and not any(is_mvtec_ad2(r) for r in runs):
             continue  # the summary is this table already
-        if any(_value(r.metrics, s.value, m) is not None for r in runs for m, _ in COLUMNS):
+        if any(_value(r.metrics, s.value, m.name) is not None for r in runs for m in shown_in("headline")):
             t = main_table(runs, s.value)
             md += ["", *t.markdown()]
             section(f"all-{s.value}", f"Headline metrics: {s.value}", t.html())

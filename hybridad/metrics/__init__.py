@@ -1,9 +1,18 @@
-"""Evaluation metrics at native resolution: streaming AU-PRO, SegF1, ClassF1, pixel/image AUROC, F1-max."""
+"""Evaluation metrics at native resolution: streaming AU-PRO, SegF1, ClassF1, pixel/image AUROC, F1-max; the
+suite that declares them (`suite.py`)."""
 
 from typing import Any
 
 from hybridad.metrics.aupro import AUPRO
-from hybridad.metrics.segmentation import ClassF1, ImageAUROC, PixelAUROC, PixelF1Max, SegF1, group_keys
+from hybridad.metrics.segmentation import ClassF1, ImageAUROC, PixelAUROC, PixelF1Max, SegF1
+from hybridad.metrics.suite import (
+    GroupedMetrics,
+    MetricSpec,
+    group_keys,
+    metric_suite,
+    register_metric,
+    unregister_metric,
+)
 
 
 def _no_process_group() -> bool:
@@ -16,4 +25,5 @@ def process_local() -> dict[str, Any]:
     return {"sync_on_compute": False, "distributed_available_fn": _no_process_group}
 
 
-__all__ = ["AUPRO", "ClassF1", "ImageAUROC", "PixelAUROC", "PixelF1Max", "SegF1", "group_keys", "process_local"]
+__all__ = ["AUPRO", "ClassF1", "GroupedMetrics", "ImageAUROC", "MetricSpec", "PixelAUROC", "PixelF1Max", "SegF1",
+           "group_keys", "metric_suite", "process_local", "register_metric", "unregister_metric"]

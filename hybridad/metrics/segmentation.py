@@ -4,13 +4,8 @@
 `PixelAUROC` take continuous maps and keep float16 histograms (bounded memory, exact for float16-cast maps);
 `ImageAUROC` takes one score per image.
 
-Breakdowns (per lighting condition, good/bad): keep one metric per key of `group_keys` and update every metric
-whose key the sample carries, e.g.::
-
-    metrics = defaultdict(SegF1)
-    for mask, gt, sid, light in ...:
-        for key in group_keys(sid, light):
-            metrics[key].update(mask[None], gt[None])
+Breakdowns (per lighting condition, defect type, good/bad) and which metric is computed where: see
+`hybridad.metrics.suite`.
 """
 
 from __future__ import annotations
@@ -34,25 +29,6 @@ from hybridad.metrics.functional import (
     image_auroc,
     iter_pairs,
 )
-
-
-def group_keys(sample_id: str, lighting: str, defect_type: str = "") -> list[str]:
-    """Breakdown keys a sample belongs to: `"all"`, `"lighting=<lighting>"`, `"good"`/`"bad"` and
-    `"defect=<type>"`.
-
-    The good/bad key comes from the `good`/`bad` folder in `sample_id` (`"test_public/bad/000_regular"`); it
-    is left out for private samples, whose ids carry neither. The lighting key is left out where the layout
-    has no lighting (`""`), the defect key where the type says no more than good/bad.
-    """
-    keys = ["all", f"lighting={lighting}"] if lighting else ["all"]
-    parts = sample_id.split("/")
-    if "bad" in parts[:-1]:
-        keys.append("bad")
-    elif "good" in parts[:-1]:
-        keys.append("good")
-    if defect_type not in ("", "good", "bad"):
-        keys.append(f"defect={defect_type}")
-    return keys
 
 
 class _CountF1(Metric):

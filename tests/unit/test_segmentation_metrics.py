@@ -125,9 +125,9 @@ def test_image_auroc_ties_and_large_scores() -> None:
 
 
 def test_group_keys() -> None:
-    assert group_keys("test_public/bad/000_regular", "regular") == ["all", "lighting=regular", "bad"]
-    assert group_keys("test_public/good/003_shift_1", "shift_1") == ["all", "lighting=shift_1", "good"]
-    assert group_keys("test_private_mixed/012_mixed", "mixed") == ["all", "lighting=mixed"]
+    assert group_keys(1, "regular") == ["all", "lighting=regular", "bad"]  # test_public/bad/000_regular
+    assert group_keys(0, "shift_1") == ["all", "lighting=shift_1", "good"]  # test_public/good/003_shift_1
+    assert group_keys(-1, "mixed") == ["all", "lighting=mixed"]  # test_private_mixed/012_mixed: unlabelled
 
 
 def test_toy_set_pixel_auroc_and_f1_max_vs_global_sort() -> None:
