@@ -57,6 +57,7 @@ EVALUATIONS_DIR = "evaluations"
 EVALUATION_FILE = "evaluation.yaml"
 OVERRIDABLE = ("threshold.", "postprocess.")  # what `evaluate` may change: nothing that needs the model
 SPLITS = (Split.VALIDATION, Split.TEST_PUBLIC, Split.TEST_PRIVATE, Split.TEST_PRIVATE_MIXED)
+SCORED_FIELDS = ("map", "mask", "pred", "label")  # what re-scoring has of each image (metric suite fields)
 
 
 def _validation_stats(run: RunDir) -> ScoreStats:
@@ -118,7 +119,7 @@ def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult], 
     `masks_to`, also the masks of test_public and of every split of `mask_splits` with cached maps written
     there."""
     thr = thresholds[Split.TEST_PUBLIC.value].value
-    groups = GroupedMetrics(fields=("map", "mask", "pred", "label"), **process_local())
+    groups = GroupedMetrics(fields=SCORED_FIELDS, **process_local())
     for item in labelled_test_maps(run, cfg.data, "test_public maps"):
         sample, m, g = item.sample, item.anomaly_map, item.mask
         pred = binarize(m, thr, cfg.postprocess)  # (1,1,H,W) bool
@@ -320,9 +321,9 @@ def best_evaluation(run_path: Path, metric: str) -> tuple[Path, float, int]:
         if isinstance(value, (int, float)) and np.isfinite(value):
             scored.append((folder, float(value)))
     if not scored:
+        names = ", ".join(f"test_public/{s.name}" for s in GroupedMetrics(SCORED_FIELDS).specs)
         raise UserError(f"no evaluation under {Path(run_path) / EVALUATIONS_DIR} has metric '{metric}'; "
-                        "run a sweep or `hybridad evaluate RUN key=value ...` first "
-                        "(metrics: test_public/seg_f1, test_public/aupro_0.05, test_public/class_f1)")
+                        f"run a sweep or `hybridad evaluate RUN key=value ...` first (metrics: {names})")
     best = max(scored, key=lambda fv: fv[1])  # max keeps the first of equal values
     return best[0], best[1], len(scored)
 
