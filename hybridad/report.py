@@ -35,7 +35,6 @@ from hybridad.run_dir import RunDir, atomic_write_bytes
 from hybridad.types import CATEGORIES, Sample, Split
 from hybridad.visualize import format_threshold, overlay_panel
 
-
 LIGHTING_ORDER = ("regular", "overexposed", "underexposed")  # then shift_* and others, sorted
 # ISVL (VAND 2025 winner) report, Tables 1-2, in %: (SegF1 priv, SegF1 mix, AU-PRO(0.05) priv, AU-PRO mix)
 ISVL_REPORTED: dict[str, tuple[float, float, float, float]] = {
