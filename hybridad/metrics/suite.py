@@ -121,6 +121,10 @@ class MetricSpec:
             raise ValueError(f"metric '{self.name}' reads no field")
         object.__setattr__(self, "groups", frozenset(self.groups) | {"all"})
         object.__setattr__(self, "shown_in", frozenset(self.shown_in))
+        uncomputed = sorted(self.shown_in & {"defect", "lighting"} - self.groups)
+        if uncomputed:
+            raise ValueError(f"metric '{self.name}' is shown in the {uncomputed} table(s) but not computed for "
+                             "those groups: add them to `groups`")
 
     @property
     def needs_threshold(self) -> bool:

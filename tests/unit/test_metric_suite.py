@@ -80,3 +80,5 @@ def test_register_and_unregister() -> None:
         MetricSpec("bad", SegF1, ("image",))
     with pytest.raises(ValueError, match="without '/'"):
         MetricSpec("a/b", SegF1, ("pred", "mask"))
+    with pytest.raises(ValueError, match=r"shown in the \['lighting'\] table"):
+        MetricSpec("seg", SegF1, ("pred", "mask"), shown_in=frozenset({"headline", "lighting"}))
