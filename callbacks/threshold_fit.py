@@ -19,8 +19,8 @@ from hybridad.types import AnomalyOutput
 class ThresholdCallback(L.Callback):
     """Collects the validation pixel statistics once per validation epoch, for every rule, and fits from them.
 
-    - Each validation epoch end: the rule `threshold.method` names, when it is fitted from the statistics or the
-      config (`hybridad.threshold_rules`), sets `pl_module.threshold` and `<run>/thresholds.yaml`.
+    - Each validation epoch end: the rule `threshold.method` names, when it is fitted from the statistics or
+      the config (`hybridad.threshold_rules`), sets `pl_module.threshold` and `<run>/thresholds.yaml`.
     - After the stand-alone `trainer.validate` (final model): every compared label-free rule's candidate
       (`mean_std`; with `threshold.pseudo_repeats>0` the pseudo-defect rules, which run the model, and
       `capped_faint`) goes to thresholds.yaml `candidates:`; a configured rule fitted with the model sets the
@@ -76,8 +76,8 @@ class ThresholdCallback(L.Callback):
         def reduce_sum(t: Tensor) -> Tensor:  # NCCL reduces device tensors
             return trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()
 
-        model = ModelInputs(pl_module, trainer.datamodule, trainer.global_rank, trainer.world_size,  # type: ignore
-                            reduce_sum)
+        model = ModelInputs(pl_module, trainer.datamodule,  # type: ignore[arg-type]
+                            trainer.global_rank, trainer.world_size, reduce_sum)
         inputs = RuleInputs(stats=stats, model=model)
         own = get_rule(self.cfg.method)
         for rule in all_rules():  # registry order: a rule may read the candidates found before it

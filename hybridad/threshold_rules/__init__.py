@@ -91,12 +91,13 @@ def fit_threshold(
         if not rule.fitted_with_model:
             if Need.VALIDATION_STATS in rule.needs:
                 if stats is None:
-                    raise UserError(f"threshold.method={rule.name} needs validation scores; none were collected")
+                    raise UserError(f"threshold.method={rule.name} needs validation scores; none were "
+                                    "collected")
                 stack.enter_context(stats.sync_context())  # sums the states over DDP ranks; no-op alone
             if Need.TEST_LABELS in rule.needs:
                 if labelled is None:
-                    raise UserError(f"threshold.method={rule.name} needs labelled test_public maps (it is tuned "
-                                    "on test); use mean_std")
+                    raise UserError(f"threshold.method={rule.name} needs labelled test_public maps (it is "
+                                    "tuned on test); use mean_std")
                 if isinstance(labelled, PixelF1Max):
                     stack.enter_context(labelled.sync_context())
         fitted = {rule.name: pseudo} if pseudo is not None else {}
@@ -123,5 +124,5 @@ def rule_for_split(cfg: ThresholdConfig, split: str) -> ThresholdConfig:
     return replace(base, **changes)
 
 
-__all__ = ["ModelInputs", "Need", "RuleInputs", "ThresholdRule", "all_rules", "compared_rules", "fit_threshold",
-           "get_rule", "register_rule", "rule_for_split", "rule_names", "unregister_rule"]
+__all__ = ["ModelInputs", "Need", "RuleInputs", "ThresholdRule", "all_rules", "compared_rules",
+           "fit_threshold", "get_rule", "register_rule", "rule_for_split", "rule_names", "unregister_rule"]

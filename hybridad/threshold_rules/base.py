@@ -1,4 +1,4 @@
-"""What a threshold rule is: a name, what it needs, its parameters, how it is fitted and how the report shows it.
+"""What a threshold rule is: a name, its needs and parameters, how it is fitted and how the report shows it.
 
 A rule declares its needs (`Need`); the needs decide where it is fitted and how its result is labelled:
 - `VALIDATION_STATS`: pixel-score statistics of the defect-free validation maps (`ScoreStats`), collected once

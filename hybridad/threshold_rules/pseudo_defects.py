@@ -11,7 +11,7 @@ from hybridad.threshold_rules.base import Need, RuleInputs, ThresholdRule
 from hybridad.threshold_rules.validation_stats import MeanStd
 from hybridad.thresholds import ThresholdConfig, mean_std_threshold
 
-NEEDS = frozenset({Need.VALIDATION_STATS, Need.PSEUDO_DEFECTS})  # the candidate grid comes from the statistics
+NEEDS = frozenset({Need.VALIDATION_STATS, Need.PSEUDO_DEFECTS})  # the grid of thresholds: from the statistics
 
 
 class PseudoDefectRule(ThresholdRule):
@@ -41,8 +41,9 @@ class PseudoDefectRule(ThresholdRule):
         for key in ("pos", "neg", "tp", "fp", "fn"):  # sum over ranks (each scored a share)
             setattr(counts, key, m.reduce_sum(getattr(counts, key)))
         thr, f1 = counts.pick(self.recipe)  # inf where nothing was pasted
-        return {"value": thr if math.isfinite(thr) else None, "pseudo_seg_f1": f1, "repeats": cfg.pseudo_repeats,
-                "seed": cfg.pseudo_seed, "scale_of": cfg.pseudo_scale_of, "pasted_pixels": float(counts.pos.sum())}
+        return {"value": thr if math.isfinite(thr) else None, "pseudo_seg_f1": f1,
+                "repeats": cfg.pseudo_repeats, "seed": cfg.pseudo_seed, "scale_of": cfg.pseudo_scale_of,
+                "pasted_pixels": float(counts.pos.sum())}
 
 
 class CappedFaint(ThresholdRule):

@@ -26,7 +26,8 @@ class MeanStd(ThresholdRule):
         """The value, k and the statistics (so `evaluate` can recompute it with another k)."""
         assert inputs.stats is not None
         mean, std = float(inputs.stats.mean), float(inputs.stats.std)
-        return {"value": mean_std_threshold(mean, std, cfg.k), "k": cfg.k, "stats": {"mean": mean, "std": std}}
+        stats = {"mean": mean, "std": std}
+        return {"value": mean_std_threshold(mean, std, cfg.k), "k": cfg.k, "stats": stats}
 
     def stored_value(self, thresholds: dict[str, Any], cfg: ThresholdConfig) -> float | None:
         """Recomputed with `cfg.k` from the stored statistics (older runs: the top-level `stats`)."""
