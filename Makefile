@@ -43,7 +43,7 @@ demo: $(STAMP) ## synthetic dataset -> train tiny models -> evaluate -> submissi
 
 # demo-photos: real photographs (scikit-image's brick, grass, gravel) with defect families no generator of ours
 # makes; each texture runs in the fabric slot (its routing and post-processing, closing scaled to 128 px) with
-# the demo's tiny INP-Former preset, through the normal CLI: train, evaluate (each label-free rule), report.
+# the demo's tiny INP-Former preset, through the normal CLI: train, evaluate (each compared label-free rule), report.
 PHOTOS     ?= demo_photos
 PHOTO_ARGS := data.category=fabric name=demo inp_former.preset=tiny "inp_former.weights=''" data.num_workers=0 \
   logging.wandb=false trainer.check_val_every_n_epoch=100000 trainer.enable_progress_bar=false \
@@ -56,7 +56,7 @@ demo-photos: $(STAMP) ## threshold rules on real photographs and unseen defects:
 	  rm -rf $(PHOTOS)/runs/$$t; \
 	  $(BIN)/python -m hybridad train data.root=$(PHOTOS)/data/$$t out_dir=$(PHOTOS)/runs/$$t $(PHOTO_ARGS) $(ARGS) \
 	    || exit 1; \
-	  for m in mean_std pseudo_f1 pseudo_faint; do \
+	  for m in $$($(BIN)/python -c 'from hybridad.threshold_rules import compared_rules as c; print(*[r.name for r in c() if not r.tuned_on_test])'); do \
 	    $(BIN)/python -m hybridad evaluate $(PHOTOS)/runs/$$t/fabric/demo threshold.method=$$m || exit 1; done; \
 	  $(BIN)/python -m hybridad report $(PHOTOS)/runs/$$t/fabric/demo --out $(PHOTOS)/report/$$t || exit 1; \
 	done

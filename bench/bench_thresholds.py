@@ -34,7 +34,7 @@ import torch
 from data_modules.photos import NOVEL_FAMILIES, PSEUDO_FAMILIES, TEXTURES, read_manifest, write_photo_dataset
 from hybridad.metrics.functional import au_pro, binary_counts, f1_from_counts, pixel_auroc
 from hybridad.postprocess import PostProcessConfig, binarize
-from hybridad.pseudo_threshold import (
+from hybridad.pseudo_defect_rules import (
     LEGACY,
     RECIPES,
     PseudoCounts,

@@ -385,7 +385,8 @@ def validate_config(cfg: RunConfig) -> None:
     """
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from hybridad.thresholds import METHODS, OVERRIDABLE_SPLITS, PERCENTILE_METHODS, rule_for_split
+    from hybridad.threshold_rules import get_rule, rule_for_split, rule_names
+    from hybridad.thresholds import OVERRIDABLE_SPLITS, PERCENTILE_METHODS
 
     from data_modules.formats import READERS
 
@@ -468,22 +469,24 @@ def validate_config(cfg: RunConfig) -> None:
            "must be in (0, 1]")
 
     th = cfg.threshold
-    _check_enum("threshold.method", th.method, METHODS)
+    _check_enum("threshold.method", th.method, rule_names())
     _check_enum("threshold.percentile_method", th.percentile_method, PERCENTILE_METHODS)
     _check(0.0 < th.percentile <= 100.0, "threshold.percentile", th.percentile, "must be in (0, 100]")
     _check(th.factor > 0, "threshold.factor", th.factor, "must be > 0")
     _check(math.isfinite(th.k), "threshold.k", th.k, "must be a finite number")
     _check(th.value is None or math.isfinite(th.value), "threshold.value", th.value, "must be a finite number")
-    _check(th.method != "fixed" or th.value is not None, "threshold.value", th.value,
-           "threshold.method=fixed needs a value (threshold.value=0.5)")
+    for key, example in get_rule(th.method).required.items():
+        _check(getattr(th, key) is not None, f"threshold.{key}", getattr(th, key),
+               f"threshold.method={th.method} needs a value (threshold.{key}={example})")
     for split in OVERRIDABLE_SPLITS:
         o = getattr(th, split)
         for key in ("k", "percentile", "factor", "value"):
             v = getattr(o, key)
             _check(v is None or math.isfinite(v), f"threshold.{split}.{key}", v, "must be a finite number")
         rule = rule_for_split(th, split)
-        _check(rule.method != "fixed" or rule.value is not None, f"threshold.{split}.value", o.value,
-               f"threshold.{split}.method=fixed needs a value (threshold.{split}.value=0.5)")
+        for key, example in get_rule(rule.method, f"threshold.{split}.method").required.items():
+            _check(getattr(rule, key) is not None, f"threshold.{split}.{key}", getattr(o, key),
+                   f"threshold.{split}.method={rule.method} needs a value (threshold.{split}.{key}={example})")
 
     m = cfg.inp_former
     _check_enum("inp_former.preset", m.preset, ("", "tiny"))

@@ -43,14 +43,9 @@ from hybridad.labelled_maps import labelled_test_maps, load_cached_map
 from hybridad.metrics import GroupedMetrics, PixelF1Max, group_keys, process_local
 from hybridad.postprocess import binarize
 from hybridad.run_dir import RunDir
-from hybridad.thresholds import (
-    PSEUDO_METHODS,
-    TUNED_ON_TEST,
-    ScoreStats,
-    ThresholdResult,
-    fit_threshold,
-    rule_for_split,
-)
+from hybridad.threshold_rules import Need, fit_threshold, get_rule, rule_for_split
+from hybridad.threshold_rules.candidates import candidate_thresholds
+from hybridad.thresholds import TUNED_ON_TEST, ScoreStats, ThresholdResult
 from hybridad.types import Split
 
 EVALUATIONS_DIR = "evaluations"
@@ -92,21 +87,20 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResu
     """The threshold of every split: the category's rule, or a private split's own override.
 
     Validation maps are read only when a rule needs their statistics; test_public maps with labels only when
-    a rule is `f1_optimal` (tuned on test).
+    a rule needs them (tuned on test); a rule fitted with the model reads the value the run stored.
     """
     rules = {s.value: rule_for_split(cfg.threshold, s.value) for s in SPLITS}
-    methods = {r.method for r in rules.values()}
-    stats = _validation_stats(run) if methods - {"fixed", "f1_optimal", *PSEUDO_METHODS} else None
+    used = [get_rule(r.method) for r in rules.values()]
+    now = {need for rule in used if not rule.fitted_with_model for need in rule.needs}  # fitted here
+    stats = _validation_stats(run) if Need.VALIDATION_STATS in now else None
     labelled = None
-    if "f1_optimal" in methods:
+    if Need.TEST_LABELS in now:
         labelled = PixelF1Max(**process_local())
         for item in labelled_test_maps(run, cfg.data, "test_public maps (threshold)"):
             labelled.update(item.anomaly_map, item.mask)
     pseudo: dict[str, float] = {}
-    if methods & set(PSEUDO_METHODS):  # needs the model: the values the run found at training time
-        from hybridad.pseudo_threshold import candidate_thresholds
-
-        pseudo = candidate_thresholds(run.read_thresholds(), cfg.threshold.k)
+    if any(rule.fitted_with_model for rule in used):  # needs the model: the values found at training time
+        pseudo = candidate_thresholds(run.read_thresholds(), cfg.threshold)
     return {split: fit_threshold(rule, stats, labelled=labelled, pseudo=pseudo.get(rule.method))
             for split, rule in rules.items()}
 
@@ -145,7 +139,7 @@ def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult], 
 def _tuned_on_test_reasons(thresholds: dict[str, ThresholdResult], selected_by: dict[str, Any] | None
                            ) -> list[str]:
     """Why values of this evaluation were chosen with test_public labels (empty: they were not)."""
-    reasons = [f"{split} threshold fitted by f1_optimal on test_public"
+    reasons = [f"{split} threshold fitted by {r.method} on test_public"
                for split, r in thresholds.items() if r.tuned_on_test]
     sweep = os.environ.get("WANDB_SWEEP_ID")
     if sweep:

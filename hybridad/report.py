@@ -4,7 +4,7 @@ The page, top to bottom: the per-category table laid out like the winners' repor
 AU-PRO(0.05) and SegF1, here on test_public, computed on float16 maps as the server does) beside the published
 ISVL numbers on the private splits (where a run is an MVTec AD 2 category; otherwise the headline metrics of
 the labelled test set); metrics per defect type (layouts that name types); SegF1 under each threshold rule
-(mean + k std, pseudo_f1, F1-optimal tuned on test); PRO curves up to FPR 0.05; lighting robustness (per
+(`hybridad.threshold_rules.compared_rules`: label-free, then tuned on test); PRO curves up to FPR 0.05; lighting robustness (per
 condition, drop from regular lighting; MVTec AD 2 only); per category, score histograms of good vs bad
 pixels and images with the thresholds marked and the best and worst
 test_public overlays; then every metric. `report.md` holds the same tables. Plots are PNG files drawn with
@@ -32,6 +32,7 @@ from data_modules.listing import imread
 from hybridad.errors import UserError
 from hybridad.metrics.suite import MetricSpec, metric_suite
 from hybridad.run_dir import RunDir, atomic_write_bytes
+from hybridad.threshold_rules import compared_rules
 from hybridad.types import CATEGORIES, Sample, Split
 from hybridad.visualize import format_threshold, overlay_panel
 
@@ -43,9 +44,6 @@ ISVL_REPORTED: dict[str, tuple[float, float, float, float]] = {
     "sheet_metal": (69.69, 69.74, 86.00, 85.19), "vial": (44.01, 42.12, 67.56, 62.49),
     "wallplugs": (11.99, 6.24, 26.63, 22.04), "walnuts": (68.34, 67.65, 80.47, 76.57),
 }
-RULES: tuple[tuple[str, str], ...] = (  # label-free rules first, then the one tuned on test
-    ("mean_std", "mean + k std"), ("pseudo_f1", "pseudo_f1"), ("pseudo_faint", "pseudo_faint"),
-    ("capped_faint", "capped_faint"), ("f1_optimal", "F1-optimal (tuned on test)"))
 MISSING = "–"
 FPR_LIMIT = 0.05
 
@@ -267,28 +265,38 @@ def defect_table(runs: list[_Run], split: str = "test_public") -> Table | None:
 
 
 def rules_table(runs: list[_Run]) -> Table | None:
-    """SegF1 on test_public under each threshold rule, from `test_public/threshold=<rule>/seg_f1`."""
-    found = any(_value(r.metrics, "test_public", f"threshold={rule}/seg_f1") is not None
-                for r in runs for rule, _ in RULES)
+    """SegF1 on test_public under each compared threshold rule (`hybridad.threshold_rules`: label-free first,
+    then those tuned on test), from `test_public/threshold=<rule>/seg_f1`."""
+    rules = compared_rules()
+    found = any(_value(r.metrics, "test_public", f"threshold={rule.name}/seg_f1") is not None
+                for r in runs for rule in rules)
     if not found:
         return None
-    cols: list[list[float | None]] = [[] for _ in RULES]
+    cols: list[list[float | None]] = [[] for _ in rules]
     rows = []
     for r in runs:
         cells = [r.category]
-        for j, (rule, _) in enumerate(RULES):
-            v = _value(r.metrics, "test_public", f"threshold={rule}/seg_f1")
-            thr = _value(r.metrics, "test_public", f"threshold={rule}/value")
+        for j, rule in enumerate(rules):
+            v = _value(r.metrics, "test_public", f"threshold={rule.name}/seg_f1")
+            thr = _value(r.metrics, "test_public", f"threshold={rule.name}/value")
             cols[j].append(v)
             cells.append(_pct(v) + (f" @ {format_threshold(thr)}" if thr is not None else ""))
         rows.append(cells)
     rows.append(["mean", *[_mean_cell(c) for c in cols]])
+    free = [rule.label for rule in rules if not rule.tuned_on_test]
+    tuned = [rule.label for rule in rules if rule.tuned_on_test]
     note = ("SegF1 % on test_public at each rule's threshold (value after @), with the run's "
             "post-processing. "
-            "mean + k std, pseudo_f1, pseudo_faint and capped_faint are label-free: they use normal data only (the pseudo "
+            f"{_and(free)} {'are' if len(free) > 1 else 'is'} label-free: they use normal data only (the pseudo "
             "rules: cut-paste pseudo-anomalies pasted into validation images, docs/thresholds.md); "
-            "F1-optimal is tuned on the test labels and is an upper bound, not a method.")
-    return Table("Threshold rules: SegF1 on test_public", ["category", *[t for _, t in RULES]], rows, note)
+            f"{_and(tuned)} {'are' if len(tuned) > 1 else 'is'} tuned on the test labels: an upper bound, "
+            "not a method.")
+    return Table("Threshold rules: SegF1 on test_public", ["category", *[rule.label for rule in rules]], rows,
+                 note)
+
+
+def _and(names: list[str]) -> str:
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names) or "none"
 
 
 def _lightings(runs: list[_Run], split: str) -> list[str]:
@@ -481,9 +489,6 @@ def plot_pro_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
     _save(fig, path)
 
 
-_RULE_STYLE = {"run": ("black", "-"), "mean_std": ("tab:orange", "--"), "pseudo_f1": ("tab:green", "--"),
-               "pseudo_faint": ("tab:olive", "-."),
-               "capped_faint": ("tab:red", "-."), "f1_optimal": ("tab:purple", ":")}
 
 
 def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path: Path) -> None:
@@ -513,8 +518,9 @@ def plot_histograms(a: _Analysis, thresholds: dict[str, float], title: str, path
     ax2.set(xlabel="image score (max pixel score)", ylabel="images", title="images")
     for ax in (ax1, ax2):
         for rule, thr in thresholds.items():
-            colour, style = _RULE_STYLE.get(rule, ("gray", "-"))
-            name = "threshold (run)" if rule == "run" else dict(RULES).get(rule, rule)
+            known = {r.name: r for r in compared_rules()}.get(rule)
+            colour, style = ("black", "-") if rule == "run" else known.style if known else ("gray", "-")
+            name = "threshold (run)" if rule == "run" else known.label if known else rule
             ax.axvline(thr, color=colour, ls=style, lw=1.6, label=f"{name}: {format_threshold(thr)}")
         ax.grid(alpha=0.25)
     handles, names = ax1.get_legend_handles_labels()
@@ -727,8 +733,8 @@ def _rule_lines(r: _Run) -> dict[str, float]:
     value = r.thresholds.get("value")
     if isinstance(value, (int, float)) and math.isfinite(value):
         lines["run"] = float(value)
-    for rule, _ in RULES:
-        v = _value(r.metrics, "test_public", f"threshold={rule}/value")
+    for rule in compared_rules():
+        v = _value(r.metrics, "test_public", f"threshold={rule.name}/value")
         if v is not None:
-            lines[rule] = v
+            lines[rule.name] = v
     return lines

@@ -1,16 +1,17 @@
-"""Threshold rules: validation statistics (mean + k std, percentile x factor), F1-optimal (oracle), fixed.
+"""What threshold rules are built from: the `threshold` config, streaming validation statistics, the formulas.
 
 `ScoreStats` streams the validation pixel scores of one category into sums and a float16-value histogram;
-`fit_threshold` turns it (or labelled test histograms, for the oracle rule) into a `ThresholdResult` that says
-where the threshold came from. Predictions use `map >= threshold` (see `hybridad.postprocess.binarize`).
-The private splits may each override the category's rule (`threshold.test_private_mixed.value=0.43`, as the
-winners used a higher level for mixed lighting); `rule_for_split` resolves the rule a split uses.
+the rules (`hybridad.threshold_rules`, by name) turn it, labelled test histograms or the config into a
+`ThresholdResult` that says where the threshold came from. Predictions use `map >= threshold` (see
+`hybridad.postprocess.binarize`). The private splits may each override the category's rule
+(`threshold.test_private_mixed.value=0.43`, as the winners used a higher level for mixed lighting);
+`hybridad.threshold_rules.rule_for_split` resolves the rule a split uses.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
@@ -29,16 +30,6 @@ from hybridad.metrics.functional import (
 )
 from hybridad.metrics.segmentation import PixelF1Max
 
-# fitted with the model at training time and stored in thresholds.yaml candidates (hybridad.pseudo_threshold):
-# pseudo_f1, pseudo_faint (pasted pseudo-defects) and capped_faint = min(mean + k std, pseudo_faint)
-PSEUDO_METHODS = ("pseudo_f1", "pseudo_faint", "capped_faint")
-# what each rule needs; a rule that needs test labels is "tuned on test"
-RULE_NEEDS: dict[str, tuple[str, ...]] = {
-    "mean_std": ("validation maps",), "percentile": ("validation maps",), "fixed": (),
-    "pseudo_f1": ("model", "validation images"), "pseudo_faint": ("model", "validation images"),
-    "capped_faint": ("validation maps", "model", "validation images"), "f1_optimal": ("test labels",),
-}
-METHODS = ("mean_std", "percentile", "f1_optimal", "fixed", *PSEUDO_METHODS)
 PERCENTILE_METHODS = ("linear", "lower", "higher", "nearest")
 TUNED_ON_TEST = "threshold tuned on test"  # the label of every value chosen with test_public labels
 OVERRIDABLE_SPLITS = ("test_private", "test_private_mixed")
@@ -61,7 +52,7 @@ class SplitThresholdConfig:
 
 @dataclass
 class ThresholdConfig:
-    method: str = "mean_std"  # mean_std | percentile | f1_optimal | fixed | pseudo_f1 | pseudo_faint | capped_faint
+    method: str = "mean_std"  # a rule of hybridad.threshold_rules (rule_names())
     k: float = 3.0  # mean_std: mean + k * std of validation pixel scores
     percentile: float = 99.0  # percentile: q-th percentile of validation scores ...
     factor: float = 1.0  # ... times factor
@@ -69,7 +60,7 @@ class ThresholdConfig:
     percentile_method: str = "linear"  # numpy.percentile method: linear | lower | higher | nearest
     test_private: SplitThresholdConfig = field(default_factory=SplitThresholdConfig)
     test_private_mixed: SplitThresholdConfig = field(default_factory=SplitThresholdConfig)
-    # pseudo_f1 / pseudo_faint (hybridad.pseudo_threshold): SegF1-optimal on validation images with pasted
+    # pseudo_f1 / pseudo_faint (hybridad.pseudo_defect_rules): SegF1-optimal on validation images with pasted
     # pseudo-anomalies, through the run's post-processing; computed as candidates under any method unless
     # pseudo_repeats=0
     pseudo_repeats: int = 4  # pasted copies of each validation image (different draws); 0 = off
@@ -96,7 +87,7 @@ class ScoreStats(Metric):
     All states are sum-reduced and persistent, so the accumulator merges (`merge_state`, DDP) and checkpoints
     (`state_dict`). Mean/std use the full-precision scores; percentiles are exact for the float16-cast scores.
     The `mean`/`std`/`percentile` accessors read the local states: under DDP read them inside
-    `with stats.sync_context():` (as `fit_threshold` does) or use `compute()`.
+    `with stats.sync_context():` (as `hybridad.threshold_rules.fit_threshold` does) or use `compute()`.
     """
 
     is_differentiable = False
@@ -122,6 +113,15 @@ class ScoreStats(Metric):
     def compute(self) -> Tensor:
         """(2,) tensor (mean, std)."""
         return torch.tensor([self.mean, self.std], dtype=torch.float64)
+
+    def summed_over_ranks(self) -> ScoreStats:
+        """A process-local copy holding the states summed over DDP ranks (a copy alone): read it anywhere,
+        with no further sync. Every rank must call it (a collective under DDP)."""
+        local = ScoreStats(**process_local()).to(self.count.device)
+        with self.sync_context():
+            for name in ("count", "total", "total_sq", "hist"):
+                setattr(local, name, getattr(self, name).clone())
+        return local
 
     def _require_data(self) -> None:
         if float(self.count) == 0:
@@ -191,69 +191,6 @@ def f1_optimal_threshold(labelled: Union[PixelF1Max, tuple[Tensor, Tensor]]) -> 
     return thr, f1
 
 
-def fit_threshold(
-    cfg: ThresholdConfig,
-    stats: ScoreStats | None = None,
-    labelled: Union[PixelF1Max, tuple[Tensor, Tensor], None] = None,
-    pseudo: float | None = None,
-) -> ThresholdResult:
-    """Fit the threshold `cfg.method` asks for.
-
-    Args:
-        cfg: the rule and its parameters.
-        stats: validation pixel scores (needed by "mean_std" and "percentile").
-        labelled: labelled-map histograms (needed by "f1_optimal", which tunes on test data).
-        pseudo: the value of `cfg.method` ("pseudo_f1" | "pseudo_faint") fitted at training time with the model
-            (`hybridad.pseudo_threshold`; stored in thresholds.yaml `candidates.<method>.value`).
-    """
-    if cfg.method in PSEUDO_METHODS:
-        if pseudo is None or not math.isfinite(pseudo):
-            raise UserError(f"threshold.method={cfg.method} is fitted with the model at training time: train "
-                            f"with threshold.pseudo_repeats>0 so the run stores it")
-        return ThresholdResult(float(pseudo), cfg.method, "validation + pseudo-anomalies", False)
-    if cfg.method == "fixed":
-        if cfg.value is None or not math.isfinite(cfg.value):
-            raise UserError(f"threshold.method=fixed needs a finite threshold.value (got {cfg.value!r})")
-        return ThresholdResult(float(cfg.value), "fixed", "config", False)
-    if cfg.method == "f1_optimal":
-        if labelled is None:
-            raise UserError("threshold.method=f1_optimal needs labelled test_public maps; use mean_std")
-        if isinstance(labelled, PixelF1Max):
-            with labelled.sync_context():  # sums the histograms over DDP ranks; no-op in one process
-                thr, _ = f1_optimal_threshold(labelled)
-        else:
-            thr, _ = f1_optimal_threshold(labelled)
-        return ThresholdResult(thr, "f1_optimal", "test_public (threshold tuned on test)", True)
-    if cfg.method not in METHODS:
-        raise UserError(f"threshold.method must be one of {METHODS}, got {cfg.method!r}")
-    if stats is None:
-        raise UserError(f"threshold.method={cfg.method} needs validation scores; none were collected")
-    with stats.sync_context():  # sums the states over DDP ranks; no-op in one process
-        if cfg.method == "mean_std":
-            value = mean_std_threshold(stats.mean, stats.std, cfg.k)
-        else:
-            value = percentile_threshold(stats, cfg.percentile, cfg.factor, cfg.percentile_method)
-    return ThresholdResult(float(value), cfg.method, "validation", False)
-
-
 def has_split_overrides(cfg: ThresholdConfig) -> bool:
     """Whether a private split sets its own threshold rule (the category's threshold is not the only one)."""
     return any(v is not None for split in OVERRIDABLE_SPLITS for v in vars(getattr(cfg, split)).values())
-
-
-def rule_for_split(cfg: ThresholdConfig, split: str) -> ThresholdConfig:
-    """The rule `split` uses: the category's rule with the split's override (if any) on top.
-
-    Validation and test_public always use the category's rule; the returned config has no overrides left.
-    """
-    base = replace(cfg, test_private=SplitThresholdConfig(), test_private_mixed=SplitThresholdConfig())
-    if split not in OVERRIDABLE_SPLITS:
-        return base
-    override = getattr(cfg, split)
-    changes = {f.name: getattr(override, f.name) for f in fields(override)
-               if getattr(override, f.name) is not None}
-    if "value" in changes and "method" not in changes:
-        changes["method"] = "fixed"
-    if changes.get("method", METHODS[0]) not in METHODS:
-        raise UserError(f"threshold.{split}.method must be one of {METHODS}, got {changes['method']!r}")
-    return replace(base, **changes)

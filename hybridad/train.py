@@ -22,9 +22,8 @@ from callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint
 from callbacks.map_writer import MapWriterCallback
 from callbacks.metric_logger import MetricsCallback
 from callbacks.overlay_logger import OverlayLoggerCallback
-from callbacks.pseudo_threshold import PseudoThresholdCallback
 from callbacks.score_writer import ScoreWriterCallback
-from callbacks.threshold_search import ThresholdCallback
+from callbacks.threshold_fit import ThresholdCallback
 from data_modules.datamodule import MVTecAD2DataModule
 from hybridad.config import RunConfig, check_paths, ignored_settings, to_dict, to_yaml
 from hybridad.errors import UserError
@@ -40,6 +39,7 @@ from hybridad.run_claim import (
     unlock_run,
 )
 from hybridad.run_dir import RunDir
+from hybridad.threshold_rules import get_rule
 from hybridad.thresholds import has_split_overrides
 from hybridad.types import PRIVATE_SPLITS, Split
 
@@ -145,7 +145,6 @@ def build_trainer(cfg: RunConfig, run: Path, extra_callbacks: list[L.Callback] |
         kwargs["check_val_every_n_epoch"] = NO_VALIDATION_WHILE_FITTING
     callbacks: list[L.Callback] = [
         ThresholdCallback(cfg.threshold, run),
-        PseudoThresholdCallback(cfg.threshold, run),
         MetricsCallback(run),
         MapWriterCallback(run),
         ScoreWriterCallback(run),
@@ -273,7 +272,7 @@ def _fit_and_predict(cfg: RunConfig, model: AnomalyModule, run: Path, owner: boo
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     trainer.validate(model, datamodule=datamodule, verbose=False)  # final model: validation stats -> threshold
     trainer.test(model, datamodule=datamodule, verbose=False)
-    if cfg.threshold.method == "f1_optimal":
+    if get_rule(cfg.threshold.method).tuned_on_test:  # fitted from the cached test_public maps
         value = 0.0
         trainer.strategy.barrier("test maps written")
         if trainer.is_global_zero:

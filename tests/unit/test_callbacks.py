@@ -15,7 +15,7 @@ import yaml
 
 from callbacks.map_writer import MapWriterCallback
 from callbacks.metric_logger import MetricsCallback
-from callbacks.threshold_search import ThresholdCallback
+from callbacks.threshold_fit import ThresholdCallback
 from hybridad.metrics.functional import au_pro, seg_f1
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.thresholds import ThresholdConfig

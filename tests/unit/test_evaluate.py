@@ -10,13 +10,8 @@ import pytest
 from hybridad.config import load_config
 from hybridad.errors import UserError
 from hybridad.evaluate import _claim, best_evaluation, list_evaluations
-from hybridad.thresholds import (
-    SplitThresholdConfig,
-    ThresholdConfig,
-    fit_threshold,
-    has_split_overrides,
-    rule_for_split,
-)
+from hybridad.threshold_rules import fit_threshold, rule_for_split
+from hybridad.thresholds import SplitThresholdConfig, ThresholdConfig, has_split_overrides
 
 
 def test_split_rule_inherits_the_category_rule_and_value_means_fixed() -> None:

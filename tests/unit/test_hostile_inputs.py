@@ -9,7 +9,8 @@ import pytest
 
 from hybridad.config import load_config
 from hybridad.errors import UserError
-from hybridad.thresholds import ThresholdConfig, fit_threshold
+from hybridad.threshold_rules import fit_threshold
+from hybridad.thresholds import ThresholdConfig
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

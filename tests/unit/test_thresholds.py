@@ -8,10 +8,10 @@ import torch
 
 from hybridad.errors import UserError
 from hybridad.metrics import PixelF1Max
+from hybridad.threshold_rules import fit_threshold
 from hybridad.thresholds import (
     ScoreStats,
     ThresholdConfig,
-    fit_threshold,
     mean_std_threshold,
     percentile_threshold,
 )

@@ -17,7 +17,7 @@ from data_modules.tilers import TilingConfig
 from hybridad.errors import UserError
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.postprocess import PostProcessConfig
-from hybridad.pseudo_threshold import (
+from hybridad.pseudo_defect_rules import (
     RECIPES,
     PseudoCounts,
     best_candidate,
@@ -27,10 +27,11 @@ from hybridad.pseudo_threshold import (
     pseudo_cut_paste,
     pseudo_f1_threshold,
     pseudo_histograms,
-    score_candidates,
 )
 from hybridad.run_dir import RunDir
-from hybridad.thresholds import PSEUDO_METHODS, ScoreStats, ThresholdConfig, fit_threshold
+from hybridad.threshold_rules import Need, all_rules, fit_threshold
+from hybridad.threshold_rules.candidates import score_candidates
+from hybridad.thresholds import ScoreStats, ThresholdConfig
 from hybridad.types import AnomalyOutput, Batch
 
 
@@ -122,28 +123,30 @@ def test_score_candidates_segf1_per_rule(tmp_path: Path) -> None:
 
 
 def test_candidate_thresholds_from_a_stored_thresholds_yaml() -> None:
-    from hybridad.pseudo_threshold import candidate_thresholds
+    from hybridad.threshold_rules.candidates import candidate_thresholds
 
     stored = {"value": 0.3, "method": "pseudo_f1", "candidates": {
         "mean_std": {"value": 0.9, "k": 3.0, "stats": {"mean": 0.3, "std": 0.2}},
         "pseudo_f1": {"value": 0.3, "pseudo_seg_f1": 0.4}}}
-    assert candidate_thresholds(stored, k=3.0) == {"mean_std": pytest.approx(0.9), "pseudo_f1": 0.3}
-    assert candidate_thresholds(stored, k=1.0)["mean_std"] == pytest.approx(0.5)  # the asked k
+    assert candidate_thresholds(stored, ThresholdConfig(k=3.0)) == {"mean_std": pytest.approx(0.9), "pseudo_f1": 0.3}
+    assert candidate_thresholds(stored, ThresholdConfig(k=1.0))["mean_std"] == pytest.approx(0.5)  # the asked k
     # an older run: only the validation statistics -> mean + k std with the asked k; no pseudo candidate
     old = {"value": 0.7, "method": "mean_std", "stats": {"mean": 0.25, "std": 0.125}}
-    assert candidate_thresholds(old, k=2.0) == {"mean_std": 0.5}
-    assert candidate_thresholds({"candidates": {"pseudo_f1": {"value": None}}}, k=3.0) == {}
+    assert candidate_thresholds(old, ThresholdConfig(k=2.0)) == {"mean_std": 0.5}
+    assert candidate_thresholds({"candidates": {"pseudo_f1": {"value": None}}}, ThresholdConfig(k=3.0)) == {}
 
 
 def test_every_pseudo_method_has_a_recipe_or_is_the_cap() -> None:
-    assert (*RECIPES, "capped_faint") == PSEUDO_METHODS
-    from hybridad.pseudo_threshold import capped_faint, candidate_thresholds
+    fitted_with_model = tuple(r.name for r in all_rules() if Need.PSEUDO_DEFECTS in r.needs)
+    assert (*RECIPES, "capped_faint") == fitted_with_model
+    from hybridad.pseudo_defect_rules import capped_faint
+    from hybridad.threshold_rules.candidates import candidate_thresholds
 
     assert capped_faint(0.4, 0.3) == 0.3 and capped_faint(0.2, 0.3) == 0.2 and capped_faint(None, 0.3) == 0.3
     assert capped_faint(0.2, float("inf")) == 0.2 and capped_faint(0.2, None) is None  # not computed
     stored = {"candidates": {"mean_std": {"stats": {"mean": 0.1, "std": 0.1}}, "pseudo_faint": {"value": 0.3}}}
-    assert candidate_thresholds(stored, k=3.0)["capped_faint"] == pytest.approx(0.3)
-    assert candidate_thresholds(stored, k=1.0)["capped_faint"] == pytest.approx(0.2)  # the asked k
+    assert candidate_thresholds(stored, ThresholdConfig(k=3.0))["capped_faint"] == pytest.approx(0.3)
+    assert candidate_thresholds(stored, ThresholdConfig(k=1.0))["capped_faint"] == pytest.approx(0.2)  # the asked k
 
 
 def test_pastes_stay_on_the_object_with_object_relative_sizes() -> None:
@@ -225,6 +228,6 @@ def test_each_rule_lands_where_it_should(synthetic_root: Path) -> None:
         assert 0.1 < thr <= 0.6 and f1 == 1.0, name
         halves = [pseudo_counts(model, dm, cfg, grid, recipe, rank=r, world=2) for r in (0, 1)]
         assert torch.equal(halves[0].tp + halves[1].tp, counts.tp)  # rank-independent pastes
-    from hybridad.pseudo_threshold import capped_faint
+    from hybridad.pseudo_defect_rules import capped_faint
 
     assert capped_faint(mean_std, found["pseudo_faint"]) == pytest.approx(0.1)  # the lower of the two

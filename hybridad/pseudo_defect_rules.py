@@ -1,4 +1,4 @@
-"""Thresholds from normal data only (pseudo-defect rules) and the comparison of threshold rules.
+"""Thresholds from normal data only: how the pseudo-defect rules paste, score and pick.
 
 A pseudo-defect rule (`RECIPES`) pastes the project's cut-paste pseudo-anomalies (`data_modules.cut_paste`,
 fixed seed) into `threshold.pseudo_repeats` copies of every (defect-free) validation image, lets the trained
@@ -22,16 +22,13 @@ Rules (both label-free; defaults chosen on the benchmark's calibration families 
   defects are subtler than either model of them. Best on the threshold benchmark's calibration families
   (docs/thresholds.md).
 
-`score_candidates` re-scores a run's cached test_public maps with each rule's threshold and the run's
-post-processing, so reports can show SegF1 at every label-free rule and at the F1-optimal threshold (tuned on
-test: an oracle, labelled as such).
+The rules themselves (names, needs, report labels) are `hybridad.threshold_rules.pseudo_defects`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,18 +36,15 @@ import torch
 from torch import Tensor
 
 from hybridad.errors import UserError
-from hybridad.labelled_maps import labelled_test_maps
-from hybridad.metrics import SegF1, process_local
 from hybridad.metrics.functional import binary_counts, f1_from_counts, f1_max_from_histograms, pixel_histograms
 from hybridad.postprocess import PostProcessConfig, binarize
-from hybridad.run_dir import RunDir
 from hybridad.tile_grid import level_boxes
-from hybridad.thresholds import ScoreStats, ThresholdConfig, mean_std_threshold
-from hybridad.types import Batch, Split
+from hybridad.thresholds import ScoreStats, ThresholdConfig
+from hybridad.types import Split
 
 if TYPE_CHECKING:
     from data_modules.cut_paste import CutPaste, CutPasteConfig
-    from data_modules.datamodule import DataConfig, MVTecAD2DataModule
+    from data_modules.datamodule import MVTecAD2DataModule
     from hybridad.models.anomaly_module import AnomalyModule
 
 SCALE_OF = ("training", "tile", "image")  # "tile" = "training" (older name); "image": the long side (legacy)
@@ -263,32 +257,6 @@ def pseudo_f1_threshold(pos: Tensor, neg: Tensor) -> tuple[float, float]:
     return thr, f1
 
 
-# ------------------------------------------------------------------------------ candidates on test_public
-
-
-def candidate_thresholds(thresholds: dict[str, Any], k: float) -> dict[str, float]:
-    """The label-free candidates of a run's `thresholds.yaml`: `{"mean_std": ..., "pseudo_f1": ...,
-    "pseudo_faint": ..., "capped_faint": ...}` (those present); mean + k std (and so capped_faint) is
-    recomputed with `k` from the stored validation statistics."""
-    out: dict[str, float] = {}
-    cands = thresholds.get("candidates") or {}
-    mean_std = cands.get("mean_std") if isinstance(cands.get("mean_std"), dict) else {}
-    stats = mean_std.get("stats") or thresholds.get("stats") or {}
-    if "mean" in stats and "std" in stats:
-        out["mean_std"] = mean_std_threshold(float(stats["mean"]), float(stats["std"]), k)
-    elif mean_std.get("value") is not None:
-        out["mean_std"] = float(mean_std["value"])
-    for rule in RECIPES:
-        pseudo = cands.get(rule)
-        if isinstance(pseudo, dict) and pseudo.get("value") is not None and np.isfinite(pseudo["value"]):
-            out[rule] = float(pseudo["value"])
-    faint = out.get("pseudo_faint", float("inf") if isinstance(cands.get("pseudo_faint"), dict) else None)
-    capped = capped_faint(out.get("mean_std"), faint)  # computed but nothing pasted (inf): mean + k std
-    if capped is not None:
-        out["capped_faint"] = capped
-    return out
-
-
 def capped_faint(mean_std: float | None, pseudo_faint: float | None) -> float | None:
     """min(mean + k std, pseudo_faint); None when pseudo_faint was not computed (threshold.pseudo_repeats=0).
     A pseudo_faint of inf (nothing pasted) leaves mean + k std."""
@@ -296,34 +264,3 @@ def capped_faint(mean_std: float | None, pseudo_faint: float | None) -> float | 
         return None
     values = [v for v in (mean_std, pseudo_faint) if v is not None and np.isfinite(v)]
     return min(values) if values else None
-
-
-def score_candidates(
-    run_path: Path, thresholds: dict[str, float], postprocess: PostProcessConfig, data: DataConfig
-) -> dict[str, float]:
-    """SegF1 on test_public (the cached maps of `data`'s test_public images) at each given threshold and at the
-    F1-optimal (tuned on test) one.
-
-    Returns flat metrics: `test_public/threshold=<rule>/seg_f1` and `test_public/threshold=<rule>/value`.
-    """
-    run = RunDir(run_path)
-    seg = {rule: SegF1(**process_local()) for rule in thresholds}
-    pos = neg = None
-    for item in labelled_test_maps(run, data, require_all=False):
-        m, g = item.anomaly_map, item.mask
-        p, n = pixel_histograms(m, g)
-        pos, neg = (p, n) if pos is None else (pos + p, neg + n)
-        for rule, thr in thresholds.items():
-            seg[rule].update(binarize(m, thr, postprocess), g)
-    values = dict(thresholds)
-    if pos is not None:
-        _, values["f1_optimal"] = f1_max_from_histograms(pos, neg)
-        if np.isfinite(values["f1_optimal"]):
-            seg["f1_optimal"] = SegF1(**process_local())
-            for item in labelled_test_maps(run, data, require_all=False):
-                seg["f1_optimal"].update(binarize(item.anomaly_map, values["f1_optimal"], postprocess), item.mask)
-    out: dict[str, float] = {}
-    for rule, metric in seg.items():
-        out[f"test_public/threshold={rule}/seg_f1"] = float(metric.compute())
-        out[f"test_public/threshold={rule}/value"] = float(values[rule])
-    return out
