@@ -22,11 +22,13 @@ from hybridad.cli import main
 from hybridad.config import load_run_config
 from hybridad.demo import demo_config
 from hybridad.errors import UserError
-from hybridad.export import build_cpr_bank, export_run
+from hybridad.export import export_run
 from hybridad.export_runtime import ExportedDetector, read_metadata
 from hybridad.postprocess import hsv_kmeans_foreground
-from hybridad.predict import load_module, predict, read_decision
+from hybridad.models.cpr.branch import build_memory_bank
+from hybridad.predict import predict
 from hybridad.run_dir import RunDir
+from hybridad.run_loading import load_module, read_decision
 from hybridad.tile_grid import level_boxes
 from hybridad.train import train
 from hybridad.types import Batch, Sample, Split
@@ -74,7 +76,7 @@ def _reference_outputs(run: Path, samples: list[Sample]) -> dict[str, tuple[np.n
     cfg = load_run_config(run)
     module = load_module(RunDir(run), cfg, read_decision(RunDir(run)))
     if cfg.branch == "cpr":
-        build_cpr_bank(module, cfg)
+        build_memory_bank(module, cfg)
     tiler = EvalTiler(cfg.data.tiling.test_level, cfg.data.tiling.input_size, cfg.data.tiling.antialias)
     out = {}
     for s in samples:
