@@ -33,6 +33,11 @@ from hybridad.models.inp_former.torch_model import InpFormerModel
 from hybridad.tile_grid import TileLevel, tile, untile
 
 
+def suite(gpu: bool = False) -> list[dict]:
+    """`python -m bench --only inp_former`: throughput and the comparison with the official code."""
+    return run(gpu=gpu) + vs_official(device="cuda" if gpu else "cpu")
+
+
 def run(
     gpu: bool = False,
     cfg: InpFormerConfig | None = None,
