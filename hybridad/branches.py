@@ -60,8 +60,10 @@ class Branch:
         config_class: dataclass of its options.
         build: run config -> the branch's `AnomalyModule` (its image-score rule is the module's
             `image_score_rule()`, stored in export metadata and applied by the runtime).
-        exportable: (module with its final weights, run config) -> the network `hybridad export` traces, after
-            any preparation it needs (CPR: the memory bank built from the training images).
+        exportable: (module with its final weights, run config, the run's DataModule factory) -> the network
+            `hybridad export` traces, after any preparation it needs (CPR: the memory bank built from the
+            training images; the factory builds the DataModule on its first call, so models need not import
+            `data_modules`).
         section: its `RunConfig` field (built-ins: `inp_former`, `cpr`); None = its options live under
             `branch_options`.
         convert: (official checkpoint, output file) -> None for `hybridad convert <name with '-'>`; None = none.
@@ -78,7 +80,7 @@ class Branch:
     name: str
     config_class: type
     build: Callable[[RunConfig], AnomalyModule]
-    exportable: Callable[[AnomalyModule, RunConfig], ExportableNetwork]
+    exportable: Callable[[AnomalyModule, RunConfig, Callable[[], Any]], ExportableNetwork]
     section: str | None = None
     convert: Callable[[Path, Path], None] | None = None
     demo_overrides: tuple[str, ...] = ()

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from hybridad.branches import get_branch
-from hybridad.config import load_run_config
+from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
 from hybridad.export_runtime import FORMAT, META_NAME
 from hybridad.run_loading import load_module, read_decision
@@ -69,6 +69,13 @@ def dynamic_tiles() -> dict[str, Any]:
     return {"tiles": {0: torch.export.Dim("tiles", min=1, max=MAX_TILES)}}
 
 
+def _training_data(cfg: RunConfig) -> Any:
+    """The run's DataModule (CPR's export rebuilds its memory bank from the training images)."""
+    from data_modules.datamodule import MVTecAD2DataModule
+
+    return MVTecAD2DataModule(cfg.data, seed=cfg.seed)
+
+
 def export_run(run_path: Path, out: Path, device: str = "cpu") -> Path:
     """Export a completed run's tile network and eval settings into `out` (a `.pt2`); returns `out`."""
     run = RunDir(run_path)
@@ -84,7 +91,7 @@ def export_run(run_path: Path, out: Path, device: str = "cpu") -> Path:
     decision = read_decision(run)
     module = load_module(run, cfg, decision).to(device)
     s = cfg.data.tiling.input_size
-    network = get_branch(cfg.branch).exportable(module, cfg)
+    network = get_branch(cfg.branch).exportable(module, cfg, lambda: _training_data(cfg))
     with torch.no_grad():
         program = torch.export.export(network.net.eval(), (network.example.to(device),),
                                       dynamic_shapes=network.dynamic_shapes)

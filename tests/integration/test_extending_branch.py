@@ -64,7 +64,7 @@ def _check(options: ConstantMapConfig) -> None:
     check_setting(0.0 <= options.value <= 1.0, "branch_options.value", options.value, "must be in [0, 1]")
 
 
-def _exportable(module: AnomalyModule, cfg: RunConfig) -> ExportableNetwork:
+def _exportable(module: AnomalyModule, cfg: RunConfig, training_data: object) -> ExportableNetwork:
     from hybridad.export import TileNet, dynamic_tiles
 
     s = cfg.data.tiling.input_size

@@ -16,6 +16,7 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
+from data_modules.datamodule import MVTecAD2DataModule
 from data_modules.listing import list_samples, read_image
 from data_modules.tilers import EvalTiler
 from hybridad.cli import main
@@ -76,7 +77,7 @@ def _reference_outputs(run: Path, samples: list[Sample]) -> dict[str, tuple[np.n
     cfg = load_run_config(run)
     module = load_module(RunDir(run), cfg, read_decision(RunDir(run)))
     if cfg.branch == "cpr":
-        build_memory_bank(module, cfg)
+        build_memory_bank(module, MVTecAD2DataModule(cfg.data, seed=cfg.seed))
     tiler = EvalTiler(cfg.data.tiling.test_level, cfg.data.tiling.input_size, cfg.data.tiling.antialias)
     out = {}
     for s in samples:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hybridad.branches import Branch, ExportableNetwork, register_branch
 from hybridad.errors import UserError, check_choice, check_setting
@@ -31,24 +32,23 @@ def convert(src: Path, out: Path) -> None:
     convert_checkpoint(src, out)
 
 
-def build_memory_bank(module: AnomalyModule, cfg: RunConfig) -> None:
-    """Rebuild CPR's memory bank from the training images, as `Cpr.on_predict_start` does under a Trainer."""
-    from data_modules.datamodule import MVTecAD2DataModule
-
-    module.fit_references_from(MVTecAD2DataModule(cfg.data, seed=cfg.seed))  # type: ignore[attr-defined]
+def build_memory_bank(module: AnomalyModule, datamodule: Any) -> None:
+    """Rebuild CPR's memory bank from the training images of `datamodule` (the run's DataModule), as
+    `Cpr.on_predict_start` does under a Trainer."""
+    module.fit_references_from(datamodule)  # type: ignore[attr-defined]
     module.on_predict_start()  # builds the memory bank from those references
 
 
-def exportable(module: AnomalyModule, cfg: RunConfig) -> ExportableNetwork:
-    """Tile maps, the memory bank folded in as constants; one tile per call (the retrieval chunks queries by a
-    byte budget, which fixes the batch size at trace time)."""
+def exportable(module: AnomalyModule, cfg: RunConfig, training_data: Callable[[], Any]) -> ExportableNetwork:
+    """Tile maps, the memory bank (from `training_data()`, the run's DataModule) folded in as constants; one tile
+    per call (the retrieval chunks queries by a byte budget, which fixes the batch size at trace time)."""
     import copy
 
     import torch
 
     from hybridad.export import TileNet, freeze_flags
 
-    build_memory_bank(module, cfg)
+    build_memory_bank(module, training_data())
     s = cfg.data.tiling.input_size
     return ExportableNetwork(TileNet(freeze_flags(copy.deepcopy(module.model))), torch.rand(1, 3, s, s))  # type: ignore[arg-type]
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hybridad.branches import Branch, ExportableNetwork, register_branch
 from hybridad.errors import check_choice, check_setting
@@ -28,7 +29,7 @@ def convert(src: Path, out: Path) -> None:
     convert_checkpoint(src, out)
 
 
-def exportable(module: AnomalyModule, cfg: RunConfig) -> ExportableNetwork:
+def exportable(module: AnomalyModule, cfg: RunConfig, training_data: Callable[[], Any]) -> ExportableNetwork:
     """Per-group token maps for any number of tiles; the runtime applies `inp_former.map_smoothing`."""
     import torch
 
