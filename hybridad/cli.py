@@ -217,6 +217,7 @@ config keys (key=value, YAML values; an unknown key is an error):
                 cache_dir, tiling.*, augment.*, cut_paste.*
   inp_former.*  encoder, weights, checkpoint, preset, lr, warmup_steps, ...
   cpr.*         weights, checkpoint, preset, image_size, store_dtype, ...
+  branch_options.*  options of a registered branch without its own section (docs/extending_branches.md)
   postprocess.*, threshold.*, checkpoint.every_n_steps, trainer.* (Lightning Trainer), logging.*
 every key with its value: hybridad train --show-config data.category=can   (README: Configuration)
 """

@@ -50,7 +50,7 @@ def exportable(module: AnomalyModule, cfg: RunConfig, training_data: Callable[[]
 
     build_memory_bank(module, training_data())
     s = cfg.data.tiling.input_size
-    return ExportableNetwork(TileNet(freeze_flags(copy.deepcopy(module.model))), torch.rand(1, 3, s, s))  # type: ignore[arg-type]
+    return ExportableNetwork(TileNet(freeze_flags(copy.deepcopy(module.model))), torch.rand(1, 3, s, s))  # type: ignore[attr-defined]
 
 
 def check_options(c: CprConfig) -> None:

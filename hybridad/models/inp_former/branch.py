@@ -37,7 +37,7 @@ def exportable(module: AnomalyModule, cfg: RunConfig, training_data: Callable[[]
     from hybridad.models.inp_former.torch_model import GroupMapNet
 
     s = cfg.data.tiling.input_size
-    return ExportableNetwork(GroupMapNet(module.model), torch.rand(2, 3, s, s), dynamic_tiles(),  # type: ignore[arg-type]
+    return ExportableNetwork(GroupMapNet(module.model), torch.rand(2, 3, s, s), dynamic_tiles(),  # type: ignore[attr-defined]
                              map_smoothing=cfg.inp_former.map_smoothing)
 
 
