@@ -13,8 +13,8 @@ from pathlib import Path
 
 
 def suites() -> tuple[str, ...]:
-    """Every suite: data, aupro, one per registered branch with a `bench/bench_<branch>.py` (its `suite(gpu)`),
-    disk, plan and thresholds (thresholds trains: minutes)."""
+    """Every suite: data, aupro, one per registered branch with a `bench/bench_<branch>.py` (its
+    `suite(gpu)`), disk, plan and thresholds (thresholds trains: minutes)."""
     import importlib.util
 
     from hybridad.branches import branch_names

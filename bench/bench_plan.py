@@ -157,7 +157,8 @@ def _inp_former_work(cfg: RunConfig, tiles_per_epoch: int, eval_tiles: int, cost
     inp, rate = costs["inp_former"]
     train_tiles = tiles_per_epoch * cfg.trainer.max_epochs
     ms_tile = 1e3 * inp["train_flops_per_tile"] / rate
-    return tiles_per_epoch, train_tiles, ms_tile, train_tiles * ms_tile / 1e3 + eval_tiles * inp["infer_flops_per_tile"] / rate
+    seconds = train_tiles * ms_tile / 1e3 + eval_tiles * inp["infer_flops_per_tile"] / rate
+    return tiles_per_epoch, train_tiles, ms_tile, seconds
 
 
 def _cpr_work(cfg: RunConfig, tiles_per_epoch: int, eval_tiles: int, costs: dict) -> Work:
@@ -166,7 +167,8 @@ def _cpr_work(cfg: RunConfig, tiles_per_epoch: int, eval_tiles: int, costs: dict
     train_tiles = cfg.trainer.max_steps * cfg.data.batch_size
     ms_tile = 1e3 * cpr["train_flops_per_image"] / rate
     per_epoch = TRAIN_IMAGES[cfg.data.category]
-    return per_epoch, train_tiles, ms_tile, train_tiles * ms_tile / 1e3 + eval_tiles * cpr["infer_flops_per_image"] / rate
+    seconds = train_tiles * ms_tile / 1e3 + eval_tiles * cpr["infer_flops_per_image"] / rate
+    return per_epoch, train_tiles, ms_tile, seconds
 
 
 BRANCH_WORK = {"inp_former": _inp_former_work, "cpr": _cpr_work}  # the cost model of each registered branch
@@ -188,9 +190,10 @@ def plan_rows(overrides: list[str] | None = None) -> list[dict]:
         per_image = sum(len(level_boxes(h, w, lv)) for lv in tiling.train_levels)
         eval_tiles = MAPS_PER_RUN[cat] * len(level_boxes(h, w, tiling.test_level))
         if cfg.branch not in BRANCH_WORK:
-            raise ValueError(f"bench.plan has no cost model for branch {cfg.branch!r} (add one to BRANCH_WORK)")
+            raise ValueError(f"bench.plan: no cost model for branch {cfg.branch!r} (add it to BRANCH_WORK)")
+        costs = {"inp_former": (inp, rate), "cpr": (cpr, rate_cnn)}
         per_epoch, train_tiles, ms_tile, seconds = BRANCH_WORK[cfg.branch](
-            cfg, TRAIN_IMAGES[cat] * per_image, eval_tiles, {"inp_former": (inp, rate), "cpr": (cpr, rate_cnn)})
+            cfg, TRAIN_IMAGES[cat] * per_image, eval_tiles, costs)
         pitch = max(w // (tiling.test_level.cols * 32), 8)
         disk_gb = MAPS_PER_RUN[cat] * len(encode_tiff(realistic_map(w, h, pitch, seed=len(cat)))) / 1e9
         total_h, total_disk = total_h + seconds / 3600, total_disk + disk_gb

@@ -2,14 +2,14 @@
 
 A branch is a `Branch` registered by its own package (`hybridad/models/<name>/branch.py`, one
 `register_branch(Branch(...))` call). Config loading, `train`, `export`, the export runtime's metadata,
-`hybridad convert` and the demo read the registry; nothing else compares branch names. The built-in branches
-are the modules in `BUILTIN_BRANCH_MODULES`, imported on the first look-up (importing a branch module only fills
-the registry: its model code is imported when `build` runs). A third-party branch registers itself from its
-own module, imported before the config is loaded (docs/extending_branches.md).
+`hybridad convert` and the demo read the registry; nothing else compares branch names. The built-in
+branches are the modules in `BUILTIN_BRANCH_MODULES`, imported on the first look-up (importing a branch
+module only fills the registry: its model code is imported when `build` runs). A third-party branch
+registers itself from its own module, imported before the config is loaded (docs/extending_branches.md).
 
-Options: a built-in branch has its own `RunConfig` field (`section`, e.g. `inp_former:`); a branch without one
-takes its options from `branch_options:` (typed by its `config_class`; unknown keys and wrong types are errors,
-as everywhere; `hybridad.config.branch_options` returns them as a `config_class` object).
+Options: a built-in branch has its own `RunConfig` field (`section`, e.g. `inp_former:`); a branch without
+one takes its options from `branch_options:` (typed by its `config_class`; unknown keys and wrong types are
+errors, as everywhere; `hybridad.config.branch_options` returns them as a `config_class` object).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Branch:
             `data_modules`).
         section: its `RunConfig` field (built-ins: `inp_former`, `cpr`); None = its options live under
             `branch_options`.
-        convert: (official checkpoint, output file) -> None for `hybridad convert <name with '-'>`; None = none.
+        convert: (official checkpoint, output file) -> None, for `hybridad convert <name with '-'>`.
         demo_overrides: `key=value` items the demo adds when a category is routed here (its tiny preset).
         file_keys: option keys naming files (`weights`, `checkpoint`): "none" clears them on the command line,
             `check_paths` checks them, and another branch's run warns that they are ignored.

@@ -78,7 +78,7 @@ class LoggingConfig:
 class RunConfig:
     """Everything one `hybridad train` run needs."""
 
-    branch: str = "inp_former"  # a registered branch (hybridad/branches.py); routed per category in experiments/
+    branch: str = "inp_former"  # a registered branch (hybridad/branches.py), routed per category
     seed: int = 1
     out_dir: str = "runs"
     name: str = ""  # run directory name below out_dir/<category>/; empty = timestamp
@@ -214,7 +214,8 @@ def branch_options(cfg: RunConfig) -> Any:
     if branch.section is not None:
         return getattr(cfg, branch.section)
     try:
-        options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(branch.config_class), cfg.branch_options))
+        schema = OmegaConf.structured(branch.config_class)
+        options = OmegaConf.to_object(OmegaConf.merge(schema, cfg.branch_options))
     except OmegaConfBaseException as err:
         raise UserError(f"config key '{OPTIONS_KEY}.{getattr(err, 'full_key', '?')}' (options of branch "
                         f"'{branch.name}'): {_reason(err)}") from None
@@ -512,8 +513,8 @@ def validate_config(cfg: RunConfig) -> None:
 
 
 def _validate_branches(cfg: RunConfig, routed: Branch) -> None:
-    """Every branch's own section (`inp_former.*`, `cpr.*`), the routed branch's `branch_options`, and what the
-    routed branch needs of the rest of the config (`Branch.check_run`)."""
+    """Every branch's own section (`inp_former.*`, `cpr.*`), the routed branch's `branch_options`, and what
+    the routed branch needs of the rest of the config (`Branch.check_run`)."""
     for b in all_branches():
         if b.section is not None:
             b.check_options(getattr(cfg, b.section))

@@ -39,8 +39,8 @@ MAX_TILES = 4096  # upper bound of the dynamic tile dimension
 
 
 class TileNet(nn.Module):
-    """The exported function of a torch model with `tile_maps` (CPR): (N,3,S,S) float tiles in [0,1] -> (N,1,S,S)
-    float32 tile maps."""
+    """The exported function of a torch model with `tile_maps` (CPR): (N,3,S,S) float tiles in [0,1] ->
+    (N,1,S,S) float32 tile maps."""
 
     def __init__(self, tile_maps: nn.Module) -> None:
         super().__init__()

@@ -39,7 +39,8 @@ def top_t_sum(maps: Tensor, t: int) -> Tensor:
     return flat.topk(min(t, flat.shape[1]), dim=1).values.sum(1)
 
 
-def blurred_top_t_sum(maps: Tensor, size: int, top_t: int, kernel: int, sigma: float, blurred: bool) -> Tensor:
+def blurred_top_t_sum(maps: Tensor, size: int, top_t: int, kernel: int, sigma: float,
+                      blurred: bool) -> Tensor:
     """(B,1,H,W) -> (B,) CPR's image score: float32, resized to size x size (bilinear, no antialias), blurred
     (`mirror_blur2d`) unless `blurred`, then the top-`top_t` sum."""
     x = maps.float()
@@ -50,7 +51,8 @@ def blurred_top_t_sum(maps: Tensor, size: int, top_t: int, kernel: int, sigma: f
     return top_t_sum(x, top_t)
 
 
-RULES: dict[str, Callable[..., Tensor]] = {"top_ratio_mean": top_ratio_mean, "blurred_top_t_sum": blurred_top_t_sum}
+RULES: dict[str, Callable[..., Tensor]] = {"top_ratio_mean": top_ratio_mean,
+                                           "blurred_top_t_sum": blurred_top_t_sum}
 
 
 def register_rule(name: str, rule: Callable[..., Tensor]) -> None:

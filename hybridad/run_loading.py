@@ -1,8 +1,8 @@
 """Loading a finished run: its decision (threshold and post-processing) and its module with the final weights.
 
-Used by `hybridad predict` and `hybridad export`; the module is rebuilt from the run's `config.yaml` by its branch
-(`hybridad.branches`), then given the weights of `checkpoints/final.ckpt` (hyperparameters stored in the
-checkpoint are not read).
+Used by `hybridad predict` and `hybridad export`; the module is rebuilt from the run's `config.yaml` by its
+branch (`hybridad.branches`), then given the weights of `checkpoints/final.ckpt` (hyperparameters stored in
+the checkpoint are not read).
 """
 
 from __future__ import annotations

@@ -40,8 +40,9 @@ def build_memory_bank(module: AnomalyModule, datamodule: Any) -> None:
 
 
 def exportable(module: AnomalyModule, cfg: RunConfig, training_data: Callable[[], Any]) -> ExportableNetwork:
-    """Tile maps, the memory bank (from `training_data()`, the run's DataModule) folded in as constants; one tile
-    per call (the retrieval chunks queries by a byte budget, which fixes the batch size at trace time)."""
+    """Tile maps, the memory bank (from `training_data()`, the run's DataModule) folded in as constants;
+    one tile per call (the retrieval chunks queries by a byte budget, which fixes the batch size when
+    traced)."""
     import copy
 
     import torch
@@ -50,7 +51,8 @@ def exportable(module: AnomalyModule, cfg: RunConfig, training_data: Callable[[]
 
     build_memory_bank(module, training_data())
     s = cfg.data.tiling.input_size
-    return ExportableNetwork(TileNet(freeze_flags(copy.deepcopy(module.model))), torch.rand(1, 3, s, s))  # type: ignore[attr-defined]
+    net = TileNet(freeze_flags(copy.deepcopy(module.model)))  # type: ignore[attr-defined]
+    return ExportableNetwork(net, torch.rand(1, 3, s, s))
 
 
 def check_options(c: CprConfig) -> None:

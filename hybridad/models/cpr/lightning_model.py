@@ -189,5 +189,6 @@ class Cpr(AnomalyModule):
     def image_score_rule(self) -> ImageScoreRule:
         """CPR's image score: top-T sum of the blurred map at the model's input size."""
         c = self.cfg
-        return ImageScoreRule("blurred_top_t_sum", {"size": c.image_size, "top_t": c.top_t, "kernel": c.blur_kernel,
-                                                    "sigma": c.blur_sigma, "blurred": c.blur_map})
+        return ImageScoreRule("blurred_top_t_sum", {"size": c.image_size, "top_t": c.top_t,
+                                                    "kernel": c.blur_kernel, "sigma": c.blur_sigma,
+                                                    "blurred": c.blur_map})

@@ -29,7 +29,8 @@ def convert(src: Path, out: Path) -> None:
     convert_checkpoint(src, out)
 
 
-def exportable(module: AnomalyModule, cfg: RunConfig, training_data: Callable[[], Any]) -> ExportableNetwork:
+def exportable(module: AnomalyModule, cfg: RunConfig,
+               training_data: Callable[[], Any]) -> ExportableNetwork:
     """Per-group token maps for any number of tiles; the runtime applies `inp_former.map_smoothing`."""
     import torch
 
@@ -37,7 +38,8 @@ def exportable(module: AnomalyModule, cfg: RunConfig, training_data: Callable[[]
     from hybridad.models.inp_former.torch_model import GroupMapNet
 
     s = cfg.data.tiling.input_size
-    return ExportableNetwork(GroupMapNet(module.model), torch.rand(2, 3, s, s), dynamic_tiles(),  # type: ignore[attr-defined]
+    net = GroupMapNet(module.model)  # type: ignore[attr-defined]
+    return ExportableNetwork(net, torch.rand(2, 3, s, s), dynamic_tiles(),
                              map_smoothing=cfg.inp_former.map_smoothing)
 
 

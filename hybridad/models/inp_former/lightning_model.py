@@ -30,8 +30,8 @@ class InpFormer(AnomalyModule):
     """INP-Former branch.
 
     Training uses normal tiles only: tiles with cut-paste defects (`batch.label == 1`) are dropped from the
-    loss unless `cfg.train_on_pasted` (INP-Former reconstructs normal features; pasted defects would teach it to
-    reconstruct them). Gradient clipping (global norm `cfg.grad_clip`, 0.1) is applied in
+    loss unless `cfg.train_on_pasted` (INP-Former reconstructs normal features; pasted defects would teach it
+    to reconstruct them). Gradient clipping (global norm `cfg.grad_clip`, 0.1) is applied in
     `configure_gradient_clipping` unless the Trainer sets its own `gradient_clip_val`.
     The frozen encoder is not stored in checkpoints: it is rebuilt from `cfg.weights` / `cfg.checkpoint`
     (or from `cfg.encoder_seed` for random encoders) when the module is constructed.

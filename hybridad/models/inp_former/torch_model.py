@@ -396,9 +396,9 @@ class InpFormerModel(nn.Module):
 
 
 class GroupMapNet(nn.Module):
-    """The exported function of INP-Former: (N,3,S,S) tiles -> (N,G,h,w) float32 1 - cos per fused group at the
-    token grid; the runtime upsamples and smooths them (`hybridad.inp_map_path`), since the native tile size
-    depends on each image's size."""
+    """The exported function of INP-Former: (N,3,S,S) tiles -> (N,G,h,w) float32 1 - cos per fused group at
+    the token grid; the runtime upsamples and smooths them (`hybridad.inp_map_path`), since the native tile
+    size depends on each image's size."""
 
     def __init__(self, model: InpFormerModel) -> None:
         super().__init__()
