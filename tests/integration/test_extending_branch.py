@@ -1,6 +1,6 @@
-"""A branch added from outside the package: one new class and one `register_branch` call, then train, evaluate,
-report and export run it (docs/extending_branches.md). The toy branch maps every pixel to one constant, so its
-metrics are known by hand."""
+"""A branch added from outside the package: one new class and one `register_branch` call, then train,
+evaluate, report and export run it (docs/extending_branches.md). The toy branch maps every pixel to one
+constant, so its metrics are known by hand."""
 
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ register_branch(Branch(
     demo_overrides=("data.tiling.input_size=32", "data.batch_size=4", "trainer.max_steps=1"),
 ))
 
-FAST = ["branch=constant_map", "trainer.max_epochs=1", "trainer.limit_val_batches=2", "logging.num_overlays=1",
-        "threshold.method=mean_std", "predict_private=false"]
+FAST = ["branch=constant_map", "trainer.max_epochs=1", "trainer.limit_val_batches=2",
+        "logging.num_overlays=1", "threshold.method=mean_std", "predict_private=false"]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_options_of_a_branch_without_its_own_section_are_typed() -> None:
         with pytest.raises(UserError, match=needle.replace("[", r"\[")) as err:
             load_config(["data.category=can", "branch=constant_map", bad])
         assert "\n" not in str(err.value)
-    with pytest.raises(UserError, match="branch_options.*inp_former"):  # a built-in branch has its own section
+    with pytest.raises(UserError, match="branch_options.*inp_former"):  # built-ins have their own section
         load_config(["data.category=can", "branch_options.value=0.25"])
     with pytest.raises(UserError, match="unknown branch 'nope'; valid: inp_former, cpr, constant_map"):
         load_config(["data.category=can", "branch=nope"])
@@ -131,8 +131,8 @@ def test_a_constant_map_branch_runs_through_train_evaluate_report_and_export(
 
     pos, neg, bad, good = _gt_pixels(synthetic_root)
     metrics = json.loads((constant_run / "metrics.json").read_text())
-    # validation maps are all 0.5: std 0, mean + 3 std = 0.5 (up to float32 summation), at most the constant, so
-    # `map >= threshold` marks every pixel of every image
+    # validation maps are all 0.5: std 0, mean + 3 std = 0.5 (up to float32 summation), at most the constant,
+    # so `map >= threshold` marks every pixel of every image
     thresholds = yaml.safe_load((constant_run / "thresholds.yaml").read_text())
     assert thresholds["stats"]["std"] == 0.0 and 0.5 - 1e-6 < thresholds["value"] <= 0.5
     assert metrics["test_public/pixel_auroc"] == 0.5  # every pixel ties
@@ -143,17 +143,18 @@ def test_a_constant_map_branch_runs_through_train_evaluate_report_and_export(
     folder = create_evaluation(constant_run, ["threshold.method=fixed", "threshold.value=0.75"])
     rescored = json.loads((folder / "metrics.json").read_text())
     assert rescored["test_public/seg_f1"] == 0.0 and rescored["test_public/class_f1"] == 0.0
-    # threshold-free: all pixels tie, PRO rises with FPR on a straight line, so AU-PRO to 5 % FPR = 0.05 / 2 / 0.05
+    # threshold-free: all pixels tie, PRO rises with FPR on a straight line: AU-PRO(5 % FPR) = 0.05 / 2 / 0.05
     for scored in (metrics, rescored):
         assert scored["test_public/aupro_0.05"] == pytest.approx(0.025, abs=1e-12)
     report = write_report([constant_run], tmp_path / "report")
     seg_f1_percent, aupro_percent = f"{100 * 2 * pos / (2 * pos + neg):.2f}", "2.50"
-    assert "constant_map" in report and f"| can | {aupro_percent} |" in report and f"| {seg_f1_percent} |" in report
+    assert "constant_map" in report and f"| can | {aupro_percent} |" in report
+    assert f"| {seg_f1_percent} |" in report
     # the export holds the tile network and the default image score rule; the runtime gives 0.5 everywhere
     export_run(constant_run, tmp_path / "constant.pt2")
     detector = ExportedDetector(tmp_path / "constant.pt2")
     assert detector.meta["image_score"] == {"rule": "top_ratio_mean", "top_ratio": 0.01}
     out = detector(torch.zeros(1, 3, 40, 60, dtype=torch.uint8))
-    torch.testing.assert_close(out.anomaly_map, torch.full((1, 1, 40, 60), 0.5), rtol=0, atol=1e-6)  # overlaps
+    torch.testing.assert_close(out.anomaly_map, torch.full((1, 1, 40, 60), 0.5), rtol=0, atol=1e-6)
     assert out.image_score.tolist() == pytest.approx([0.5], abs=1e-6)
     assert bool(out.pred_mask.all()) and np.isclose(detector.threshold, 0.5)

@@ -1,4 +1,4 @@
-"""The branch registry and the image-score rules: look-ups, one-line errors, import weight, hand-computed scores."""
+"""The branch registry and the image-score rules: look-ups, one-line errors, import weight, hand-made cases."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_convert_choices_and_file_keys_come_from_the_registry() -> None:
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["convert", "patchcore", "x.pth", "--out", "y.pth"])
-    assert build_parser().parse_args(["convert", "inp-former", "x.pth", "--out", "y.pth"]).branch == "inp-former"
+    args = build_parser().parse_args(["convert", "inp-former", "x.pth", "--out", "y.pth"])
+    assert args.branch == "inp-former"
     assert {"inp_former.weights", "inp_former.checkpoint", "cpr.weights", "cpr.checkpoint",
             "data.cut_paste.defect_dir"} <= set(file_keys())
 
@@ -72,6 +73,7 @@ def test_cpr_module_scores_with_its_declared_rule() -> None:
 
     module = Cpr(CprConfig(preset="tiny", image_size=32, top_t=5, blur_kernel=5, blur_sigma=1.0))
     meta = module.image_score_rule().to_metadata()
-    assert meta == {"rule": "blurred_top_t_sum", "size": 32, "top_t": 5, "kernel": 5, "sigma": 1.0, "blurred": False}
+    assert meta == {"rule": "blurred_top_t_sum", "size": 32, "top_t": 5, "kernel": 5, "sigma": 1.0,
+                    "blurred": False}
     maps = torch.rand(2, 1, 48, 40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(module.image_score(maps), score_with(maps, meta))

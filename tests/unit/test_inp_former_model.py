@@ -252,7 +252,7 @@ def test_checkpoint_without_encoder_round_trip(tmp_path) -> None:
     module.eval()
     loaded.eval()
     torch.testing.assert_close(loaded.tile_maps(x), module.tile_maps(x), rtol=0, atol=0)
-    # checkpoints written before the constructor argument was renamed `cfg` store it as `model`: they still load
+    # checkpoints written before the constructor argument was renamed `cfg` store it as `model`: still loaded
     ckpt["hyper_parameters"]["model"] = ckpt["hyper_parameters"].pop("cfg")
     torch.save(ckpt, tmp_path / "old.ckpt")
     old = InpFormer.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu", weights_only=True).eval()
