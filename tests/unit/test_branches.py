@@ -1,4 +1,4 @@
-"""The branch registry and the image-score rules: look-ups, one-line errors, import weight, hand-made cases."""
+"""The branch registry and the image-score rules: look-ups, one-line errors, import weight, known cases."""
 
 from __future__ import annotations
 
