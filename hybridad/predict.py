@@ -298,9 +298,14 @@ def predict(run_path: Path, inputs: list[str], out: Path, device: str = "auto", 
     trainer = L.Trainer(**trainer_device(device), precision=precision or cfg.trainer.precision, logger=False,
                         callbacks=[PredictionWriterCallback(files)], enable_checkpointing=False,
                         enable_model_summary=False, default_root_dir=out)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*custom batch sampler.*")  # ours returns every index
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*custom batch sampler.*")  # ours returns every index
+            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    finally:  # a predict stopped by an error (a full disk) leaves Lightning's bar open: later bars would nest
+        bar = getattr(trainer.progress_bar_callback, "_predict_progress_bar", None)
+        if bar is not None:
+            bar.close()
     provenance = {"run": str(run.path.resolve()), "category": cfg.data.category,
                   "branch": cfg.branch, "threshold": decision.threshold, "threshold_from": decision.source,
                   "postprocess": asdict(decision.postprocess), "foreground": foreground, "images": len(paths)}
