@@ -1,6 +1,6 @@
 """Run configuration: structured dataclass schema <- experiments/*.yaml <- command-line `key=value`.
 
-Merge order: schema defaults, `experiments/base.yaml`, `experiments/<branch>.yaml`,
+Merge order: schema defaults, `experiments/base.yaml`, `experiments/<branch>.yaml` (where it exists),
 `experiments/categories/<category>.yaml` (where it exists), the user's `config=<file.yaml>`, then the
 command line. Unknown keys and wrong types raise `UserError` naming the key.
 
