@@ -13,7 +13,16 @@ from pathlib import Path
 
 from bench.table import markdown_table
 
-SUITES = ("data", "aupro", "inp_former", "cpr", "disk", "plan", "thresholds")  # thresholds: trains, minutes
+
+def suites() -> tuple[str, ...]:
+    """Every suite: data, aupro, one per registered branch with a `bench/bench_<branch>.py` (its
+    `suite(gpu)`), disk, plan and thresholds (thresholds trains: minutes)."""
+    import importlib.util
+
+    from hybridad.branches import branch_names
+
+    models = tuple(n for n in branch_names() if importlib.util.find_spec(f"bench.bench_{n}") is not None)
+    return ("data", "aupro", *models, "disk", "plan", "thresholds")
 
 
 def _runner(name: str, gpu: bool) -> Callable[[], list[dict]]:
@@ -37,19 +46,17 @@ def _runner(name: str, gpu: bool) -> Callable[[], list[dict]]:
         from bench.bench_plan import run as run_plan
 
         return run_plan
-    if name == "inp_former":
-        from bench.bench_inp_former import run as run_inp
-        from bench.bench_inp_former import vs_official
+    import importlib
 
-        return lambda: run_inp(gpu=gpu) + vs_official(device="cuda" if gpu else "cpu")
-    from bench.bench_cpr import run as run_cpr
+    from hybridad.branches import get_branch
 
-    return lambda: run_cpr(gpu=gpu)
+    branch = get_branch(name)  # a model benchmark: `bench/bench_<branch>.py`
+    return lambda: importlib.import_module(f"bench.bench_{branch.name}").suite(gpu)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=SUITES, default=list(SUITES))
+    parser.add_argument("--only", nargs="*", choices=suites(), default=list(suites()))
     parser.add_argument("--gpu", action="store_true", help="model benchmarks at the winning setup on CUDA")
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
     args = parser.parse_args()

@@ -60,6 +60,11 @@ def train_step_row(device: torch.device, size: int = 320, batch: int = 8, steps:
             "seconds": round(statistics.median(times), 3), "images_per_s": round(batch / statistics.median(times), 2)}
 
 
+def suite(gpu: bool = False) -> list[dict]:
+    """`python -m bench --only cpr`."""
+    return run(gpu=gpu)
+
+
 def run(gpu: bool = False, train_images: int = 16, batches: tuple[int, ...] = (1, 16), size: int = 320) -> list[dict]:
     """Measure and return one dict per figure."""
     device = torch.device("cuda" if gpu else "cpu")

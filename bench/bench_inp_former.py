@@ -33,6 +33,11 @@ from hybridad.models.inp_former.torch_model import InpFormerModel
 from hybridad.tile_grid import TileLevel, tile, untile
 
 
+def suite(gpu: bool = False) -> list[dict]:
+    """`python -m bench --only inp_former`: throughput and the comparison with the official code."""
+    return run(gpu=gpu) + vs_official(device="cuda" if gpu else "cpu")
+
+
 def run(
     gpu: bool = False,
     cfg: InpFormerConfig | None = None,
@@ -102,7 +107,7 @@ def run(
 
         def infer_tiles() -> None:
             with autocast():
-                model.anomaly_map(x)
+                model.tile_maps(x)
 
         infer_tiles()
         tile_s = statistics.median(_timed(infer_tiles, dev, steps))
@@ -111,7 +116,7 @@ def run(
         def infer_image() -> None:
             tiles, layout = tile(image, TileLevel(cols=grid[1], rows=grid[0]), out_size=input_size)  # (R*C,3,S,S)
             with autocast():
-                maps = model.anomaly_map(tiles)  # (R*C,1,S,S)
+                maps = model.tile_maps(tiles)  # (R*C,1,S,S)
             untile(maps.float(), layout)  # (1,1,H,W)
 
         infer_image()
@@ -167,7 +172,7 @@ def vs_official(
         def infer(model=model) -> Tensor:
             model.eval()
             with torch.inference_mode():
-                return model.anomaly_map(x[:1])  # (1,1,S,S): one image
+                return model.tile_maps(x[:1])  # (1,1,S,S): one image
 
         arms[name] = (train_step, infer)
     with torch.inference_mode():

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -37,6 +38,9 @@ import torch
 
 from bench.bench_disk import MAPS_PER_RUN, NATIVE_WH, WINNERS_DISK_GB, encode_tiff, realistic_map
 from hybridad.tile_grid import level_boxes
+
+if TYPE_CHECKING:
+    from hybridad.config import RunConfig
 
 TRAIN_IMAGES = {"can": 412, "fabric": 387, "fruit_jelly": 263, "rice": 313, "sheet_metal": 137, "vial": 291,
                 "wallplugs": 293, "walnuts": 432}  # fmt: skip
@@ -145,6 +149,31 @@ def peak_tflops(precision: str) -> float:
     return PEAK_TFLOPS[precision]
 
 
+Work = tuple[int, int, float, float]  # tiles per epoch, training tiles, ms per training tile, GPU seconds
+
+
+def _inp_former_work(cfg: RunConfig, tiles_per_epoch: int, eval_tiles: int, costs: dict) -> Work:
+    """INP-Former trains on every tile of the training pyramid for `max_epochs` epochs."""
+    inp, rate = costs["inp_former"]
+    train_tiles = tiles_per_epoch * cfg.trainer.max_epochs
+    ms_tile = 1e3 * inp["train_flops_per_tile"] / rate
+    seconds = train_tiles * ms_tile / 1e3 + eval_tiles * inp["infer_flops_per_tile"] / rate
+    return tiles_per_epoch, train_tiles, ms_tile, seconds
+
+
+def _cpr_work(cfg: RunConfig, tiles_per_epoch: int, eval_tiles: int, costs: dict) -> Work:
+    """CPR trains `max_steps` batches of whole images."""
+    cpr, rate = costs["cpr"]
+    train_tiles = cfg.trainer.max_steps * cfg.data.batch_size
+    ms_tile = 1e3 * cpr["train_flops_per_image"] / rate
+    per_epoch = TRAIN_IMAGES[cfg.data.category]
+    seconds = train_tiles * ms_tile / 1e3 + eval_tiles * cpr["infer_flops_per_image"] / rate
+    return per_epoch, train_tiles, ms_tile, seconds
+
+
+BRANCH_WORK = {"inp_former": _inp_former_work, "cpr": _cpr_work}  # the cost model of each registered branch
+
+
 def plan_rows(overrides: list[str] | None = None) -> list[dict]:
     """One row per category plus the total, for the routed configs (+ `overrides`, e.g. a precision)."""
     from hybridad.config import load_config
@@ -160,16 +189,11 @@ def plan_rows(overrides: list[str] | None = None) -> list[dict]:
         tiling = cfg.data.tiling
         per_image = sum(len(level_boxes(h, w, lv)) for lv in tiling.train_levels)
         eval_tiles = MAPS_PER_RUN[cat] * len(level_boxes(h, w, tiling.test_level))
-        if cfg.branch == "inp_former":
-            per_epoch = TRAIN_IMAGES[cat] * per_image
-            train_tiles = per_epoch * cfg.trainer.max_epochs
-            ms_tile = 1e3 * inp["train_flops_per_tile"] / rate
-            seconds = train_tiles * ms_tile / 1e3 + eval_tiles * inp["infer_flops_per_tile"] / rate
-        else:
-            per_epoch = TRAIN_IMAGES[cat]
-            train_tiles = cfg.trainer.max_steps * cfg.data.batch_size
-            ms_tile = 1e3 * cpr["train_flops_per_image"] / rate_cnn
-            seconds = train_tiles * ms_tile / 1e3 + eval_tiles * cpr["infer_flops_per_image"] / rate_cnn
+        if cfg.branch not in BRANCH_WORK:
+            raise ValueError(f"bench.plan: no cost model for branch {cfg.branch!r} (add it to BRANCH_WORK)")
+        costs = {"inp_former": (inp, rate), "cpr": (cpr, rate_cnn)}
+        per_epoch, train_tiles, ms_tile, seconds = BRANCH_WORK[cfg.branch](
+            cfg, TRAIN_IMAGES[cat] * per_image, eval_tiles, costs)
         pitch = max(w // (tiling.test_level.cols * 32), 8)
         disk_gb = MAPS_PER_RUN[cat] * len(encode_tiff(realistic_map(w, h, pitch, seed=len(cat)))) / 1e9
         total_h, total_disk = total_h + seconds / 3600, total_disk + disk_gb

@@ -141,11 +141,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    if args.branch == "inp-former":
-        from hybridad.models.inp_former.convert import convert_checkpoint
-    else:
-        from hybridad.models.cpr.convert import convert_checkpoint
-    convert_checkpoint(Path(args.ckpt), Path(args.out))
+    from hybridad.branches import get_branch
+
+    convert = get_branch(args.branch.replace("-", "_")).convert
+    assert convert is not None  # the choices are the branches with a converter
+    convert(Path(args.ckpt), Path(args.out))
     print(f"wrote {args.out}")
     return 0
 
@@ -217,12 +217,15 @@ config keys (key=value, YAML values; an unknown key is an error):
                 cache_dir, tiling.*, augment.*, cut_paste.*
   inp_former.*  encoder, weights, checkpoint, preset, lr, warmup_steps, ...
   cpr.*         weights, checkpoint, preset, image_size, store_dtype, ...
+  branch_options.*  options of a registered branch without its own section (docs/extending_branches.md)
   postprocess.*, threshold.*, checkpoint.every_n_steps, trainer.* (Lightning Trainer), logging.*
 every key with its value: hybridad train --show-config data.category=can   (README: Configuration)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hybridad.branches import all_branches  # light: fills the registry, imports no model code
+
     parser = argparse.ArgumentParser(prog="hybridad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -302,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("convert", help="convert an official checkpoint into a hybridad weight file")
-    p.add_argument("branch", choices=["inp-former", "cpr"], help="which official code wrote the checkpoint")
+    p.add_argument("branch", choices=[b.cli_name for b in all_branches() if b.convert],
+                   help="which official code wrote the checkpoint")
     p.add_argument("ckpt", help="the official checkpoint (INP-Former model.pth, CPR e.g. 01300.pth)")
     p.add_argument("--out", required=True,
                    help="the hybridad weight file to write (then inp_former.checkpoint= or cpr.checkpoint=)")

@@ -1,6 +1,6 @@
 """Run configuration: structured dataclass schema <- experiments/*.yaml <- command-line `key=value`.
 
-Merge order: schema defaults, `experiments/base.yaml`, `experiments/<branch>.yaml`,
+Merge order: schema defaults, `experiments/base.yaml`, `experiments/<branch>.yaml` (where it exists),
 `experiments/categories/<category>.yaml` (where it exists), the user's `config=<file.yaml>`, then the
 command line. Unknown keys and wrong types raise `UserError` naming the key.
 
@@ -11,6 +11,7 @@ threshold). The eight MVTec AD 2 categories keep the winners' settings from thei
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_modules.datamodule import DataConfig
-from hybridad.errors import UserError
-from hybridad.inp_map_path import MAP_SMOOTHING
+from hybridad.branches import OPTIONS_KEY, Branch, all_branches, get_branch
+from hybridad.errors import UserError, check_choice, check_setting
 from hybridad.models.cpr.config import CprConfig
 from hybridad.models.inp_former.config import InpFormerConfig
 from hybridad.postprocess import PostProcessConfig
 from hybridad.thresholds import ThresholdConfig
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
-BRANCHES = ("inp_former", "cpr")
-FILE_KEYS = ("inp_former.weights", "inp_former.checkpoint", "cpr.weights", "cpr.checkpoint",
-             "data.cut_paste.defect_dir")
 # keys a resumed run may change: where the data lives (if moved), loader processes, logging, progress output
 RESUME_MUTABLE = ("data.num_workers", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
                   "logging.wandb", "logging.project", "logging.num_overlays")
@@ -80,7 +78,7 @@ class LoggingConfig:
 class RunConfig:
     """Everything one `hybridad train` run needs."""
 
-    branch: str = "inp_former"  # "inp_former" | "cpr"; routed per category in experiments/categories/
+    branch: str = "inp_former"  # a registered branch (hybridad/branches.py), routed per category
     seed: int = 1
     out_dir: str = "runs"
     name: str = ""  # run directory name below out_dir/<category>/; empty = timestamp
@@ -89,6 +87,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     inp_former: InpFormerConfig = field(default_factory=InpFormerConfig)
     cpr: CprConfig = field(default_factory=CprConfig)
+    # options of a registered branch without its own field above, typed by its config class when it is routed
+    # (docs/extending_branches.md); empty for the built-in branches
+    branch_options: dict[str, Any] = field(default_factory=dict)
     postprocess: PostProcessConfig = field(default_factory=PostProcessConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -155,20 +156,24 @@ def load_config(overrides: list[str] | None = None, experiments_dir: Path | None
     cat_yaml = _load_yaml(cat_file) if cat_file.is_file() else OmegaConf.create({})
     branch = (OmegaConf.select(cli, "branch", default=None) or user.get("branch")
               or cat_yaml.get("branch", cfg.branch))
-    if branch not in BRANCHES:
-        raise UserError(f"unknown branch '{branch}'; valid: {', '.join(BRANCHES)}")
-    cfg = _merge(cfg, _load_yaml(exp / f"{branch}.yaml"), f"experiments/{branch}.yaml")
+    get_branch(str(branch))  # an unknown branch: one line listing the registered ones
+    if (exp / f"{branch}.yaml").is_file():  # a branch's experiment file is optional
+        cfg = _merge(cfg, _load_yaml(exp / f"{branch}.yaml"), f"experiments/{branch}.yaml")
     cfg = _merge(cfg, cat_yaml, f"experiments/categories/{category}.yaml")
     cfg = _merge(cfg, user, str(user_file))
     cfg = _merge(cfg, cli, "the command line")
-    for branch_key in BRANCHES:  # the tiny presets are random-init: a weight file from the YAMLs is not needed
-        if cfg[branch_key].preset == "tiny" and OmegaConf.select(cli, f"{branch_key}.weights") is None:
-            cfg[branch_key].weights = ""
+    for b in all_branches():  # a tiny preset is random-init: a weight file from the YAMLs is not needed
+        section = cfg.get(b.section) if b.section else None
+        if (section is not None and section.get("preset") == "tiny" and "weights" in section
+                and OmegaConf.select(cli, f"{b.section}.weights") is None):
+            section.weights = ""
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise UserError(f"config key '{getattr(err, 'full_key', '?')}': {_reason(err)}") from None
     assert isinstance(obj, RunConfig)
+    if get_branch(obj.branch).section is None:  # the run's config.yaml records every option of the branch
+        obj.branch_options = dataclasses.asdict(branch_options(obj))
     validate_config(obj)
     return obj
 
@@ -196,6 +201,27 @@ def _check_category_name(category: str) -> None:
         raise UserError(f"data.category '{category}' is not a folder name (no '/', not empty, '.' or '..')")
 
 
+def file_keys() -> tuple[str, ...]:
+    """Dotted config keys that name a file or folder: every registered branch's, and the defect crops'."""
+    keys = [f"{b.config_key}.{key}" for b in all_branches() for key in b.file_keys]
+    return (*keys, "data.cut_paste.defect_dir")
+
+
+def branch_options(cfg: RunConfig) -> Any:
+    """The routed branch's options: its own section of `cfg`, or `branch_options` as a `config_class` object
+    (unknown keys and wrong types raise a one-line `UserError` naming the key)."""
+    branch = get_branch(cfg.branch)
+    if branch.section is not None:
+        return getattr(cfg, branch.section)
+    try:
+        schema = OmegaConf.structured(branch.config_class)
+        options = OmegaConf.to_object(OmegaConf.merge(schema, cfg.branch_options))
+    except OmegaConfBaseException as err:
+        raise UserError(f"config key '{OPTIONS_KEY}.{getattr(err, 'full_key', '?')}' (options of branch "
+                        f"'{branch.name}'): {_reason(err)}") from None
+    return options
+
+
 def parse_overrides(overrides: list[str] | None) -> DictConfig:
     """`key=value` items -> one DictConfig; each malformed item is named in a one-line `UserError`.
 
@@ -207,7 +233,7 @@ def parse_overrides(overrides: list[str] | None) -> DictConfig:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"override '{item}' is not of the form key=value")
-        if key in FILE_KEYS and value.strip().lower() in ("", "none", "null", "''", '""'):
+        if key in file_keys() and value.strip().lower() in ("", "none", "null", "''", '""'):
             item = f"{key}=''"
         try:
             parts.append(OmegaConf.from_dotlist([item]))
@@ -330,14 +356,16 @@ def check_paths(cfg: RunConfig) -> None:
     """
     from data_modules.formats import list_splits
 
+    routed = get_branch(cfg.branch)
     hints = {"weights": "download it (README: Real data and weights) or set the key to the file's path",
-             "checkpoint": f"convert an official file with `hybridad convert {cfg.branch.replace('_', '-')}` "
-                           "or set the key to none"}
-    branch = getattr(cfg, cfg.branch)
-    for name, hint in hints.items():
-        path = str(getattr(branch, name) or "")
+             "checkpoint": (f"convert an official file with `hybridad convert {routed.cli_name}` or "
+                            if routed.convert else "") + "set the key to none"}
+    options = branch_options(cfg)
+    for name in routed.file_keys:
+        path = str(getattr(options, name) or "")
         if path and not Path(path).is_file():
-            raise UserError(f"{cfg.branch}.{name}: file '{path}' not found; {hint}")
+            hint = hints.get(name, "set the key to the file's path, or to none")
+            raise UserError(f"{routed.config_key}.{name}: file '{path}' not found; {hint}")
     defect_dir = cfg.data.cut_paste.defect_dir
     if defect_dir and not Path(defect_dir).is_dir():
         raise UserError(f"data.cut_paste.defect_dir: folder '{defect_dir}' not found; point it at "
@@ -345,13 +373,7 @@ def check_paths(cfg: RunConfig) -> None:
     list_splits(cfg.data)  # root, category and split folders in the run's layout (a listing, no decoding)
 
 
-def _check(ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise UserError(f"config key '{key}'={value!r}: {rule}")
-
-
-def _check_enum(key: str, value: Any, valid: tuple[str, ...]) -> None:
-    _check(value in valid, key, value, f"use one of {', '.join(repr(v) for v in valid)}")
+_check, _check_enum = check_setting, check_choice  # the one-line config errors (hybridad.errors)
 
 
 def _check_devices(value: Any) -> None:
@@ -366,15 +388,14 @@ def _check_devices(value: Any) -> None:
 
 def ignored_settings(cfg: RunConfig) -> list[str]:
     """One line per weight file the config sets but the run will not read (train prints them as warnings)."""
-    lines = []
-    if cfg.branch == "cpr" and cfg.cpr.preset and cfg.cpr.weights:
-        lines.append(f"cpr.weights={cfg.cpr.weights} is ignored: cpr.preset={cfg.cpr.preset} builds a random "
-                     "trunk (set cpr.preset='' to load the file, or cpr.weights='' to silence this)")
-    other = "inp_former" if cfg.branch == "cpr" else "cpr"
-    for key in ("weights", "checkpoint"):
-        value = getattr(getattr(cfg, other), key)
-        if value:
-            lines.append(f"{other}.{key}={value} is ignored: this run's branch is {cfg.branch}")
+    lines = get_branch(cfg.branch).unread_settings(branch_options(cfg))
+    for other in all_branches():
+        if other.section is None or other.name == cfg.branch:
+            continue
+        for key in other.file_keys:
+            value = getattr(getattr(cfg, other.section), key)
+            if value:
+                lines.append(f"{other.section}.{key}={value} is ignored: this run's branch is {cfg.branch}")
     return lines
 
 
@@ -390,7 +411,7 @@ def validate_config(cfg: RunConfig) -> None:
 
     from data_modules.formats import READERS
 
-    _check_enum("branch", cfg.branch, BRANCHES)
+    routed = get_branch(cfg.branch)
     _check_category_name(cfg.data.category)
     _check_enum("data.format", cfg.data.format, tuple(READERS))
     t = cfg.trainer
@@ -435,8 +456,6 @@ def validate_config(cfg: RunConfig) -> None:
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     size = d.tiling.input_size
     _check(size >= 1, "data.tiling.input_size", size, "must be >= 1")
-    if cfg.branch == "inp_former":
-        _check(size % 14 == 0, "data.tiling.input_size", size, "must be a multiple of 14 (the ViT patch size)")
     _check(len(d.tiling.train_levels) >= 1, "data.tiling.train_levels", d.tiling.train_levels,
            "needs at least one level")
     for i, lv in enumerate([*d.tiling.train_levels, d.tiling.test_level]):
@@ -488,24 +507,23 @@ def validate_config(cfg: RunConfig) -> None:
             _check(getattr(rule, key) is not None, f"threshold.{split}.{key}", getattr(o, key),
                    f"threshold.{split}.method={rule.method} needs a value (threshold.{split}.{key}={example})")
 
-    m = cfg.inp_former
-    _check_enum("inp_former.preset", m.preset, ("", "tiny"))
-    _check_enum("inp_former.pos_embed", m.pos_embed, ("dinov2", "timm"))
-    _check_enum("inp_former.map_smoothing", m.map_smoothing, MAP_SMOOTHING)
-    _check(m.num_inps >= 1, "inp_former.num_inps", m.num_inps, "must be >= 1")
-    _check(m.lr > 0 and m.final_lr >= 0, "inp_former.lr/final_lr", f"{m.lr}/{m.final_lr}",
-           "need lr > 0, final_lr >= 0")
-    _check(m.warmup_steps >= 0, "inp_former.warmup_steps", m.warmup_steps, "must be >= 0")
-    c = cfg.cpr
-    _check_enum("cpr.preset", c.preset, ("", "tiny", "random"))
-    _check_enum("cpr.synthesis", c.synthesis, ("cut_paste", "perlin"))
-    _check(c.image_size >= 1 and c.k_nearest >= 1 and c.top_t >= 1, "cpr.image_size/k_nearest/top_t",
-           f"{c.image_size}/{c.k_nearest}/{c.top_t}", "must be >= 1")
-    _check(c.blur_kernel == 0 or (c.blur_kernel > 0 and c.blur_kernel % 2 == 1), "cpr.blur_kernel", c.blur_kernel,
-           "must be an odd size >= 1 (or 0)")
-    _check(c.lr > 0, "cpr.lr", c.lr, "must be > 0")
+    _validate_branches(cfg, routed)
     _check(cfg.logging.num_overlays >= 0, "logging.num_overlays", cfg.logging.num_overlays, "must be >= 0")
     if cfg.resume == "":
         name = cfg.name
         _check("/" not in name and name not in (".", "..", "latest"), "name", name,
                "is a folder name (no '/', not '.', '..' or 'latest')")
+
+
+def _validate_branches(cfg: RunConfig, routed: Branch) -> None:
+    """Every branch's own section (`inp_former.*`, `cpr.*`), the routed branch's `branch_options`, and what
+    the routed branch needs of the rest of the config (`Branch.check_run`)."""
+    for b in all_branches():
+        if b.section is not None:
+            b.check_options(getattr(cfg, b.section))
+    if routed.section is None:
+        routed.check_options(branch_options(cfg))
+    else:
+        _check(not cfg.branch_options, OPTIONS_KEY, cfg.branch_options,
+               f"is read only by branches without their own section; set {routed.section}.<key> instead")
+    routed.check_run(cfg)

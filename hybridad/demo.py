@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 from tqdm import tqdm
 
+from hybridad.branches import get_branch
 from hybridad.config import RunConfig, load_config
 from hybridad.errors import UserError
 from hybridad.types import CATEGORIES
@@ -33,19 +34,12 @@ NATIVE_LONG_SIDE = {"can": 2232, "fabric": 2448, "fruit_jelly": 2100, "rice": 24
 DEMO_LONG_SIDE = 256
 
 COMMON = [
-    "inp_former.preset=tiny", "inp_former.weights=''", "cpr.preset=tiny", "cpr.weights=''",
     "data.num_workers=0", "logging.wandb=false", "trainer.check_val_every_n_epoch=100000",
     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5",
     # the synthetic test_public has over/under-exposed and colour-shifted images; without exposure jitter the
     # lighting-shifted good images outscore every defect and the pooled AU-PRO collapses
     "data.augment.exposure=0.8", "data.augment.probability=0.7",
-]
-BRANCH = {
-    "inp_former": ["data.tiling.input_size=112", "data.batch_size=8", "trainer.max_epochs=-1",
-                   "trainer.max_steps=160", "inp_former.warmup_steps=20"],
-    "cpr": ["data.tiling.input_size=128", "cpr.image_size=128", "data.batch_size=8", "trainer.max_epochs=-1",
-            "trainer.max_steps=90", "cpr.k_nearest=3"],
-}
+]  # then the routed branch's tiny preset (`Branch.demo_overrides`, hybridad/models/<branch>/branch.py)
 
 
 def _scaled_kernels(cfg: RunConfig) -> list[str]:
@@ -62,7 +56,8 @@ def _scaled_kernels(cfg: RunConfig) -> list[str]:
 def demo_config(category: str, data_root: Path, runs: Path, overrides: list[str]) -> RunConfig:
     base = [f"data.category={category}", f"data.root={data_root}", f"out_dir={runs}", "name=demo"]
     routed = load_config(base + overrides)
-    return load_config(base + COMMON + BRANCH[routed.branch] + _scaled_kernels(routed) + overrides)
+    preset = list(get_branch(routed.branch).demo_overrides)
+    return load_config(base + COMMON + preset + _scaled_kernels(routed) + overrides)
 
 
 class CategoryProgress(L.Callback):

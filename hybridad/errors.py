@@ -12,3 +12,14 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     """
     lines = str(err).strip().splitlines()
     return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+def check_setting(ok: bool, key: str, value: object, rule: str) -> None:
+    """`UserError("config key '<key>'=<value>: <rule>")` unless `ok` (config validation, one line)."""
+    if not ok:
+        raise UserError(f"config key '{key}'={value!r}: {rule}")
+
+
+def check_choice(key: str, value: object, valid: tuple[str, ...]) -> None:
+    """`check_setting` for a value that must be one of `valid`."""
+    check_setting(value in valid, key, value, f"use one of {', '.join(repr(v) for v in valid)}")

@@ -19,7 +19,6 @@ in the metadata).
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 from dataclasses import asdict
@@ -29,18 +28,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hybridad.branches import get_branch
 from hybridad.config import RunConfig, load_run_config
 from hybridad.errors import UserError
 from hybridad.export_runtime import FORMAT, META_NAME
-from hybridad.models.anomaly_module import AnomalyModule
-from hybridad.predict import load_module, read_decision
+from hybridad.run_loading import load_module, read_decision
 from hybridad.run_dir import RunDir, atomic_write_with
 
 MAX_TILES = 4096  # upper bound of the dynamic tile dimension
 
 
 class TileNet(nn.Module):
-    """The exported function of CPR: (N,3,S,S) float tiles in [0,1] -> (N,1,S,S) float32 tile maps."""
+    """The exported function of a torch model with `tile_maps` (CPR): (N,3,S,S) float tiles in [0,1] ->
+    (N,1,S,S) float32 tile maps."""
 
     def __init__(self, tile_maps: nn.Module) -> None:
         super().__init__()
@@ -48,19 +48,6 @@ class TileNet(nn.Module):
 
     def forward(self, tiles: Tensor) -> Tensor:
         return self.inner.tile_maps(tiles).float()
-
-
-class GroupMapNet(nn.Module):
-    """The exported function of INP-Former: (N,3,S,S) tiles -> (N,G,h,w) float32 1 - cos per fused group at the
-    token grid; the runtime upsamples and smooths them (`hybridad.inp_map_path`), since the native tile size
-    depends on each image's size."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tiles: Tensor) -> Tensor:
-        return self.model.group_maps(self.model(tiles)).float()
 
 
 def freeze_flags(model: nn.Module) -> nn.Module:
@@ -77,20 +64,16 @@ def freeze_flags(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_cpr_bank(module: AnomalyModule, cfg: RunConfig) -> None:
-    """Rebuild CPR's memory bank from the training images, as `Cpr.on_predict_start` does under a Trainer."""
+def dynamic_tiles() -> dict[str, Any]:
+    """`torch.export` dynamic shapes of a network taking any number of tiles (1..`MAX_TILES`) as `tiles`."""
+    return {"tiles": {0: torch.export.Dim("tiles", min=1, max=MAX_TILES)}}
+
+
+def _training_data(cfg: RunConfig) -> Any:
+    """The run's DataModule (CPR's export rebuilds its memory bank from the training images)."""
     from data_modules.datamodule import MVTecAD2DataModule
 
-    module.fit_references_from(MVTecAD2DataModule(cfg.data, seed=cfg.seed))  # type: ignore[attr-defined]
-    module.on_predict_start()  # builds the memory bank from those references
-
-
-def _image_score_rule(module: AnomalyModule, cfg: RunConfig) -> dict[str, Any]:
-    if cfg.branch == "cpr":
-        c = cfg.cpr
-        return {"rule": "blurred_top_t_sum", "size": c.image_size, "top_t": c.top_t, "kernel": c.blur_kernel,
-                "sigma": c.blur_sigma, "blurred": c.blur_map}
-    return {"rule": "top_ratio_mean", "top_ratio": module.top_ratio}
+    return MVTecAD2DataModule(cfg.data, seed=cfg.seed)
 
 
 def export_run(run_path: Path, out: Path, device: str = "cpu") -> Path:
@@ -108,16 +91,10 @@ def export_run(run_path: Path, out: Path, device: str = "cpu") -> Path:
     decision = read_decision(run)
     module = load_module(run, cfg, decision).to(device)
     s = cfg.data.tiling.input_size
-    if cfg.branch == "cpr":
-        build_cpr_bank(module, cfg)
-        net = TileNet(freeze_flags(copy.deepcopy(module.model)))
-        example, dynamic = torch.rand(1, 3, s, s), None
-    else:
-        net = GroupMapNet(module.model)
-        example = torch.rand(2, 3, s, s)
-        dynamic = {"tiles": {0: torch.export.Dim("tiles", min=1, max=MAX_TILES)}}
+    network = get_branch(cfg.branch).exportable(module, cfg, lambda: _training_data(cfg))
     with torch.no_grad():
-        program = torch.export.export(net.eval(), (example.to(device),), dynamic_shapes=dynamic)
+        program = torch.export.export(network.net.eval(), (network.example.to(device),),
+                                      dynamic_shapes=network.dynamic_shapes)
     meta = {
         "format": FORMAT,
         "category": cfg.data.category,
@@ -125,13 +102,13 @@ def export_run(run_path: Path, out: Path, device: str = "cpu") -> Path:
         "input_size": s,
         "test_level": asdict(cfg.data.tiling.test_level),
         "antialias": bool(cfg.data.tiling.antialias),  # downscaling of the tiles, as the run
-        "tile_batch": None if dynamic else 1,
+        "tile_batch": None if network.dynamic_shapes else int(network.example.shape[0]),
         "device": device,
         "threshold": {"value": decision.threshold, "source": decision.source},
         "postprocess": asdict(decision.postprocess),
-        "image_score": _image_score_rule(module, cfg),
+        "image_score": module.image_score_rule().to_metadata(),
         # null: the program returns tile maps at the input size; else it returns per-group token maps
-        "map_smoothing": cfg.inp_former.map_smoothing if cfg.branch == "inp_former" else None,
+        "map_smoothing": network.map_smoothing,
         "run": str(run.path.resolve()),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,

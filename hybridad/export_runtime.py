@@ -1,7 +1,8 @@
 """Run a category exported by `hybridad export` (a `.pt2` file) without the training code.
 
-Needs torch, numpy, OpenCV and scipy, plus four small pure modules of this repository (`hybridad.tile_grid`,
-`hybridad.postprocess`, `hybridad.inp_map_path`, `data_modules.tilers`); no Lightning, no timm, no model code. The `.pt2` holds:
+Needs torch, numpy, OpenCV and scipy, plus small pure modules of this repository (`hybridad.tile_grid`,
+`hybridad.postprocess`, `hybridad.inp_map_path`, `hybridad.gaussian`, `hybridad.image_scores`,
+`data_modules.tilers`); no Lightning, no timm, no model code. The `.pt2` holds:
 
 - the tile network as a `torch.export` program: (N,3,S,S) float tiles in [0,1] -> (N,1,S,S) float32 maps
   (INP-Former: DINOv2 encoder + INP decoder; CPR: DenseNet trunk, heads, retrieval and its memory bank as
@@ -23,17 +24,16 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from data_modules.tilers import EvalTiler
 from hybridad.errors import first_line
+from hybridad.image_scores import score_with
 from hybridad.inp_map_path import tile_maps_from_groups
 from hybridad.postprocess import PostProcessConfig, binarize, hsv_kmeans_foreground, smooth
 from hybridad.tile_grid import TileLevel, native_tile_size, untile
@@ -84,30 +84,6 @@ def check_plain_archive(path: Path | str) -> None:
         raise ValueError(f"{path} is not a readable .pt2 archive ({first_line(err)})") from None
 
 
-def top_ratio_mean(maps: Tensor, ratio: float) -> Tensor:
-    """(B,1,H,W) -> (B,) mean of the top `ratio` fraction of pixels (INP-Former's image score)."""
-    flat = maps.flatten(1)  # (B,H*W)
-    k = max(1, int(math.ceil(flat.shape[1] * ratio)))
-    return flat.topk(k, dim=1).values.mean(dim=1)
-
-
-def blurred_top_t_sum(maps: Tensor, size: int, t: int, kernel: int, sigma: float, blurred: bool) -> Tensor:
-    """(B,1,H,W) -> (B,) CPR's image score: resize to size x size, blur (unless `blurred`), top-t sum."""
-    x = maps.float()
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    if not blurred:  # one 2-D kernel with mirror padding, as CPR's own blur
-        r = kernel // 2
-        g = torch.arange(-r, r + 1, dtype=torch.float64, device=x.device)
-        k1 = torch.exp(-(g**2) / (2 * sigma**2))
-        k1 = k1 / k1.sum()
-        k2 = (k1[:, None] * k1[None, :]).to(x.dtype)  # (k,k)
-        x = F.conv2d(F.pad(x, (r, r, r, r), mode="reflect" if min(x.shape[-2:]) > r else "replicate"),
-                     k2[None, None])
-    flat = x.flatten(1)  # (B,size*size)
-    return flat.topk(min(t, flat.shape[1]), dim=1).values.sum(1)
-
-
 class ExportedDetector:
     """An exported category: tile network + untiling + threshold + post-processing.
 
@@ -135,13 +111,7 @@ class ExportedDetector:
 
     def image_score(self, maps: Tensor) -> Tensor:
         """(B,1,H,W) smoothed native maps -> (B,) with the run's rule."""
-        rule = self.meta["image_score"]
-        if rule["rule"] == "top_ratio_mean":
-            return top_ratio_mean(maps, rule["top_ratio"])
-        if rule["rule"] == "blurred_top_t_sum":
-            return blurred_top_t_sum(maps, rule["size"], rule["top_t"], rule["kernel"], rule["sigma"],
-                                     rule["blurred"])
-        raise ValueError(f"unknown image score rule {rule['rule']!r}")
+        return score_with(maps, self.meta["image_score"])
 
     @torch.no_grad()
     def __call__(self, images: Tensor, foreground: bool = False) -> AnomalyOutput:

@@ -14,33 +14,20 @@ The whole-map blur `postprocess.whole_map_blur_sigma` is a different, optional s
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from hybridad.gaussian import inp_gaussian_kernel
 
 MAP_SMOOTHING = ("isvl", "official", "none")
 KERNEL_SIZE = 5  # INP-Former: get_gaussian_kernel(kernel_size=5, sigma=4)
 KERNEL_SIGMA = 4.0
 
 
-def inp_gaussian_kernel(kernel_size: int = KERNEL_SIZE, sigma: float = KERNEL_SIGMA,
-                        device: torch.device | None = None) -> Tensor:
-    """(1,1,k,k) float32 kernel of INP-Former's `get_gaussian_kernel`, computed the same way (bit-equal):
-    exp(-|xy - centre|^2 / (2 sigma^2)) / (2 pi sigma^2) over the k x k grid, divided by its sum."""
-    coord = torch.arange(kernel_size, device=device)
-    x_grid = coord.repeat(kernel_size).view(kernel_size, kernel_size)  # (k,k)
-    xy_grid = torch.stack([x_grid, x_grid.t()], dim=-1).float()  # (k,k,2)
-    centre, variance = (kernel_size - 1) / 2.0, sigma**2.0
-    kernel = (1.0 / (2.0 * math.pi * variance)) * torch.exp(
-        -torch.sum((xy_grid - centre) ** 2.0, dim=-1) / (2 * variance))  # (k,k)
-    return (kernel / torch.sum(kernel)).view(1, 1, kernel_size, kernel_size)
-
-
 def inp_gaussian(maps: Tensor) -> Tensor:
     """(N,1,H,W) -> (N,1,H,W): the 5x5 sigma-4 kernel as a bias-free conv with zero padding 2."""
-    kernel = inp_gaussian_kernel(device=maps.device).to(maps.dtype)
+    kernel = inp_gaussian_kernel(KERNEL_SIZE, KERNEL_SIGMA, maps.device).to(maps.dtype)
     return F.conv2d(maps, kernel, padding=KERNEL_SIZE // 2)
 
 

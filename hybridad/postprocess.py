@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hybridad.gaussian import gaussian_kernel1d, scipy_radius
+
 
 @dataclass
 class PostProcessConfig:
@@ -37,14 +39,6 @@ class PostProcessConfig:
 # ------------------------------------------------------------------------------------------ continuous maps
 
 
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device: torch.device | None = None) -> Tensor:
-    """(2r+1,) normalised Gaussian, r = int(truncate * sigma + 0.5) (as scipy.ndimage.gaussian_filter)."""
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).float()
-
-
 def smooth(anomaly_map: Tensor, cfg: PostProcessConfig) -> Tensor:
     """Separable Gaussian blur of (B,1,H,W) maps with `cfg.whole_map_blur_sigma` (identity when 0).
 
@@ -53,7 +47,8 @@ def smooth(anomaly_map: Tensor, cfg: PostProcessConfig) -> Tensor:
     """
     if cfg.whole_map_blur_sigma <= 0:
         return anomaly_map
-    k = gaussian_kernel1d(cfg.whole_map_blur_sigma, device=anomaly_map.device).to(anomaly_map.dtype)
+    sigma = cfg.whole_map_blur_sigma  # scipy's kernel radius (truncate 4)
+    k = gaussian_kernel1d(sigma, scipy_radius(sigma), anomaly_map.device).float().to(anomaly_map.dtype)
     r = (k.numel() - 1) // 2
     h, w = anomaly_map.shape[-2:]
     mode = "reflect" if r < min(h, w) else "replicate"

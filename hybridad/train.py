@@ -25,6 +25,7 @@ from callbacks.overlay_logger import OverlayLoggerCallback
 from callbacks.score_writer import ScoreWriterCallback
 from callbacks.threshold_fit import ThresholdCallback
 from data_modules.datamodule import MVTecAD2DataModule
+from hybridad.branches import get_branch
 from hybridad.config import RunConfig, check_paths, ignored_settings, to_dict, to_yaml
 from hybridad.errors import UserError
 from hybridad.models.anomaly_module import AnomalyModule
@@ -109,17 +110,8 @@ def write_validation_list(cfg: RunConfig, run_dir: RunDir) -> None:
 
 
 def build_model(cfg: RunConfig) -> AnomalyModule:
-    """The branch the category is routed to."""
-    if cfg.branch == "inp_former":
-        from hybridad.models.inp_former.lightning_model import InpFormer
-
-        return InpFormer(cfg.inp_former, postprocess=cfg.postprocess)
-    from hybridad.models.cpr.lightning_model import Cpr
-
-    if cfg.cpr.image_size != cfg.data.tiling.input_size:
-        raise UserError(f"cpr.image_size ({cfg.cpr.image_size}) differs from data.tiling.input_size "
-                        f"({cfg.data.tiling.input_size}): set both to the same size")
-    return Cpr(cfg.cpr, postprocess=cfg.postprocess)
+    """The module of the branch the category is routed to (`hybridad.branches`)."""
+    return get_branch(cfg.branch).build(cfg)
 
 
 def build_loggers(cfg: RunConfig, run: Path) -> list[Logger]:

@@ -9,13 +9,15 @@ import torch
 from torch import Tensor
 
 from hybridad.errors import UserError
+from hybridad.image_scores import ImageScoreRule
 from hybridad.postprocess import PostProcessConfig, binarize, hsv_kmeans_foreground, smooth
 from hybridad.tile_grid import native_tile_size, untile
 from hybridad.types import AnomalyOutput, Batch, Split
 
 
 class AnomalyModule(L.LightningModule):
-    """Base LightningModule: a branch implements `tile_maps`, `training_step` and `configure_optimizers`.
+    """Base LightningModule: a branch implements `tile_maps`, `training_step` and `configure_optimizers`
+    (and `image_score_rule` when its image score is not the mean of the top `top_ratio` pixels).
 
     The threshold lives here as a buffer (fitted by `ThresholdCallback`, saved in checkpoints), and the
     post-processing that predictions need runs inside `predict_batch`, so every callback sees the same masks
@@ -45,11 +47,14 @@ class AnomalyModule(L.LightningModule):
         `native_size`: the (H, W) of the tiles' boxes in the native image, for a branch that upsamples there."""
         raise NotImplementedError
 
+    def image_score_rule(self) -> ImageScoreRule:
+        """The branch's image-score rule (`hybridad.image_scores`; an export stores it in its metadata):
+        by default the mean of the top `top_ratio` pixels."""
+        return ImageScoreRule("top_ratio_mean", {"top_ratio": self.top_ratio})
+
     def image_score(self, anomaly_map: Tensor) -> Tensor:
-        """(B,1,H,W) -> (B,) mean of the top `top_ratio` pixels."""
-        flat = anomaly_map.flatten(1)  # (B, H*W)
-        k = max(1, int(math.ceil(flat.shape[1] * self.top_ratio)))
-        return flat.topk(k, dim=1).values.mean(dim=1)
+        """(B,1,H,W) native maps -> (B,) with `image_score_rule`."""
+        return self.image_score_rule()(anomaly_map)
 
     def set_threshold(self, value: float) -> None:
         self.threshold.fill_(value)

@@ -16,17 +16,20 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
+from data_modules.datamodule import MVTecAD2DataModule
 from data_modules.listing import list_samples, read_image
 from data_modules.tilers import EvalTiler
 from hybridad.cli import main
 from hybridad.config import load_run_config
 from hybridad.demo import demo_config
 from hybridad.errors import UserError
-from hybridad.export import build_cpr_bank, export_run
+from hybridad.export import export_run
 from hybridad.export_runtime import ExportedDetector, read_metadata
 from hybridad.postprocess import hsv_kmeans_foreground
-from hybridad.predict import load_module, predict, read_decision
+from hybridad.models.cpr.branch import build_memory_bank
+from hybridad.predict import predict
 from hybridad.run_dir import RunDir
+from hybridad.run_loading import load_module, read_decision
 from hybridad.tile_grid import level_boxes
 from hybridad.train import train
 from hybridad.types import Batch, Sample, Split
@@ -74,7 +77,7 @@ def _reference_outputs(run: Path, samples: list[Sample]) -> dict[str, tuple[np.n
     cfg = load_run_config(run)
     module = load_module(RunDir(run), cfg, read_decision(RunDir(run)))
     if cfg.branch == "cpr":
-        build_cpr_bank(module, cfg)
+        build_memory_bank(module, MVTecAD2DataModule(cfg.data, seed=cfg.seed))
     tiler = EvalTiler(cfg.data.tiling.test_level, cfg.data.tiling.input_size, cfg.data.tiling.antialias)
     out = {}
     for s in samples:

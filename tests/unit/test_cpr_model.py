@@ -19,7 +19,9 @@ from hybridad.models.cpr.loss import (
     sample_pairs,
     sample_points,
 )
-from hybridad.models.cpr.torch_model import CprModel, DenseNetTrunk, LocalRetrievalHead, gaussian_blur, top_t_sum
+from hybridad.gaussian import mirror_blur2d
+from hybridad.image_scores import top_t_sum
+from hybridad.models.cpr.torch_model import CprModel, DenseNetTrunk, LocalRetrievalHead
 
 
 def tiny_cfg(**kw: object) -> CprConfig:
@@ -74,7 +76,7 @@ def test_blur_matches_direct_2d_mirror_convolution() -> None:
     k1 = np.exp(-(x**2) / 32.0)
     k2 = np.outer(k1, k1) / k1.sum() ** 2
     want = ndimage.correlate(m[0, 0].numpy(), k2, mode="mirror")  # mirror = edge pixel not repeated
-    got = gaussian_blur(m, 33, 4.0)[0, 0].numpy()
+    got = mirror_blur2d(m, 33, 4.0)[0, 0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-12)
     assert top_t_sum(torch.arange(10.0).view(1, 1, 2, 5), 3).item() == 9 + 8 + 7
 

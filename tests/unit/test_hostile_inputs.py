@@ -111,7 +111,7 @@ class _Payload:
 def test_checkpoint_loads_weights_only_and_refuses_code(tmp_path: Path) -> None:
     import torch
 
-    from hybridad.predict import load_checkpoint_weights
+    from hybridad.run_loading import load_checkpoint_weights
 
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "final.ckpt"
@@ -204,7 +204,7 @@ def _fake_evaluation(run: Path, category: str, value: float) -> Path:
 
 
 def test_predict_refuses_another_runs_or_categorys_evaluation(tmp_path: Path) -> None:
-    from hybridad.predict import read_decision
+    from hybridad.run_loading import read_decision
     from hybridad.run_dir import RunDir
 
     can, rice = _fake_run(tmp_path / "can", "can"), _fake_run(tmp_path / "rice", "rice")

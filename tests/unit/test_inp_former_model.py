@@ -36,7 +36,7 @@ def test_shapes_and_finite(model: InpFormerModel, size: tuple[int, int]) -> None
     assert out.fused.shape == (2, h * w, 384)
     assert out.inps.shape == (2, 3, 384)
     assert out.inp_attention.shape == (2, h * w, 3)
-    amap = model.anomaly_map(x)
+    amap = model.tile_maps(x)
     assert amap.shape == (2, 1, *size) and torch.isfinite(amap).all()
 
 
@@ -137,7 +137,7 @@ def test_anomaly_map_is_mean_one_minus_cos(model: InpFormerModel) -> None:
         e, d = e.detach().double().numpy(), d.detach().double().numpy()
         cos = (e * d).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(d, axis=1))  # (B,h,w)
         ref = ref + np.einsum("ay,bx,nyx->nab", ry, rx, 1 - cos) / 2
-    np.testing.assert_allclose(model.anomaly_map(x)[:, 0].detach().numpy(), ref, atol=1e-5)
+    np.testing.assert_allclose(model.tile_maps(x)[:, 0].detach().numpy(), ref, atol=1e-5)
 
 
 def test_exact_attention_mode_close_to_fused() -> None:
@@ -253,6 +253,12 @@ def test_checkpoint_without_encoder_round_trip(tmp_path) -> None:
     module.eval()
     loaded.eval()
     torch.testing.assert_close(loaded.tile_maps(x), module.tile_maps(x), rtol=0, atol=0)
+    # checkpoints written before the constructor argument was renamed `cfg` store it as `model`: still loaded
+    ckpt["hyper_parameters"]["model"] = ckpt["hyper_parameters"].pop("cfg")
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    old = InpFormer.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu", weights_only=True).eval()
+    assert old.cfg == module.cfg
+    torch.testing.assert_close(old.tile_maps(x), module.tile_maps(x), rtol=0, atol=0)
 
 
 def test_missing_weights_is_user_error() -> None:
@@ -281,7 +287,7 @@ def test_compile_option_same_maps_and_state_dict() -> None:
     assert set(eager.state_dict()) == set(compiled.state_dict())
     x = torch.rand(1, 3, 28, 28)
     with torch.no_grad():
-        torch.testing.assert_close(compiled.anomaly_map(x), eager.anomaly_map(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(compiled.tile_maps(x), eager.tile_maps(x), rtol=0, atol=1e-5)
     assert compiled._compiled_call_impl is not None and eager._compiled_call_impl is None
 
 
@@ -292,6 +298,6 @@ def test_fused_extractor_attention_matches_official_explicit_softmax() -> None:
     assert fused.extractor.attn.fused and not exact.extractor.attn.fused
     x = torch.rand(2, 3, 42, 56)
     with torch.no_grad():
-        torch.testing.assert_close(fused.anomaly_map(x), exact.anomaly_map(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(fused.tile_maps(x), exact.tile_maps(x), rtol=0, atol=1e-5)
         out_f, out_e = fused(x), exact(x)
     torch.testing.assert_close(out_f.inps, out_e.inps, rtol=1e-5, atol=1e-5)

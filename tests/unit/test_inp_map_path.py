@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridad.inp_map_path import inp_gaussian_kernel, tile_maps_from_groups
+from hybridad.gaussian import inp_gaussian_kernel
+from hybridad.inp_map_path import KERNEL_SIGMA, KERNEL_SIZE, tile_maps_from_groups
 from hybridad.models.inp_former.config import InpFormerConfig
 from hybridad.tile_grid import TileLevel, level_boxes, tile
 from hybridad.types import Batch
@@ -49,7 +50,7 @@ def official_maps(encoder: list[torch.Tensor], decoder: list[torch.Tensor], out_
 
 
 def test_kernel_is_the_official_5x5_sigma4() -> None:
-    assert torch.equal(inp_gaussian_kernel(), official_gaussian_filter().weight.data)
+    assert torch.equal(inp_gaussian_kernel(KERNEL_SIZE, KERNEL_SIGMA), official_gaussian_filter().weight.data)
 
 
 @pytest.mark.parametrize("smoothing,size", [("isvl", (37, 51)), ("official", (28, 28))])

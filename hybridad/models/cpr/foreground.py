@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hybridad.gaussian import gaussian_kernel1d
 from hybridad.models.cpr.retrieval import kmeans
 
 
@@ -116,12 +117,6 @@ class Foreground(nn.Module):
         return self.decision(feat).clamp(0, 1)
 
 
-def gaussian_kernel1d(sigma: float, radius: int, device: torch.device | None = None) -> Tensor:
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
-    k = torch.exp(-(x**2) / (2 * sigma**2))
-    return (k / k.sum()).float()
-
-
 def positive_sampling_weight(fg: Tensor, size: int) -> Tensor:
     """Foreground map (B, 1, h, w) -> (B, 1, size, size) positive-pair draw weight (official training recipe).
 
@@ -130,7 +125,7 @@ def positive_sampling_weight(fg: Tensor, size: int) -> Tensor:
     """
     sigma = fg.shape[-2] / 25
     radius = min(int(4 * sigma + 0.5), fg.shape[-1] - 1, fg.shape[-2] - 1)
-    k = gaussian_kernel1d(sigma, radius, fg.device)
+    k = gaussian_kernel1d(sigma, radius, fg.device).float()
     x = F.pad(fg.float(), (radius, radius, radius, radius), mode="reflect")
     x = F.conv2d(x, k.view(1, 1, 1, -1))  # horizontal pass
     x = F.conv2d(x, k.view(1, 1, -1, 1))  # vertical pass

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridad.errors import UserError
+from hybridad.image_scores import ImageScoreRule
 from hybridad.models.anomaly_module import AnomalyModule
 from hybridad.models.cpr.config import CprConfig
 from hybridad.models.cpr.foreground import positive_sampling_weight
@@ -46,7 +47,7 @@ class Cpr(AnomalyModule):
     def __init__(self, cfg: CprConfig | dict[str, Any] | None = None,
                  postprocess: PostProcessConfig | dict[str, Any] | None = None) -> None:
         pp = PostProcessConfig(**postprocess) if isinstance(postprocess, dict) else postprocess
-        super().__init__(postprocess=pp)  # image score: CPR's own top-T sum (`image_score`)
+        super().__init__(postprocess=pp)  # image score: CPR's own top-T sum (`image_score_rule`)
         self.cfg = CprConfig(**cfg) if isinstance(cfg, dict) else (cfg or CprConfig())
         # plain dicts, so checkpoints (last.ckpt for resume included) load with torch.load(weights_only=True)
         self.save_hyperparameters({"cfg": asdict(self.cfg), "postprocess": asdict(self.postprocess)})
@@ -185,11 +186,9 @@ class Cpr(AnomalyModule):
             self._ensure_bank()
         return self.model.tile_maps(tiles)
 
-    def image_score(self, anomaly_map: Tensor) -> Tensor:
-        """(B, 1, H, W) native maps -> (B,) top-T sum of the blurred map at the model's input size."""
-        s = self.cfg.image_size
-        maps = anomaly_map.float()
-        if maps.shape[-2:] != (s, s):
-            maps = F.interpolate(maps, size=(s, s), mode="bilinear", align_corners=False, antialias=False)
-        return self.model.image_scores(maps, blurred=self.cfg.blur_map)
-
+    def image_score_rule(self) -> ImageScoreRule:
+        """CPR's image score: top-T sum of the blurred map at the model's input size."""
+        c = self.cfg
+        return ImageScoreRule("blurred_top_t_sum", {"size": c.image_size, "top_t": c.top_t,
+                                                    "kernel": c.blur_kernel, "sigma": c.blur_sigma,
+                                                    "blurred": c.blur_map})

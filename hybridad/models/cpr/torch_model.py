@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridad.errors import UserError
+from hybridad.gaussian import mirror_blur2d
+from hybridad.image_scores import blurred_top_t_sum
 from hybridad.models.cpr.config import CprConfig
 from hybridad.models.cpr.foreground import Foreground, seed_regions
 from hybridad.models.cpr.retrieval import GlobalRetrieval, l2_normalise, local_nn_distance
@@ -104,24 +106,6 @@ class LocalRetrievalHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.mixed(F.relu(self.bn(self.reduce(x)))))
-
-
-def gaussian_blur(x: Tensor, kernel: int = 33, sigma: float = 4.0) -> Tensor:
-    """torchvision-style blur of (B, 1, H, W): one 2-D kernel, 'reflect' (mirror) padding of kernel // 2."""
-    r = kernel // 2
-    t = torch.arange(-r, r + 1, dtype=torch.float64, device=x.device)
-    k1 = torch.exp(-(t**2) / (2 * sigma**2))
-    k1 = k1 / k1.sum()
-    k2 = (k1[:, None] * k1[None, :]).to(x.dtype if x.is_floating_point() else torch.float32)  # (k, k)
-    pad_mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
-    xp = F.pad(x, (r, r, r, r), mode=pad_mode)
-    return F.conv2d(xp, k2[None, None])
-
-
-def top_t_sum(maps: Tensor, t: int) -> Tensor:
-    """(B, 1, H, W) -> (B,) sum of the `t` largest pixels."""
-    flat = maps.flatten(1)  # (B, H*W)
-    return flat.topk(min(t, flat.shape[1]), dim=1).values.sum(1)
 
 
 class CprModel(nn.Module):
@@ -354,16 +338,16 @@ class CprModel(nn.Module):
             fg = F.interpolate(fg, size=out_size, mode="bilinear", align_corners=False).amax(1, keepdim=True)
             maps = maps * fg
         if cfg.blur_map:
-            maps = gaussian_blur(maps, cfg.blur_kernel, cfg.blur_sigma)
+            maps = mirror_blur2d(maps, cfg.blur_kernel, cfg.blur_sigma)
         return maps
 
     def image_scores(self, maps: Tensor, blurred: bool | None = None) -> Tensor:
-        """(B, 1, H, W) maps -> (B,) sum of the top-T pixels of the blurred map (CPR / DeSTSeg convention).
+        """(B, 1, H, W) maps -> (B,) CPR's image score (`hybridad.image_scores.blurred_top_t_sum`): the map at
+        `cfg.image_size`, blurred unless already, sum of its top-T pixels (CPR / DeSTSeg convention).
 
         Args:
             blurred: whether `maps` are already blurred; default `cfg.blur_map` (maps from `tile_maps`).
         """
         cfg = self.cfg
-        if not (cfg.blur_map if blurred is None else blurred):
-            maps = gaussian_blur(maps, cfg.blur_kernel, cfg.blur_sigma)
-        return top_t_sum(maps, cfg.top_t)
+        return blurred_top_t_sum(maps, cfg.image_size, cfg.top_t, cfg.blur_kernel, cfg.blur_sigma,
+                                 cfg.blur_map if blurred is None else blurred)

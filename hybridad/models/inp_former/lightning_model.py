@@ -30,25 +30,28 @@ class InpFormer(AnomalyModule):
     """INP-Former branch.
 
     Training uses normal tiles only: tiles with cut-paste defects (`batch.label == 1`) are dropped from the
-    loss unless `model.train_on_pasted` (INP-Former reconstructs normal features; pasted defects would teach it to
-    reconstruct them). Gradient clipping (global norm `model.grad_clip`, 0.1) is applied in
+    loss unless `cfg.train_on_pasted` (INP-Former reconstructs normal features; pasted defects would teach it
+    to reconstruct them). Gradient clipping (global norm `cfg.grad_clip`, 0.1) is applied in
     `configure_gradient_clipping` unless the Trainer sets its own `gradient_clip_val`.
-    The frozen encoder is not stored in checkpoints: it is rebuilt from `model.weights` / `model.checkpoint`
-    (or from `model.encoder_seed` for random encoders) when the module is constructed.
+    The frozen encoder is not stored in checkpoints: it is rebuilt from `cfg.weights` / `cfg.checkpoint`
+    (or from `cfg.encoder_seed` for random encoders) when the module is constructed.
 
     Args:
-        model: architecture, encoder source and optimisation settings.
+        cfg: architecture, encoder source and optimisation settings (as `Cpr(cfg=...)`).
         postprocess: map smoothing and mask post-processing settings.
         top_ratio: image score = mean of the top `top_ratio` fraction of the native map.
+        model: the former name of `cfg`, still accepted so that older checkpoints' hyperparameters load.
     """
 
     def __init__(
         self,
-        model: InpFormerConfig | dict[str, Any] | None = None,
+        cfg: InpFormerConfig | dict[str, Any] | None = None,
         postprocess: PostProcessConfig | dict[str, Any] | None = None,
         top_ratio: float = 0.01,
+        model: InpFormerConfig | dict[str, Any] | None = None,
     ) -> None:
-        cfg = InpFormerConfig(**model) if isinstance(model, dict) else (model or InpFormerConfig())
+        cfg = cfg if cfg is not None else model  # `model`: the name checkpoints written before 2026-12 store
+        cfg = InpFormerConfig(**cfg) if isinstance(cfg, dict) else (cfg or InpFormerConfig())
         pp = PostProcessConfig(**postprocess) if isinstance(postprocess, dict) else (postprocess or PostProcessConfig())
         if not (cfg.weights or cfg.checkpoint or cfg.preset == "tiny" or cfg.random_encoder):
             raise UserError(
@@ -58,7 +61,7 @@ class InpFormer(AnomalyModule):
             )
         super().__init__(postprocess=pp, top_ratio=top_ratio)
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
-        self.save_hyperparameters({"model": asdict(cfg), "postprocess": asdict(pp), "top_ratio": top_ratio})
+        self.save_hyperparameters({"cfg": asdict(cfg), "postprocess": asdict(pp), "top_ratio": top_ratio})
         self.cfg = cfg
         self.model = InpFormerModel.from_config(cfg)
         self.loss_fn = InpFormerLoss(cfg.coherence_weight, cfg.soft_mining_gamma)

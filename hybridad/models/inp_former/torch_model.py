@@ -380,7 +380,7 @@ class InpFormerModel(nn.Module):
         """Model output -> (B,G,h,w): 1 - cos between encoder and decoder features of each fused group."""
         return torch.stack([cosine_distance(e.float(), d.float()) for e, d in zip(out.encoder, out.decoder)], dim=1)
 
-    def anomaly_map(self, x: Tensor) -> Tensor:
+    def tile_maps(self, x: Tensor) -> Tensor:
         """Tiles in [0,1] (B,3,H,W) -> (B,1,H,W): mean over groups of 1 - cos, bilinear (align_corners=True)."""
         out = self(x)
         maps = [
@@ -393,3 +393,16 @@ class InpFormerModel(nn.Module):
             for e, d in zip(out.encoder, out.decoder)
         ]
         return torch.stack(maps, dim=0).mean(dim=0)  # (G,B,1,H,W) -> (B,1,H,W)
+
+
+class GroupMapNet(nn.Module):
+    """The exported function of INP-Former: (N,3,S,S) tiles -> (N,G,h,w) float32 1 - cos per fused group at
+    the token grid; the runtime upsamples and smooths them (`hybridad.inp_map_path`), since the native tile
+    size depends on each image's size."""
+
+    def __init__(self, model: InpFormerModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tiles: Tensor) -> Tensor:
+        return self.model.group_maps(self.model(tiles)).float()
