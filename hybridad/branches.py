@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hybridad.errors import UserError
+from hybridad.registry import Registry
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -100,45 +101,36 @@ class Branch:
         return self.name.replace("_", "-")
 
 
-_REGISTRY: dict[str, Branch] = {}
-_builtins_loaded = False
+def _import_builtins() -> None:
+    for module in BUILTIN_BRANCH_MODULES:
+        importlib.import_module(module)
 
 
-def _registry() -> dict[str, Branch]:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module in BUILTIN_BRANCH_MODULES:
-            importlib.import_module(module)
-    return _REGISTRY
+_REGISTRY: Registry[Branch] = Registry("branch", lambda b: b.name, _import_builtins)
 
 
 def register_branch(branch: Branch) -> Branch:
     """Add `branch` to the registry (another branch of the same name is an error); returns it."""
-    registry = _registry()
-    if branch.name in registry and registry[branch.name] != branch:
-        raise ValueError(f"branch {branch.name!r} is already registered")
-    registry[branch.name] = branch
-    return branch
+    return _REGISTRY.register(branch)
 
 
 def unregister_branch(name: str) -> None:
     """Remove a registered branch (tests that add a toy branch clean up with it)."""
-    _registry().pop(name, None)
+    _REGISTRY.unregister(name)
 
 
 def branch_names() -> tuple[str, ...]:
     """Registered branch names, built-ins first."""
-    return tuple(_registry())
+    return _REGISTRY.names()
 
 
 def all_branches() -> tuple[Branch, ...]:
-    return tuple(_registry().values())
+    return _REGISTRY.items()
 
 
 def get_branch(name: str) -> Branch:
     """The registered branch `name`; a one-line `UserError` listing the valid names otherwise."""
-    registry = _registry()
-    if name not in registry:
-        raise UserError(f"unknown branch '{name}'; valid: {', '.join(registry)}")
-    return registry[name]
+    branch = _REGISTRY.find(name)
+    if branch is None:
+        raise UserError(f"unknown branch '{name}'; valid: {', '.join(_REGISTRY.names())}")
+    return branch

@@ -36,6 +36,7 @@ from torchmetrics import Metric
 
 from hybridad.metrics.aupro import AUPRO
 from hybridad.metrics.segmentation import ClassF1, ImageAUROC, PixelAUROC, PixelF1Max, SegF1
+from hybridad.registry import Registry
 
 FIELDS: tuple[str, ...] = ("map", "mask", "pred", "score", "label")
 GROUP_KINDS: tuple[str, ...] = ("all", "lighting", "defect", "good_bad")
@@ -151,12 +152,13 @@ BUILTIN: tuple[MetricSpec, ...] = (  # report column order
     MetricSpec("pixel_auroc", PixelAUROC, ("map", "mask"), title="pixel AUROC"),
     MetricSpec("pixel_f1_max", PixelF1Max, ("map", "mask"), title="pixel F1-max"),
 )
-_suite: dict[str, MetricSpec] = {s.name: s for s in BUILTIN}
+_suite: Registry[MetricSpec] = Registry("metric", lambda spec: spec.name)
+_suite.register_all(BUILTIN)
 
 
 def metric_suite() -> tuple[MetricSpec, ...]:
     """Every registered metric, built-ins first, then in registration order."""
-    return tuple(_suite.values())
+    return _suite.items()
 
 
 def register_metric(spec: MetricSpec) -> MetricSpec:
@@ -165,15 +167,12 @@ def register_metric(spec: MetricSpec) -> MetricSpec:
     Raises:
         ValueError: a metric of that name is registered already.
     """
-    if spec.name in _suite:
-        raise ValueError(f"a metric named '{spec.name}' is registered already")
-    _suite[spec.name] = spec
-    return spec
+    return _suite.register(spec)
 
 
 def unregister_metric(name: str) -> None:
     """Remove the metric `name` from the suite (no error if it is not there)."""
-    _suite.pop(name, None)
+    _suite.unregister(name)
 
 
 class GroupedMetrics:

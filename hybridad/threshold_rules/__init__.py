@@ -18,6 +18,7 @@ from torch import Tensor
 
 from hybridad.errors import UserError
 from hybridad.metrics.segmentation import PixelF1Max
+from hybridad.registry import Registry
 from hybridad.threshold_rules.base import ModelInputs, Need, RuleInputs, ThresholdRule
 from hybridad.threshold_rules.fixed import Fixed
 from hybridad.threshold_rules.pseudo_defects import PSEUDO_F1, PSEUDO_FAINT, CappedFaint
@@ -34,41 +35,40 @@ from hybridad.thresholds import (
 _BUILT_IN: tuple[ThresholdRule, ...] = (
     MeanStd(), Percentile(), F1Optimal(), Fixed(), PSEUDO_F1, PSEUDO_FAINT, CappedFaint(),
 )
-_RULES: dict[str, ThresholdRule] = {rule.name: rule for rule in _BUILT_IN}
+_RULES: Registry[ThresholdRule] = Registry("threshold rule", lambda rule: rule.name)
+_RULES.register_all(_BUILT_IN)
 
 
 def register_rule(rule: ThresholdRule) -> ThresholdRule:
     """Make `rule` available as `threshold.method=<rule.name>` everywhere; returns it."""
-    if rule.name in _RULES:
-        raise ValueError(f"threshold rule {rule.name!r} is registered already")
-    _RULES[rule.name] = rule
-    return rule
+    return _RULES.register(rule)
 
 
 def unregister_rule(name: str) -> None:
     """Remove a rule added by `register_rule` (tests)."""
-    _RULES.pop(name, None)
+    _RULES.unregister(name)
 
 
 def rule_names() -> tuple[str, ...]:
-    return tuple(_RULES)
+    return _RULES.names()
 
 
 def all_rules() -> tuple[ThresholdRule, ...]:
-    return tuple(_RULES.values())
+    return _RULES.items()
 
 
 def compared_rules() -> tuple[ThresholdRule, ...]:
     """The rules every run fits and scores on test_public: label-free first, then those tuned on test."""
-    compared = [r for r in _RULES.values() if r.compared]
+    compared = [r for r in _RULES.items() if r.compared]
     return tuple(sorted(compared, key=lambda r: r.tuned_on_test))  # stable: registry order within each group
 
 
 def get_rule(name: str, key: str = "threshold.method") -> ThresholdRule:
     """The rule named `name`; an unknown name is a `UserError` that lists the known ones."""
-    if name not in _RULES:
+    rule = _RULES.find(name)
+    if rule is None:
         raise UserError(f"{key} must be one of {rule_names()}, got {name!r}")
-    return _RULES[name]
+    return rule
 
 
 def fit_threshold(

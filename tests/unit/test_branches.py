@@ -27,7 +27,7 @@ def test_builtin_branches_and_unknown_name() -> None:
 def test_a_second_branch_of_the_same_name_is_refused() -> None:
     cpr = get_branch("cpr")
     assert register_branch(cpr) is cpr  # the same declaration again (a module imported twice) is harmless
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="registered already"):
         register_branch(Branch(name="cpr", config_class=object, build=cpr.build, exportable=cpr.exportable))
 
 
