@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -82,13 +83,18 @@ class _DiffModel(AnomalyModule):
         return AnomalyOutput(amap, amap.flatten(1).amax(1), None)
 
 
-def test_pseudo_histograms_perfect_detector_and_rank_split(synthetic_root: Path) -> None:
-    data = DataConfig(root=str(synthetic_root), category="can", num_workers=0,
-                      tiling=TilingConfig(input_size=32),
+def _validation_with(root: Path, model_class: type) -> tuple[MVTecAD2DataModule, Any, Any]:
+    """The synthetic `can` validation split (32 px tiles, every image pasted) and a `model_class` that knows
+    each validation image's clean pixels."""
+    data = DataConfig(root=str(root), category="can", num_workers=0, tiling=TilingConfig(input_size=32),
                       cut_paste=CutPasteConfig(probability=1.0, library_size=2))
     dm = MVTecAD2DataModule(data)
     ds = dm.dataset("validation")
-    model = _DiffModel({ds[i]["sample_id"]: ds[i]["image"] for i in range(len(ds))})
+    return dm, ds, model_class({ds[i]["sample_id"]: ds[i]["image"] for i in range(len(ds))})
+
+
+def test_pseudo_histograms_perfect_detector_and_rank_split(synthetic_root: Path) -> None:
+    dm, ds, model = _validation_with(synthetic_root, _DiffModel)
     cfg = ThresholdConfig(pseudo_repeats=2, pseudo_seed=5)
     pos, neg = pseudo_histograms(model, dm, cfg)
     assert pos.sum() > 0
@@ -206,12 +212,7 @@ def test_each_rule_lands_where_it_should(synthetic_root: Path) -> None:
     """Maps built so that the answer is known: validation maps are 0.1 everywhere (mean 0.1, std 0, so mean +
     3 std = 0.1 flags every pixel); pastes score 0.6, so every pseudo rule must land in (0.1, 0.6] with
     pseudo SegF1 1 (scored on the masks the run writes: binarize with the model's post-processing)."""
-    data = DataConfig(root=str(synthetic_root), category="can", num_workers=0,
-                      tiling=TilingConfig(input_size=32),
-                      cut_paste=CutPasteConfig(probability=1.0, library_size=2))
-    dm = MVTecAD2DataModule(data)
-    ds = dm.dataset("validation")
-    model = _OffsetDiffModel({ds[i]["sample_id"]: ds[i]["image"] for i in range(len(ds))})
+    dm, ds, model = _validation_with(synthetic_root, _OffsetDiffModel)
     stats = ScoreStats()
     for i in range(len(ds)):
         stats.update(torch.full((1, 1, 8, 8), 0.1))
