@@ -109,3 +109,39 @@ def test_other_processes_meter_subtracts_own_cpu(monkeypatch: pytest.MonkeyPatch
     # 1000 jiffies over 2 cores: 100 idle, 500 ours -> others used 400 / 1000 of the machine = 0.8 cores
     assert meter.others() == pytest.approx(0.8)
     assert meter.others() is None  # no time elapsed: no figure
+
+
+def test_a_neighbour_measured_below_one_core_still_means_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process spinning on one core measures 0.8-1.0 cores while the demo competes with it (issue 16: at the
+    old bar of a whole core the demo went back to 2 threads beside `yes` and took 858 s instead of ~540 s)."""
+    monkeypatch.delenv("HYBRIDAD_DEMO_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert [demo.threads_for(c) for c in (0.0, 0.3, 0.49, 0.5, 0.8, 0.97, 1.6)] == [2, 2, 2, 1, 1, 1, 1]
+    monkeypatch.setattr(demo, "busy_cores", lambda: 0.85)
+    assert pick_threads() == 1
+
+
+def test_adaptive_threads_recheck_during_eval_after_a_long_enough_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from hybridad.demo import AdaptiveThreads
+
+    monkeypatch.delenv("HYBRIDAD_DEMO_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    # (total, idle, own) jiffies; 1 s over 2 cores at 100 Hz = 200 jiffies of machine time
+    samples = iter([(0, 0, 0), (100, 50, 10), (250, 60, 100), (300, 200, 110), (500, 300, 150)])
+    monkeypatch.setattr(demo, "_cpu_jiffies", lambda: next(samples))
+    before = torch.get_num_threads()
+    cb = AdaptiveThreads(threads=2)  # reads (0, 0, 0)
+    trainer = SimpleNamespace(global_step=7)
+    try:
+        cb.on_test_batch_end(trainer)  # 100 jiffies: too short a window, nothing judged
+        assert cb.threads == 2
+        cb.on_validation_batch_end(trainer)  # 250 jiffies since (0,0,0): others (250-60-100)/250*2 = 0.72
+        assert cb.threads == 1 and torch.get_num_threads() == 1
+        cb.on_predict_batch_end(trainer)  # 50 jiffies since the last figure: too short
+        assert cb.threads == 1
+        cb.on_predict_batch_end(trainer)  # 250 jiffies: others (250-240-50)/250 < 0 -> 0: idle again
+        assert cb.threads == 2 and cb.changes == [(7, 1), (7, 2)]
+    finally:
+        torch.set_num_threads(before)
