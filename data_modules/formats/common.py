@@ -69,6 +69,12 @@ def make_sample(category: str, split: Split, image: Path, mask: Path | None, def
                   defect_type)
 
 
+def good_samples(category: str, split: Split, folder: Path) -> list[Sample]:
+    """Every image below `folder` (sub-folders too) as a good sample named by its path relative to `folder`."""
+    return [make_sample(category, split, p, None, "good", p.relative_to(folder).with_suffix("").as_posix())
+            for p in images_in(folder, recursive=True)]
+
+
 def mask_index(mask_dir: Path) -> dict[tuple[str, str], list[Path]]:
     """Every image file below `mask_dir` keyed by (relative folder, stem without a `_mask` suffix)."""
     index: dict[tuple[str, str], list[Path]] = {}

@@ -20,6 +20,7 @@ from data_modules.formats.common import (
     LayoutConfig,
     Listing,
     check_orphan_masks,
+    good_samples,
     images_in,
     make_sample,
     mask_index,
@@ -36,14 +37,11 @@ def read(root: Path, category: str, layout: LayoutConfig) -> Listing:
     normal = require_dir(folder / layout.normal, "normal (data.layout.normal)", LAYOUT)
     abnormal = require_dir(folder / layout.abnormal, "abnormal (data.layout.abnormal)", LAYOUT)
     mask_dir = require_dir(folder / layout.masks, "mask (data.layout.masks)", LAYOUT)
-    train = [make_sample(category, Split.TRAIN, p, None, "good", p.relative_to(normal).with_suffix("").as_posix())
-             for p in images_in(normal, recursive=True)]
+    train = good_samples(category, Split.TRAIN, normal)
     test: list[Sample] = []
     if layout.normal_test:
         normal_test = require_dir(folder / layout.normal_test, "normal test (data.layout.normal_test)", LAYOUT)
-        test += [make_sample(category, Split.TEST_PUBLIC, p, None, "good",
-                             p.relative_to(normal_test).with_suffix("").as_posix())
-                 for p in images_in(normal_test, recursive=True)]
+        test += good_samples(category, Split.TEST_PUBLIC, normal_test)
     masks, used = mask_index(mask_dir), set()
     for p in images_in(abnormal, recursive=True):
         rel_folder = p.parent.relative_to(abnormal).as_posix()

@@ -17,6 +17,7 @@ from data_modules.formats.common import (
     LayoutConfig,
     Listing,
     check_orphan_masks,
+    good_samples,
     images_in,
     make_sample,
     mask_index,
@@ -31,9 +32,7 @@ LAYOUT = "mvtec_ad layout: <root>/<category>/{train/good, test/<type>, ground_tr
 def read(root: Path, category: str, layout: LayoutConfig) -> Listing:
     folder = require_dir(Path(root) / category, "category", LAYOUT)
     train_dir = require_dir(folder / "train" / "good", "training", LAYOUT)
-    train = [make_sample(category, Split.TRAIN, p, None, "good",
-                         p.relative_to(train_dir).with_suffix("").as_posix())
-             for p in images_in(train_dir, recursive=True)]
+    train = good_samples(category, Split.TRAIN, train_dir)
     test_dir = require_dir(folder / "test", "test", LAYOUT)
     gt_dir = folder / "ground_truth"
     masks, used = mask_index(gt_dir), set()
