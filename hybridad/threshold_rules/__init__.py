@@ -3,7 +3,8 @@ sweep read.
 
 Each rule is a `ThresholdRule` (`base.py`) that declares what it needs; one file per family:
 `validation_stats.py` (mean_std, percentile), `fixed.py`, `test_labels.py` (f1_optimal, tuned on test),
-`pseudo_defects.py` (pseudo_f1, pseudo_faint, capped_faint). Add a rule with a new file and one line in
+`pseudo_defects.py` (pseudo_f1, pseudo_faint, capped_faint), `split_scores.py` (split_matched, a private split's
+own maps). Add a rule with a new file and one line in
 `_BUILT_IN` (or `register_rule(MyRule())` from outside the package); docs/extending_rules.md.
 `fit_threshold` fits the rule a config names; `rule_for_split` resolves a private split's override.
 """
@@ -22,6 +23,7 @@ from hybridad.registry import Registry
 from hybridad.threshold_rules.base import ModelInputs, Need, RuleInputs, ThresholdRule
 from hybridad.threshold_rules.fixed import Fixed
 from hybridad.threshold_rules.pseudo_defects import PSEUDO_F1, PSEUDO_FAINT, CappedFaint
+from hybridad.threshold_rules.split_scores import SplitMatched
 from hybridad.threshold_rules.test_labels import F1Optimal
 from hybridad.threshold_rules.validation_stats import MeanStd, Percentile
 from hybridad.thresholds import (
@@ -33,7 +35,7 @@ from hybridad.thresholds import (
 )
 
 _BUILT_IN: tuple[ThresholdRule, ...] = (
-    MeanStd(), Percentile(), F1Optimal(), Fixed(), PSEUDO_F1, PSEUDO_FAINT, CappedFaint(),
+    MeanStd(), Percentile(), F1Optimal(), Fixed(), PSEUDO_F1, PSEUDO_FAINT, CappedFaint(), SplitMatched(),
 )
 _RULES: Registry[ThresholdRule] = Registry("threshold rule", lambda rule: rule.name)
 _RULES.register_all(_BUILT_IN)

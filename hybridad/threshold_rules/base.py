@@ -7,6 +7,9 @@ A rule declares its needs (`Need`); the needs decide where it is fitted and how 
 - `PSEUDO_DEFECTS`: the trained model scoring validation images with pasted pseudo-defects. Such a rule is
   fitted once at training time (`candidate` with `inputs.model`); its value is stored in `thresholds.yaml`
   (`candidates:`) and `evaluate` reads it back (`stored_value`).
+- `SPLIT_MAPS`: the unlabelled maps of the split the threshold is for (a private split's own scores, e.g. under
+  changed lighting), with the category's threshold (`RuleInputs.base`) to carry over; fitted where that split's
+  maps are cached (`hybridad.evaluate.fit_split_thresholds`), for a private split only.
 - `TEST_LABELS`: labelled test_public maps. A rule that needs them is tuned on test: every result it gives
   says so (`ThresholdResult.tuned_on_test`, the "threshold tuned on test" label), with no way to forget it.
 A rule that needs nothing (`fixed`) comes from the config.
@@ -36,6 +39,7 @@ class Need(enum.Enum):
     VALIDATION_STATS = "validation statistics"
     PSEUDO_DEFECTS = "pseudo-defects (model + validation images)"
     TEST_LABELS = "test labels"
+    SPLIT_MAPS = "the split's own maps (unlabelled)"
 
 
 @dataclass
@@ -58,6 +62,8 @@ class RuleInputs:
     model: Optional[ModelInputs] = None  # PSEUDO_DEFECTS, at training time only
     fitted: dict[str, float] = field(default_factory=dict)  # values fitted with the model at training time
     found: dict[str, dict[str, Any]] = field(default_factory=dict)  # candidate records fitted so far
+    split_stats: Optional[ScoreStats] = None  # SPLIT_MAPS: pixel scores of the split's own maps
+    base: Optional[float] = None  # SPLIT_MAPS: the category's threshold (the rule the split would inherit)
 
 
 class ThresholdRule:
