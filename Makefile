@@ -41,7 +41,7 @@ test-all: $(STAMP) ## every test, the slow ones included
 demo: $(STAMP) ## synthetic dataset -> train tiny models -> evaluate -> submission -> report
 	$(BIN)/python -m hybridad demo --out demo_out $(ARGS)
 
-# demo-photos: real photographs (scikit-image's brick, grass, gravel) with defect families no generator of ours
+# demo-photos: real photographs (scikit-image's brick, grass, gravel, moon, immunohistochemistry) with defect families no generator of ours
 # makes; each texture runs in the fabric slot (its routing and post-processing, closing scaled to 128 px) with
 # the demo's tiny INP-Former preset, through the normal CLI: train, evaluate (each compared label-free rule), report.
 PHOTOS     ?= demo_photos
@@ -52,7 +52,7 @@ PHOTO_ARGS := data.category=fabric name=demo inp_former.preset=tiny "inp_former.
 
 demo-photos: $(STAMP) ## threshold rules on real photographs and unseen defects: train, evaluate, report per texture
 	$(BIN)/python -m data_modules.photos --root $(PHOTOS)/data
-	for t in brick grass gravel; do \
+	for t in $$($(BIN)/python -c 'from data_modules.photos import TEXTURES; print(*TEXTURES)'); do \
 	  rm -rf $(PHOTOS)/runs/$$t; \
 	  $(BIN)/python -m hybridad train data.root=$(PHOTOS)/data/$$t out_dir=$(PHOTOS)/runs/$$t $(PHOTO_ARGS) $(ARGS) \
 	    || exit 1; \

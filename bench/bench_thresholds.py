@@ -19,6 +19,7 @@ runs already there are re-scored without training (rules are functions of the st
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -31,7 +32,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 import numpy as np
 import torch
 
-from data_modules.photos import NOVEL_FAMILIES, PSEUDO_FAMILIES, TEXTURES, read_manifest, write_photo_dataset
+from data_modules.photos import (
+    NOVEL_FAMILIES,
+    PSEUDO_FAMILIES,
+    TEXTURES,
+    mixed_lighting,
+    read_manifest,
+    write_photo_dataset,
+)
 from hybridad.metrics.functional import au_pro, binary_counts, f1_from_counts, pixel_auroc
 from hybridad.postprocess import PostProcessConfig, binarize
 from hybridad.pseudo_defect_rules import (
@@ -44,6 +52,7 @@ from hybridad.pseudo_defect_rules import (
     pseudo_counts,
 )
 from hybridad.run_dir import RunDir
+from hybridad.threshold_rules.split_scores import matched_threshold
 from hybridad.thresholds import ScoreStats, ThresholdConfig, mean_std_threshold
 from hybridad.types import AnomalyOutput
 
@@ -53,6 +62,10 @@ STEPS = int(os.environ.get("BENCH_THRESHOLDS_STEPS", "160"))
 REPEATS = 4  # pasted copies of each validation image per rule
 LABEL_FREE = ("mean_std", LEGACY.name, *RECIPES, "capped_faint")
 REUSE = os.environ.get("BENCH_THRESHOLDS_REUSE", "") == "1"  # re-score the runs already in `out` (no training)
+# a texture counts towards the "model detects" means when the model's pixel AUROC on that defect group reaches
+# this (fixed before any rule was compared on it): below it every threshold marks noise and ratios are noise
+DETECTS_AUROC = 0.6
+LIGHTING = "lighting-shifted test (all families)"
 
 
 class FamilyCalibration(L.Callback):
@@ -68,7 +81,7 @@ class FamilyCalibration(L.Callback):
 
     def save(self, path: Path) -> None:
         """Keep what the rules need (re-scoring new rules without retraining: `load_calibration`)."""
-        torch.save({"mean": self.mean, "std": self.std,
+        torch.save({"mean": self.mean, "std": self.std, "stats": self.stats.state_dict(),
                     "counts": {k: vars(v) for k, v in self.counts.items()}}, path)
 
     def _final(self, trainer: L.Trainer) -> bool:
@@ -143,6 +156,8 @@ def load_calibration(path: Path) -> FamilyCalibration:
     data = torch.load(path, weights_only=False)
     cal = FamilyCalibration([])
     cal.mean, cal.std = data["mean"], data["std"]
+    if "stats" in data:  # calibrations saved before the lighting section have no histogram
+        cal.stats.load_state_dict(data["stats"])
     cal.counts = {k: PseudoCounts(**v) for k, v in data["counts"].items()}
     return cal
 
@@ -200,6 +215,59 @@ def evaluate_texture(run: Path, data_root: Path, cal: FamilyCalibration, pp: Pos
     return rows
 
 
+def _shifted_test_maps(run: Path, data_root: Path, work: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every test_public image under the test_private_mixed lighting variants (`photos.mixed_lighting`, image
+    i gets variant i % 4), predicted by the run through `hybridad predict`: (N,1,H,W) maps and bool GT."""
+    import contextlib
+    import io
+
+    import cv2
+    import tifffile
+
+    from data_modules.listing import list_samples, read_image, read_mask
+    from hybridad.predict import predict
+
+    images, gts = work / "images", []
+    images.mkdir(parents=True, exist_ok=True)
+    samples = list_samples(data_root, SLOT, "test_public")
+    for i, s in enumerate(samples):
+        shifted = mixed_lighting(read_image(s.image_path), i)  # (H,W,3) uint8, grey in every channel
+        cv2.imwrite(str(images / f"{i:03d}.png"), shifted)
+        size = shifted.shape[:2]
+        gt = np.zeros(size, bool) if s.mask_path is None else np.asarray(read_mask(s.mask_path, s.image_path, size) > 0)
+        gts.append(torch.from_numpy(gt)[None, None])
+    with contextlib.redirect_stdout(io.StringIO()):
+        predict(run, [str(images)], work / "pred", device="cpu", overlays=False)
+    maps = [torch.from_numpy(tifffile.imread(work / "pred" / "maps" / f"{i:03d}.tiff").astype(np.float32))
+            for i in range(len(samples))]
+    return torch.stack(maps)[:, None], torch.cat(gts)  # (N,1,H,W)
+
+
+def lighting_rows(run: Path, data_root: Path, cal: FamilyCalibration, pp: PostProcessConfig, work: Path
+                  ) -> list[dict]:
+    """Each label-free rule as validated, and carried over to the shifted split by `split_matched` (which
+    reads the shifted maps, no labels), on the lighting-shifted test images; F1-optimal for scale."""
+    maps, gts = _shifted_test_maps(run, data_root, work)
+    split = ScoreStats()
+    split.update(maps)
+    opt, opt_thr = f1_optimal(maps, gts, pp)
+    rows = []
+    for rule, thr in rule_thresholds(cal, None).items():
+        matched = matched_threshold(thr, cal.stats, split)
+        f1, f1_m = seg_f1(maps, gts, thr, pp), seg_f1(maps, gts, matched, pp)
+        rows.append({"defects": LIGHTING, "rule": rule, "SegF1 %": round(100 * f1, 2),
+                     "ratio to F1-opt": round(f1 / opt, 3) if opt > 0 else float("nan"),
+                     "threshold": round(thr, 4), "split_matched SegF1 %": round(100 * f1_m, 2),
+                     "split_matched ratio": round(f1_m / opt, 3) if opt > 0 else float("nan"),
+                     "split_matched threshold": round(matched, 4)})
+    rows.append({"defects": LIGHTING, "rule": "f1_optimal (tuned on test)", "SegF1 %": round(100 * opt, 2),
+                 "ratio to F1-opt": 1.0, "threshold": round(opt_thr, 4)})
+    auroc, aupro = pixel_auroc(maps, gts), au_pro(maps, gts, 0.05)
+    for r in rows:
+        r.update({"pixel AUROC %": round(100 * auroc, 1), "AU-PRO(0.05) %": round(100 * aupro, 1)})
+    return rows
+
+
 def run(out: Path | None = None, textures: tuple[str, ...] = TEXTURES) -> list[dict]:
     """Train one tiny model per texture and return one row per (texture, defect group, rule), then the means."""
     tmp = None
@@ -221,6 +289,10 @@ def run(out: Path | None = None, textures: tuple[str, ...] = TEXTURES) -> list[d
         pp = _run_postprocess(run_dir)
         for r in evaluate_texture(run_dir, root, cal, pp):
             rows.append({"texture": tex, **r})
+        if cal.stats.count > 0:
+            shutil.rmtree(out / "lighting" / tex, ignore_errors=True)
+            for r in lighting_rows(run_dir, root, cal, pp, out / "lighting" / tex):
+                rows.append({"texture": tex, **r})
         print(f"  {tex}: train + calibrate {t1 - t0:.0f} s (calibration {cal.seconds:.0f} s), score "
               f"{time.time() - t1:.0f} s", flush=True)
     rows += _means(rows)
@@ -237,12 +309,21 @@ def _run_postprocess(run_dir: Path) -> PostProcessConfig:
 
 
 def _means(rows: list[dict]) -> list[dict]:
-    """Mean over textures of SegF1 and of the ratio to F1-optimal, per (defect group, rule)."""
+    """Mean over textures of SegF1 and of the ratio to F1-optimal, per (defect group, rule): over every
+    texture, and over the textures where the model detects that group (pixel AUROC >= `DETECTS_AUROC`)."""
     out = []
     keys = list(dict.fromkeys((r["defects"], r["rule"]) for r in rows))
-    for group, rule in keys:
-        sel = [r for r in rows if (r["defects"], r["rule"]) == (group, rule)]
-        out.append({"texture": "**mean**", "defects": group, "rule": rule,
-                    "SegF1 %": round(statistics.mean(r["SegF1 %"] for r in sel), 2),
-                    "ratio to F1-opt": round(statistics.mean(r["ratio to F1-opt"] for r in sel), 3)})
+    for label, keep in (("**mean**", lambda r: True),
+                        (f"**mean, model detects (AUROC >= {100 * DETECTS_AUROC:.0f} %)**",
+                         lambda r: r["pixel AUROC %"] >= 100 * DETECTS_AUROC)):
+        for group, rule in keys:
+            sel = [r for r in rows if (r["defects"], r["rule"]) == (group, rule) and keep(r)]
+            if not sel:
+                continue
+            row = {"texture": label, "defects": group, "rule": rule, "textures": len(sel),
+                   "SegF1 %": round(statistics.mean(r["SegF1 %"] for r in sel), 2),
+                   "ratio to F1-opt": round(statistics.mean(r["ratio to F1-opt"] for r in sel), 3)}
+            if "split_matched ratio" in sel[0]:
+                row["split_matched ratio"] = round(statistics.mean(r["split_matched ratio"] for r in sel), 3)
+            out.append(row)
     return out

@@ -1,7 +1,8 @@
 """A threshold yardstick on real photographs: normal crops of scikit-image's shipped textures, and defects of
 families the threshold calibration never sees.
 
-Each texture (`TEXTURES`: brick, grass, gravel, 512 x 512 photographs in the scikit-image wheel) becomes one
+Each texture (`TEXTURES`: brick, grass, gravel, moon and immunohistochemistry, 512 x 512 photographs in the
+scikit-image wheel; the colour one as its luminance) becomes one
 MVTec AD 2 tree (`<root>/<texture>/<slot>/...`, `slot` an existing category name, "fabric" by default, so the
 run uses that category's routing, tiling and post-processing). Normal images are `SIDE` x `SIDE` crops; train,
 validation and test crops come from disjoint row bands of the photo (`BANDS`), so no test pixel was seen in
@@ -38,7 +39,7 @@ import numpy as np
 from hybridad.errors import UserError
 from hybridad.types import CATEGORIES
 
-TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel")
+TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel", "moon", "immunohistochemistry")
 SIDE = 128  # crop side in photo pixels (no resampling: real pixels)
 BANDS = {"train": (0, 256), "validation": (256, 384), "test": (384, 512)}  # disjoint photo rows
 PSEUDO_FAMILIES: tuple[str, ...] = ("crack", "scratch", "spot", "contamination")  # defect_library.KINDS
@@ -72,7 +73,10 @@ def _source(texture: str) -> np.ndarray:
 
     if texture not in TEXTURES:
         raise UserError(f"unknown texture '{texture}'; valid: {', '.join(TEXTURES)}")
-    src = getattr(skimage.data, texture)().astype(np.float32) / 255.0  # (512,512)
+    src = getattr(skimage.data, texture)()  # (512,512) grey or (512,512,3) RGB uint8
+    if src.ndim == 3:  # immunohistochemistry: its luminance (the trees are grey)
+        src = cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
+    src = src.astype(np.float32) / 255.0  # (512,512)
     src.setflags(write=False)
     return src
 
@@ -224,8 +228,9 @@ def render_normal(texture: str, split: str, index: int, seed: int = 0) -> np.nda
     return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
 
 
-def _mixed_lighting(img: np.ndarray, index: int) -> np.ndarray:
-    """test_private_mixed: a global gain and offset (lighting change) on the same scene."""
+def mixed_lighting(img: np.ndarray, index: int) -> np.ndarray:
+    """test_private_mixed: a global gain and offset (lighting change) on the same scene; four variants,
+    `index % 4`. (uint8 in, uint8 out; the threshold benchmark applies the same variants to labelled images.)"""
     gain, offset = [(1.35, 10), (0.65, -5), (1.0, 35), (1.0, -35)][index % 4]
     return np.clip(img.astype(np.float32) * gain + offset, 0, 255).astype(np.uint8)
 
@@ -266,7 +271,7 @@ def write_photo_dataset(root: Path, textures: Sequence[str] = TEXTURES, slot: st
         for i in range(counts.private):
             img = render_normal(tex, "test", 500 + i, seed)
             _write(tree / f"test_private/{i:03d}_regular.png", img)
-            _write(tree / f"test_private_mixed/{i:03d}_mixed.png", _mixed_lighting(img, i))
+            _write(tree / f"test_private_mixed/{i:03d}_mixed.png", mixed_lighting(img, i))
         (tree.parent / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         roots[tex] = tree.parent
     return roots

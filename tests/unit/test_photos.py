@@ -69,3 +69,19 @@ def test_split_bands_are_disjoint_and_unknown_names_are_user_errors() -> None:
         render_normal("marble", "train", 0)
     with pytest.raises(UserError, match="family"):
         render_bad("brick", "rust", 0)
+
+
+def test_colour_photo_becomes_its_luminance_and_old_textures_keep_their_crops() -> None:
+    import skimage.data
+
+    from data_modules.photos import TEXTURES, normal_crop
+    from data_modules.photos import _rng as photo_rng
+
+    grey = cv2.cvtColor(skimage.data.immunohistochemistry(), cv2.COLOR_RGB2GRAY)  # (512,512) uint8
+    crop, x0, y0 = normal_crop("immunohistochemistry", "validation", photo_rng(0, "immunohistochemistry",
+                                                                              "validation", 2))
+    assert crop.shape == (SIDE, SIDE) and BANDS["validation"][0] <= y0 <= BANDS["validation"][1] - SIDE
+    np.testing.assert_array_equal(np.round(crop * 255).astype(np.uint8), grey[y0 : y0 + SIDE, x0 : x0 + SIDE])
+    # textures added later are appended: the first three keep their seeds, hence their crops
+    assert TEXTURES[:3] == ("brick", "grass", "gravel")
+    assert render_normal("moon", "train", 0).shape == (SIDE, SIDE)
