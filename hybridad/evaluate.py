@@ -158,7 +158,9 @@ def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult], 
 def _tuned_on_test_reasons(thresholds: dict[str, ThresholdResult], selected_by: dict[str, Any] | None
                            ) -> list[str]:
     """Why values of this evaluation were chosen with test_public labels (empty: they were not)."""
-    reasons = [f"{split} threshold fitted by {r.method} on test_public"
+    reasons = [f"{split} threshold {r.method} carried over from the category's, fitted on test_public"
+               if Need.SPLIT_MAPS in get_rule(r.method).needs
+               else f"{split} threshold fitted by {r.method} on test_public"
                for split, r in thresholds.items() if r.tuned_on_test]
     sweep = os.environ.get("WANDB_SWEEP_ID")
     if sweep:

@@ -126,3 +126,15 @@ def test_an_empty_split_is_one_user_error_naming_the_folder(tmp_path: Path) -> N
     assert "\n" not in str(err.value)
     # train fits the category's threshold before predicting: the split is left out, not an error
     assert set(fit_split_thresholds(run, cfg, predicted=())) == {"validation", "test_public", "test_private"}
+
+
+def test_carried_over_from_a_threshold_tuned_on_test_it_says_so(tmp_path: Path) -> None:
+    run, _ = _fake_run(tmp_path)
+    folder = create_evaluation(run.path, ["threshold.method=f1_optimal", MIXED])
+    evaluation = yaml.safe_load((folder / "evaluation.yaml").read_text())
+    assert evaluation["tuned_on_test"] is True
+    assert "test_private_mixed threshold split_matched carried over from the category's, fitted on test_public" \
+        in evaluation["tuned_on_test_because"]
+    mixed = yaml.safe_load((folder / "thresholds.yaml").read_text())["splits"]["test_private_mixed"]
+    assert mixed["tuned_on_test"] is True and mixed["source"].endswith(f"from f1_optimal on test_public "
+                                                                        f"({TUNED_ON_TEST})")
