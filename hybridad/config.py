@@ -496,8 +496,8 @@ def validate_config(cfg: RunConfig) -> None:
     _check(th.value is None or math.isfinite(th.value), "threshold.value", th.value, "must be a finite number")
     own = get_rule(th.method)
     _check(Need.SPLIT_MAPS not in own.needs, "threshold.method", th.method,
-           f"it reads a private split's own maps and the category's threshold, so it is a private split's rule: "
-           f"keep a category rule here and set threshold.test_private_mixed.method={th.method} "
+           "it reads a private split's own maps and the category's threshold, so it is a private split's "
+           f"rule: keep a category rule here and set threshold.test_private_mixed.method={th.method} "
            f"(or threshold.test_private.method)")
     for key, example in own.required.items():
         _check(getattr(th, key) is not None, f"threshold.{key}", getattr(th, key),

@@ -102,6 +102,9 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig, predicted: tuple[Split, ..
     rules = {s.value: rule_for_split(cfg.threshold, s.value) for s in SPLITS}
     rules = {split: r for split, r in rules.items()
              if Split(split) in predicted or Need.SPLIT_MAPS not in get_rule(r.method).needs}
+    own = {split: _map_stats(run, Split(split), f"threshold.{split}.method={r.method} reads the split's own "
+                             "maps; train with predict_private=true on a layout that has the split")
+           for split, r in rules.items() if Need.SPLIT_MAPS in get_rule(r.method).needs}  # first: fail early
     used = [get_rule(r.method) for r in rules.values()]
     now = {need for rule in used if not rule.fitted_with_model for need in rule.needs}  # fitted here
     stats = _validation_stats(run) if Need.VALIDATION_STATS in now else None
@@ -114,13 +117,10 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig, predicted: tuple[Split, ..
     if any(rule.fitted_with_model for rule in used):  # needs the model: the values found at training time
         pseudo = candidate_thresholds(run.read_thresholds(), cfg.threshold)
     fitted = {split: fit_threshold(rule, stats, labelled=labelled, pseudo=pseudo.get(rule.method))
-              for split, rule in rules.items() if Need.SPLIT_MAPS not in get_rule(rule.method).needs}
-    for split, rule in rules.items():
-        if split not in fitted:  # a private split matched to its own maps, from the category's threshold
-            method = get_rule(rule.method).name
-            own = _map_stats(run, Split(split), f"threshold.{split}.method={method} reads the split's own "
-                             "maps; train with predict_private=true on a layout that has the split")
-            fitted[split] = fit_threshold(rule, stats, split_stats=own, base=fitted[Split.TEST_PUBLIC.value])
+              for split, rule in rules.items() if split not in own}
+    for split, split_stats in own.items():  # matched to the split's own maps, from the category's threshold
+        fitted[split] = fit_threshold(rules[split], stats, split_stats=split_stats,
+                                      base=fitted[Split.TEST_PUBLIC.value])
     return {split: fitted[split] for split in rules}
 
 

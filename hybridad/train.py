@@ -271,8 +271,8 @@ def _fit_and_predict(cfg: RunConfig, model: AnomalyModule, run: Path, owner: boo
             from hybridad.evaluate import TEST_PUBLIC_MASKS_ONLY, evaluate_run
 
             # process-local metrics (the other ranks wait in the broadcast); the test_public masks now that there
-            # is a threshold, as the other rules write them at test (the private splits get theirs when predicted;
-            # a private split matched to its own maps is fitted after predicting)
+            # is a threshold, as the other rules write them at test (the private splits get theirs when
+            # predicted; a private split matched to its own maps is fitted after predicting)
             evaluate_run(run, [], write=True, write_masks=TEST_PUBLIC_MASKS_ONLY, predicted=())
             value = float(RunDir(run).read_thresholds()["value"])
         model.set_threshold(float(trainer.strategy.broadcast(value, src=0)))  # every rank binarises its share

@@ -115,7 +115,8 @@ def test_evaluate_matches_the_mixed_split_and_writes_its_masks(tmp_path: Path) -
         amap = torch.from_numpy(run.read_map(sid))[None, None]  # (1,1,H,W)
         expected = binarize(amap, mixed["value"], cfg.postprocess)[0, 0].numpy()
         assert np.array_equal(written.read_mask(sid) > 0, expected)
-        assert expected.any() and not np.array_equal(expected, binarize(amap, t, cfg.postprocess)[0, 0].numpy())
+        at_t = binarize(amap, t, cfg.postprocess)[0, 0].numpy()  # the category's threshold: another mask
+        assert expected.any() and not np.array_equal(expected, at_t)
 
 
 def test_an_empty_split_is_one_user_error_naming_the_folder(tmp_path: Path) -> None:
@@ -133,8 +134,8 @@ def test_carried_over_from_a_threshold_tuned_on_test_it_says_so(tmp_path: Path) 
     folder = create_evaluation(run.path, ["threshold.method=f1_optimal", MIXED])
     evaluation = yaml.safe_load((folder / "evaluation.yaml").read_text())
     assert evaluation["tuned_on_test"] is True
-    assert "test_private_mixed threshold split_matched carried over from the category's, fitted on test_public" \
-        in evaluation["tuned_on_test_because"]
+    why = "test_private_mixed threshold split_matched carried over from the category's, fitted on test_public"
+    assert why in evaluation["tuned_on_test_because"]
     mixed = yaml.safe_load((folder / "thresholds.yaml").read_text())["splits"]["test_private_mixed"]
     assert mixed["tuned_on_test"] is True and mixed["source"].endswith(f"from f1_optimal on test_public "
                                                                         f"({TUNED_ON_TEST})")
