@@ -406,7 +406,7 @@ def validate_config(cfg: RunConfig) -> None:
     """
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from hybridad.threshold_rules import get_rule, rule_for_split, rule_names
+    from hybridad.threshold_rules import Need, get_rule, rule_for_split, rule_names
     from hybridad.thresholds import OVERRIDABLE_SPLITS, PERCENTILE_METHODS
 
     from data_modules.formats import READERS
@@ -494,7 +494,12 @@ def validate_config(cfg: RunConfig) -> None:
     _check(th.factor > 0, "threshold.factor", th.factor, "must be > 0")
     _check(math.isfinite(th.k), "threshold.k", th.k, "must be a finite number")
     _check(th.value is None or math.isfinite(th.value), "threshold.value", th.value, "must be a finite number")
-    for key, example in get_rule(th.method).required.items():
+    own = get_rule(th.method)
+    _check(Need.SPLIT_MAPS not in own.needs, "threshold.method", th.method,
+           "it reads a private split's own maps and the category's threshold, so it is a private split's "
+           f"rule: keep a category rule here and set threshold.test_private_mixed.method={th.method} "
+           f"(or threshold.test_private.method)")
+    for key, example in own.required.items():
         _check(getattr(th, key) is not None, f"threshold.{key}", getattr(th, key),
                f"threshold.method={th.method} needs a value (threshold.{key}={example})")
     for split in OVERRIDABLE_SPLITS:
@@ -503,7 +508,13 @@ def validate_config(cfg: RunConfig) -> None:
             v = getattr(o, key)
             _check(v is None or math.isfinite(v), f"threshold.{split}.{key}", v, "must be a finite number")
         rule = rule_for_split(th, split)
-        for key, example in get_rule(rule.method, f"threshold.{split}.method").required.items():
+        split_rule = get_rule(rule.method, f"threshold.{split}.method")
+        if Need.SPLIT_MAPS in split_rule.needs:  # carries the category's threshold over: its own keys only
+            for key in (f.name for f in dataclasses.fields(o) if f.name != "method"):
+                _check(getattr(o, key) is None or key in split_rule.params, f"threshold.{split}.{key}",
+                       getattr(o, key), f"has no effect with threshold.{split}.method={rule.method}, which "
+                       f"carries the category's threshold over to the split (set threshold.{key} instead)")
+        for key, example in split_rule.required.items():
             _check(getattr(rule, key) is not None, f"threshold.{split}.{key}", getattr(o, key),
                    f"threshold.{split}.method={rule.method} needs a value (threshold.{split}.{key}={example})")
 

@@ -46,7 +46,7 @@ from hybridad.run_dir import RunDir
 from hybridad.threshold_rules import Need, fit_threshold, get_rule, rule_for_split
 from hybridad.threshold_rules.candidates import candidate_thresholds
 from hybridad.thresholds import TUNED_ON_TEST, ScoreStats, ThresholdResult
-from hybridad.types import Split
+from hybridad.types import PRIVATE_SPLITS, Split
 
 EVALUATIONS_DIR = "evaluations"
 EVALUATION_FILE = "evaluation.yaml"
@@ -55,14 +55,19 @@ SPLITS = (Split.VALIDATION, Split.TEST_PUBLIC, Split.TEST_PRIVATE, Split.TEST_PR
 SCORED_FIELDS = ("map", "mask", "pred", "label")  # what re-scoring has of each image (metric suite fields)
 
 
-def _validation_stats(run: RunDir) -> ScoreStats:
+def _map_stats(run: RunDir, split: Split, why: str) -> ScoreStats:
+    """Pixel statistics of every cached map of `split` (process-local: rank 0 reads all ranks' maps)."""
     stats = ScoreStats(**process_local())
-    ids = [sid for sid, _ in run.iter_maps(Split.VALIDATION.value)]
+    ids = [sid for sid, _ in run.iter_maps(split.value)]
     if not ids:
-        raise UserError(f"{run.path}/maps/validation is empty: the threshold rule needs the validation maps")
-    for sid in tqdm(ids, desc="validation maps", leave=False):
+        raise UserError(f"{run.path}/maps/{split.value} is empty: {why}")
+    for sid in tqdm(ids, desc=f"{split.value} maps", leave=False):
         stats.update(load_cached_map(run, sid))
     return stats
+
+
+def _validation_stats(run: RunDir) -> ScoreStats:
+    return _map_stats(run, Split.VALIDATION, "the threshold rule needs the validation maps")
 
 
 def _check_overrides(overrides: list[str]) -> None:
@@ -83,13 +88,23 @@ def _load_config(run: RunDir, overrides: list[str]) -> RunConfig:
     return cfg
 
 
-def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResult]:
+def fit_split_thresholds(run: RunDir, cfg: RunConfig, predicted: tuple[Split, ...] = PRIVATE_SPLITS
+                         ) -> dict[str, ThresholdResult]:
     """The threshold of every split: the category's rule, or a private split's own override.
 
     Validation maps are read only when a rule needs their statistics; test_public maps with labels only when
-    a rule needs them (tuned on test); a rule fitted with the model reads the value the run stored.
+    a rule needs them (tuned on test); a rule fitted with the model reads the value the run stored; a private
+    split whose rule needs its own maps (`split_matched`) reads that split's cached maps and carries the
+    category's threshold (test_public's) over to them. Such a split is left out unless it is in `predicted`
+    (train fits the category's threshold before predicting, and predicts only the private splits the layout
+    has); an empty one in `predicted` is an error.
     """
     rules = {s.value: rule_for_split(cfg.threshold, s.value) for s in SPLITS}
+    rules = {split: r for split, r in rules.items()
+             if Split(split) in predicted or Need.SPLIT_MAPS not in get_rule(r.method).needs}
+    own = {split: _map_stats(run, Split(split), f"threshold.{split}.method={r.method} reads the split's own "
+                             "maps; train with predict_private=true on a layout that has the split")
+           for split, r in rules.items() if Need.SPLIT_MAPS in get_rule(r.method).needs}  # first: fail early
     used = [get_rule(r.method) for r in rules.values()]
     now = {need for rule in used if not rule.fitted_with_model for need in rule.needs}  # fitted here
     stats = _validation_stats(run) if Need.VALIDATION_STATS in now else None
@@ -101,8 +116,12 @@ def fit_split_thresholds(run: RunDir, cfg: RunConfig) -> dict[str, ThresholdResu
     pseudo: dict[str, float] = {}
     if any(rule.fitted_with_model for rule in used):  # needs the model: the values found at training time
         pseudo = candidate_thresholds(run.read_thresholds(), cfg.threshold)
-    return {split: fit_threshold(rule, stats, labelled=labelled, pseudo=pseudo.get(rule.method))
-            for split, rule in rules.items()}
+    fitted = {split: fit_threshold(rule, stats, labelled=labelled, pseudo=pseudo.get(rule.method))
+              for split, rule in rules.items() if split not in own}
+    for split, split_stats in own.items():  # matched to the split's own maps, from the category's threshold
+        fitted[split] = fit_threshold(rules[split], stats, split_stats=split_stats,
+                                      base=fitted[Split.TEST_PUBLIC.value])
+    return {split: fitted[split] for split in rules}
 
 
 def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult], masks_to: RunDir | None,
@@ -125,7 +144,7 @@ def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult], 
     metrics.update({f"{split}/threshold": float(r.value) for split, r in thresholds.items()})
     if masks_to is not None:
         on_disk = list_splits(cfg.data).splits
-        for split in mask_splits:
+        for split in (s for s in mask_splits if s.value in thresholds):
             maps = list(run.iter_maps(split))
             if not maps and split in on_disk:  # a layout without private splits has nothing to binarise
                 print(f"warning: {run.path}/maps/{split.value} is empty; no {split.value} masks written",
@@ -139,7 +158,9 @@ def _score(run: RunDir, cfg: RunConfig, thresholds: dict[str, ThresholdResult], 
 def _tuned_on_test_reasons(thresholds: dict[str, ThresholdResult], selected_by: dict[str, Any] | None
                            ) -> list[str]:
     """Why values of this evaluation were chosen with test_public labels (empty: they were not)."""
-    reasons = [f"{split} threshold fitted by {r.method} on test_public"
+    reasons = [f"{split} threshold {r.method} carried over from the category's, fitted on test_public"
+               if Need.SPLIT_MAPS in get_rule(r.method).needs
+               else f"{split} threshold fitted by {r.method} on test_public"
                for split, r in thresholds.items() if r.tuned_on_test]
     sweep = os.environ.get("WANDB_SWEEP_ID")
     if sweep:
@@ -169,7 +190,8 @@ TEST_PUBLIC_MASKS_ONLY: tuple[Split, ...] = ()  # `evaluate_run(write_masks=...)
 
 
 def evaluate_run(run_path: Path, overrides: list[str], write: bool = False,
-                 write_masks: bool | tuple[Split, ...] = False) -> dict[str, float]:
+                 write_masks: bool | tuple[Split, ...] = False, predicted: tuple[Split, ...] = PRIVATE_SPLITS
+                 ) -> dict[str, float]:
     """Re-score cached maps; returns `{"test_public/<metric>": value, ...}` and prints a summary.
 
     With `write=True` (what `hybridad train` uses for `f1_optimal`, and after predicting when a private split
@@ -177,12 +199,14 @@ def evaluate_run(run_path: Path, overrides: list[str], write: bool = False,
     `thresholds.yaml`, and `write_masks` rewrites the run's own masks (True: every split; a tuple of splits:
     test_public and those, e.g. validation before the private splits are predicted); otherwise a new
     evaluation directory is written (`create_evaluation`) and the run's files stay untouched.
+    `predicted` (with `write=True`): the private splits with cached maps; one whose rule reads its own maps
+    and is not among them is left out (train: none before predicting, the layout's private splits after).
     """
     if not write:
         return json.loads((create_evaluation(run_path, overrides, write_masks) / "metrics.json").read_text())
     run = RunDir(Path(run_path))
     cfg = _load_config(run, overrides)
-    thresholds = fit_split_thresholds(run, cfg)
+    thresholds = fit_split_thresholds(run, cfg, predicted)
     if isinstance(write_masks, tuple):
         metrics = _score(run, cfg, thresholds, run, write_masks)
     else:

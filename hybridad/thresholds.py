@@ -77,7 +77,7 @@ class ThresholdResult:
 
     value: float
     method: str
-    source: str  # "validation" | "test_public (threshold tuned on test)" | "config"
+    source: str  # "validation" | "test_public (threshold tuned on test)" | "config" | ... (ThresholdRule.source)
     tuned_on_test: bool
 
 

@@ -271,8 +271,9 @@ def _fit_and_predict(cfg: RunConfig, model: AnomalyModule, run: Path, owner: boo
             from hybridad.evaluate import TEST_PUBLIC_MASKS_ONLY, evaluate_run
 
             # process-local metrics (the other ranks wait in the broadcast); the test_public masks now that there
-            # is a threshold, as the other rules write them at test (the private splits get theirs when predicted)
-            evaluate_run(run, [], write=True, write_masks=TEST_PUBLIC_MASKS_ONLY)
+            # is a threshold, as the other rules write them at test (the private splits get theirs when
+            # predicted; a private split matched to its own maps is fitted after predicting)
+            evaluate_run(run, [], write=True, write_masks=TEST_PUBLIC_MASKS_ONLY, predicted=())
             value = float(RunDir(run).read_thresholds()["value"])
         model.set_threshold(float(trainer.strategy.broadcast(value, src=0)))  # every rank binarises its share
     if cfg.predict_private and not datamodule.predict_splits and owner:
@@ -284,5 +285,5 @@ def _fit_and_predict(cfg: RunConfig, model: AnomalyModule, run: Path, owner: boo
             if trainer.is_global_zero:
                 from hybridad.evaluate import evaluate_run
 
-                evaluate_run(run, [], write=True, write_masks=True)
+                evaluate_run(run, [], write=True, write_masks=True, predicted=datamodule.predict_splits)
     trainer.save_checkpoint(run / "checkpoints" / "final.ckpt", weights_only=True)  # model + threshold only

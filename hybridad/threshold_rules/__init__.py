@@ -78,6 +78,8 @@ def fit_threshold(
     stats: ScoreStats | None = None,
     labelled: Union[PixelF1Max, tuple[Tensor, Tensor], None] = None,
     pseudo: float | None = None,
+    split_stats: ScoreStats | None = None,
+    base: ThresholdResult | None = None,
 ) -> ThresholdResult:
     """Fit the rule `cfg.method` names from what it needs.
 
@@ -87,6 +89,10 @@ def fit_threshold(
         labelled: labelled test_public histograms (rules that need `TEST_LABELS`: tuned on test).
         pseudo: the value of a rule fitted with the model at training time (stored in thresholds.yaml
             `candidates.<method>.value`).
+        split_stats: pixel scores of the split's own (unlabelled) maps (rules that need `SPLIT_MAPS`); summed
+            over DDP ranks here.
+        base: the category's fitted threshold, which a `SPLIT_MAPS` rule carries over to the split; the result
+            is tuned on test when the base was, and its source names the base's.
     """
     rule = get_rule(cfg.method)
     with contextlib.ExitStack() as stack:
@@ -102,8 +108,19 @@ def fit_threshold(
                                     "tuned on test); use mean_std")
                 if isinstance(labelled, PixelF1Max):
                     stack.enter_context(labelled.sync_context())
+            if Need.SPLIT_MAPS in rule.needs:
+                if split_stats is None or base is None:
+                    raise UserError(f"threshold.method={rule.name} needs a private split's own maps and the "
+                                    f"category's threshold; set it per private split "
+                                    f"(threshold.test_private_mixed.method={rule.name})")
+                stack.enter_context(split_stats.sync_context())
         fitted = {rule.name: pseudo} if pseudo is not None else {}
-        value = rule.fit(cfg, RuleInputs(stats=stats, labelled=labelled, fitted=fitted))
+        inputs = RuleInputs(stats=stats, labelled=labelled, fitted=fitted, split_stats=split_stats,
+                            base=None if base is None else float(base.value))
+        value = rule.fit(cfg, inputs)
+    if Need.SPLIT_MAPS in rule.needs and base is not None:  # carried over from the category's threshold
+        return ThresholdResult(float(value), rule.name, f"{rule.source}, from {base.method} on {base.source}",
+                               rule.tuned_on_test or base.tuned_on_test)
     return ThresholdResult(float(value), rule.name, rule.source, rule.tuned_on_test)
 
 

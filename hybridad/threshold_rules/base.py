@@ -103,6 +103,8 @@ class ThresholdRule:
             return f"test_public ({TUNED_ON_TEST})"
         if self.fitted_with_model:
             return "validation + pseudo-anomalies"
+        if Need.SPLIT_MAPS in self.needs:
+            return "validation + the split's own maps"
         return "validation" if Need.VALIDATION_STATS in self.needs else "config"
 
     def fit(self, cfg: ThresholdConfig, inputs: RuleInputs) -> float:

@@ -219,3 +219,31 @@ def test_evaluate_refuses_to_smooth_maps_that_were_cached_smoothed(can_run: Path
 
     with pytest.raises(UserError, match="whole_map_blur_sigma"):
         evaluate_run(can_run, ["postprocess.whole_map_blur_sigma=2.0"])
+
+
+def test_split_matched_mixed_threshold_is_fitted_after_predict(synthetic_root: Path, tmp_path: Path) -> None:
+    """A tuned-on-test category threshold (fitted before predicting) carried over to test_private_mixed's own
+    maps once they exist: the recorded value is numpy's median/90th-percentile match, the masks follow it."""
+    rules = ["threshold.method=f1_optimal", "threshold.test_private_mixed.method=split_matched",
+             "threshold.pseudo_repeats=0", "trainer.limit_predict_batches=2"]
+    run = train(demo_config("can", synthetic_root, tmp_path, [*FAST, *rules]))
+
+    def scores(split: str) -> np.ndarray:
+        maps = sorted((run / "maps" / split).rglob("*.tiff"))
+        return np.concatenate([tifffile.imread(p).ravel() for p in maps]).astype(np.float64)
+
+    thr = yaml.safe_load((run / "thresholds.yaml").read_text())
+    (m, p), (m2, p2) = (np.percentile(scores(s), [50, 90]) for s in ("validation", "test_private_mixed"))
+    mixed = thr["splits"]["test_private_mixed"]
+    assert mixed["method"] == "split_matched" and mixed["tuned_on_test"] is True  # its base is f1_optimal
+    assert mixed["source"] == "validation + the split's own maps, from f1_optimal on test_public " \
+                              "(threshold tuned on test)"
+    assert mixed["value"] == pytest.approx(m2 + (thr["value"] - m) * (p2 - m2) / (p - m), rel=1e-6)
+    assert thr["splits"]["test_private"]["value"] == thr["value"]
+    moved = 0  # pixels whose mask the matched threshold changed (the provisional masks used the category's)
+    for path in sorted((run / "maps" / "test_private_mixed").glob("*.tiff")):
+        mask = cv2.imread(str(run / "masks/test_private_mixed" / f"{path.stem}.png"), cv2.IMREAD_UNCHANGED)
+        amap = tifffile.imread(path).astype(np.float32)
+        assert np.array_equal(mask > 0, amap >= np.float32(mixed["value"]))
+        moved += int(((mask > 0) != (amap >= np.float32(thr["value"]))).sum())
+    assert moved > 0

@@ -28,12 +28,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_needs_decide_the_source_and_the_tuned_on_test_mark() -> None:
     assert rule_names() == ("mean_std", "percentile", "f1_optimal", "fixed", "pseudo_f1", "pseudo_faint",
-                            "capped_faint")
+                            "capped_faint", "split_matched")
     sources = {r.name: r.source for r in all_rules()}
     assert sources == {"mean_std": "validation", "percentile": "validation", "fixed": "config",
                        "f1_optimal": f"test_public ({TUNED_ON_TEST})", "pseudo_f1": "validation + pseudo-anomalies",
                        "pseudo_faint": "validation + pseudo-anomalies",
-                       "capped_faint": "validation + pseudo-anomalies"}
+                       "capped_faint": "validation + pseudo-anomalies",
+                       "split_matched": "validation + the split's own maps"}
     assert [r.name for r in all_rules() if r.tuned_on_test] == ["f1_optimal"]
     assert [r.name for r in all_rules() if Need.TEST_LABELS in r.needs] == ["f1_optimal"]
     # the report's columns: label-free first, then the rules tuned on test
