@@ -32,6 +32,9 @@ def matched_threshold(base: float, validation: ScoreStats, split: ScoreStats) ->
     if not hi_v > lo_v:
         raise UserError("threshold rule split_matched: the validation scores' median and 90th percentile are "
                         f"equal ({lo_v:g}); the maps are flat, use mean_std or a fixed value")
+    if not hi_s > lo_s:
+        raise UserError("threshold rule split_matched: the split's scores have equal median and 90th percentile "
+                        f"({lo_s:g}); its maps are flat, set threshold.<split>.value or use mean_std")
     return float(lo_s + (base - lo_v) * (hi_s - lo_s) / (hi_v - lo_v))
 
 

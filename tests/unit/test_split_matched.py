@@ -36,9 +36,11 @@ def test_an_affine_change_of_the_scores_carries_the_threshold_along() -> None:
         assert got == pytest.approx(a * 0.6 + b, abs=2e-3 * a)  # float16 percentiles
 
 
-def test_flat_validation_scores_are_one_user_error() -> None:
+def test_flat_validation_or_split_scores_are_one_user_error() -> None:
     with pytest.raises(UserError, match="median and 90th percentile are equal"):
         matched_threshold(0.5, _stats(np.zeros(100)), _stats(np.linspace(0, 1, 100)))
+    with pytest.raises(UserError, match="split's scores have equal median"):  # else: the split's median
+        matched_threshold(0.5, _stats(np.linspace(0, 1, 100)), _stats(np.full(100, 0.3)))
 
 
 def test_it_needs_the_split_and_the_base_and_takes_the_base_provenance() -> None:
