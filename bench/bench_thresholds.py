@@ -1,19 +1,23 @@
 """`python -m bench --only thresholds`: label-free threshold rules on real photographs and unseen defects.
 
-For each texture of `data_modules.photos` (crops of scikit-image's photographs; train, validation and test from
-disjoint regions) a tiny INP-Former is trained through the project's own `train` path (the `fabric` slot's
-routing, tiling and post-processing, kernels scaled to 128 px). A callback scores pasted validation images for
-every pseudo-defect rule at the final validation, keeping counts per pseudo family. Then every rule's
-threshold binarises the cached test_public maps with the run's post-processing, family by family:
+For each texture of `data_modules.photos` (crops of five scikit-image photographs; train, validation and test
+from disjoint regions) a tiny INP-Former is trained through the project's own `train` path (the `fabric`
+slot's routing, tiling and post-processing, kernels scaled to 128 px). A callback scores pasted validation
+images for every pseudo-defect rule at the final validation, keeping counts per pseudo family. Then every
+rule's threshold binarises the cached test_public maps with the run's post-processing, family by family:
 - held-out pseudo families: the rule is calibrated on the other three families only (leave one family out);
-- novel families (blur, dent, phase swap, hole, crease, blocks): calibrated on all four pseudo families.
+- novel families (blur, dent, phase swap, hole, crease, blocks): calibrated on all four pseudo families;
+- lighting-shifted test: every test image under test_private_mixed's gain/offset variants, predicted through
+  `hybridad predict`; each rule as validated, and carried over by `split_matched` (the shifted maps, no labels).
 SegF1 is pooled over the test good images and the family's bad images, averaged over the group's families;
 "F1-opt" is the best SegF1 on a dense threshold grid for that family: tuned on test (an oracle, for scale).
-Pixel AUROC and AU-PRO(0.05) are the model's, the same for every rule.
+Pixel AUROC and AU-PRO(0.05) are the model's, the same for every rule. Means are over all textures and over
+the textures where the model detects the group (pixel AUROC >= `DETECTS_AUROC`).
 
-The default rule was chosen on the held-out pseudo rows (leave-one-out over our own families); the novel rows
-are the check. `BENCH_THRESHOLDS_OUT=<dir>` keeps the trees and runs there; with `BENCH_THRESHOLDS_REUSE=1` the
-runs already there are re-scored without training (rules are functions of the stored calibration counts).
+The default rule is chosen on the held-out pseudo rows (leave-one-out over our own families) where the model
+detects; the novel rows are the check (docs/thresholds.md). `BENCH_THRESHOLDS_OUT=<dir>` keeps the trees and
+runs there; with `BENCH_THRESHOLDS_REUSE=1` the runs already there are re-scored without training (rules are
+functions of the stored calibration counts).
 """
 
 from __future__ import annotations
