@@ -8,6 +8,7 @@ references, foreground weighting), bank already built. Random weights change not
 
     python -m bench.bench_cpr            # CPU: batch 1 and 16
     python -m bench.bench_cpr --gpu      # CUDA: batch 1 and 16, bank on the device
+    python -m bench.bench_cpr --vs-official   # scoring per image (NN + blur + score) vs the official formula
 """
 
 from __future__ import annotations
@@ -60,9 +61,55 @@ def train_step_row(device: torch.device, size: int = 320, batch: int = 8, steps:
             "seconds": round(statistics.median(times), 3), "images_per_s": round(batch / statistics.median(times), 2)}
 
 
+def vs_official_rows(images: int = 6, k: int = 10, dim: int = 384, size: int = 320, bank: int = 16,
+                     rounds: int = 3) -> list[dict]:
+    """Per image (batch 1, as the official loop): windowed NN over K references at both scales, upsampling,
+    blur and top-512 score, ours (`CprModel._local_map`, `mirror_blur2d`, `image_scores`) against the official
+    formula (`bench/cpr_official.py`) on the same L2-normalised descriptors; arms alternate per image."""
+    from bench.cpr_official import official_score
+    from hybridad.gaussian import mirror_blur2d
+    from hybridad.models.cpr.retrieval import l2_normalise
+
+    g = torch.Generator().manual_seed(0)
+    cfg = CprConfig(preset="tiny", image_size=size, k_nearest=k)
+    model = CprModel(cfg).eval()
+    grids = [size // 4, size // 8]  # descriptor grids of the two scales (strides 4 and 8)
+    model.bank = [l2_normalise(torch.randn(bank, dim, n, n, generator=g)) for n in grids]  # (N, D, n, n)
+    queries = [[l2_normalise(torch.randn(1, dim, n, n, generator=g)) for n in grids] for _ in range(images)]
+    refs = [torch.randperm(bank, generator=g)[:k][None] for _ in range(images)]  # (1, K) bank indices
+
+    def ours(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = mirror_blur2d(model._local_map(queries[i], refs[i], (size, size)), cfg.blur_kernel, cfg.blur_sigma)
+        return maps, model.image_scores(maps, blurred=True)[0]
+
+    def official(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        per_scale = [b[refs[i][0]] for b in model.bank]  # (K, D, n, n) each
+        return official_score([q[0] for q in queries[i]], per_scale, cfg.region_sizes, size, cfg.top_t)
+
+    times: dict[str, list[float]] = {"ours": [], "official": []}
+    diff_map = diff_score = 0.0
+    with torch.inference_mode():
+        ours(0), official(0)  # warm-up
+        for _ in range(rounds):
+            for i in range(images):
+                for name, arm in (("ours", ours), ("official", official)):
+                    t0 = time.perf_counter()
+                    out = arm(i)
+                    times[name].append(time.perf_counter() - t0)
+                    if name == "ours":
+                        mine = out
+                diff_map = max(diff_map, float((mine[0] - out[0]).abs().max()))
+                diff_score = max(diff_score, float((mine[1] - out[1]).abs() / out[1].abs()))
+    ms = {name: 1000 * statistics.median(v) for name, v in times.items()}
+    return [{"name": "cpr_scoring_vs_official", "device": f"cpu x{torch.get_num_threads()} threads",
+             "K": k, "size": size, "ours_ms_per_image": round(ms["ours"], 1),
+             "official_ms_per_image": round(ms["official"], 1), "speed_up": round(ms["official"] / ms["ours"], 2),
+             "max_map_diff": f"{diff_map:.1e}", "max_score_rel_diff": f"{diff_score:.1e}"}]
+
+
 def suite(gpu: bool = False) -> list[dict]:
     """`python -m bench --only cpr`."""
-    return run(gpu=gpu)
+    return run(gpu=gpu) + ([] if gpu else vs_official_rows())
 
 
 def run(gpu: bool = False, train_images: int = 16, batches: tuple[int, ...] = (1, 16), size: int = 320) -> list[dict]:
@@ -124,7 +171,13 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--train-images", type=int, default=16)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--vs-official", action="store_true",
+                        help="only the scoring path (NN + blur + score per image) against the official formula")
     args = parser.parse_args()
+    if args.vs_official:
+        for row in vs_official_rows():
+            print(json.dumps(row))
+        return
     for row in run(args.gpu, args.train_images, tuple(args.batches)):
         print(json.dumps(row))
 
