@@ -16,9 +16,9 @@ def test_means_over_all_textures_and_over_textures_the_model_detects() -> None:
             _row("moon", "mean_std", 10.0, 0.7, hi)]
     means = _means(rows)
     every, detects = means
-    assert every["texture"] == "**mean**" and every["textures"] == 3
+    assert every["texture"] == "**mean**" and every["runs"] == 3
     assert every["SegF1 %"] == round((20 + 1 + 10) / 3, 2) and every["ratio to F1-opt"] == 0.6
-    assert "detects" in detects["texture"] and detects["textures"] == 2
+    assert "detects" in detects["texture"] and detects["runs"] == 2
     assert detects["SegF1 %"] == 15.0 and detects["ratio to F1-opt"] == 0.8  # grass (at chance) left out
 
 
