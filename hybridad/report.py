@@ -33,6 +33,7 @@ from hybridad.errors import UserError
 from hybridad.metrics.suite import MetricSpec, metric_suite
 from hybridad.run_dir import RunDir, atomic_write_bytes
 from hybridad.threshold_rules import compared_rules
+from hybridad.thresholds import OVERRIDABLE_SPLITS
 from hybridad.types import CATEGORIES, Sample, Split
 from hybridad.visualize import format_threshold, overlay_panel
 
@@ -170,12 +171,25 @@ PARTIAL_NOTE = "* mean over the categories that have this metric."
 
 
 def _threshold_source(r: _Run) -> str:
+    """Where the category's threshold came from, then each private split that has its own threshold."""
     th, source = r.thresholds, str(r.thresholds.get("source") or r.metrics.get("threshold_source") or "")
     if th.get("tuned_on_test") or "tuned on test" in source:
-        return "threshold tuned on test"
-    if th.get("method") and source:
-        return f"{th['method']} on {source}"
-    return source or MISSING
+        text = "threshold tuned on test"
+    elif th.get("method") and source:
+        text = f"{th['method']} on {source}"
+    else:
+        text = source or MISSING
+    return "; ".join([text, *_private_split_thresholds(th)])
+
+
+def _private_split_thresholds(th: dict[str, Any]) -> list[str]:
+    """`<split>: <method> @ <value>` for each private split whose threshold differs from the category's."""
+    out = []
+    for split, entry in (th.get("splits") or {}).items():
+        if split in OVERRIDABLE_SPLITS and isinstance(entry, dict) and isinstance(entry.get("value"), (int, float)) \
+                and (entry.get("method"), entry["value"]) != (th.get("method"), th.get("value")):
+            out.append(f"{split}: {entry.get('method', '?')} @ {entry['value']:.4g}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- tables

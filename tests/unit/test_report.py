@@ -48,7 +48,11 @@ def two_runs(tmp_path: Path) -> list[Path]:
          "test_public/threshold=pseudo_f1/seg_f1": 0.15, "test_public/threshold=pseudo_f1/value": 0.75,
          "test_public/threshold=f1_optimal/seg_f1": 0.2, "test_public/threshold=f1_optimal/value": 0.5,
          "threshold_source": "validation"},
-        {"value": 1.0, "method": "mean_std", "source": "validation", "tuned_on_test": False},
+        {"value": 1.0, "method": "mean_std", "source": "validation", "tuned_on_test": False,
+         "splits": {"validation": {"value": 1.0, "method": "mean_std"},
+                    "test_public": {"value": 1.0, "method": "mean_std"},
+                    "test_private": {"value": 1.0, "method": "mean_std"},  # as the category's: not repeated
+                    "test_private_mixed": {"value": 1.2345678, "method": "split_matched"}}},
     )
     return [vial, can]  # deliberately not in CATEGORIES order
 
@@ -68,7 +72,8 @@ def test_main_table_exact_numbers_and_mean(two_runs: list[Path], tmp_path: Path)
         "| category | AU-PRO(0.05) % | SegF1 % | ClassF1 % | image AUROC % | pixel AUROC % | pixel F1-max % "
         "| threshold source | branch |",
         "|---|---|---|---|---|---|---|---|---|",
-        "| can | 61.23 | 10.00 | 80.00 | 75.00 | 95.00 | 20.00 | mean_std on validation | inp_former |",
+        "| can | 61.23 | 10.00 | 80.00 | 75.00 | 95.00 | 20.00 | mean_std on validation; test_private_mixed: "
+        "split_matched @ 1.235 | inp_former |",
         "| vial | 50.00 | 25.00 | – | 87.50 | 99.00 | 30.00 | threshold tuned on test | cpr |",
         "| mean | 55.62 | 17.50 | 80.00* | 81.25 | 97.00 | 25.00 |  |  |",
     ]
