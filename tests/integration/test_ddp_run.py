@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,9 +97,24 @@ def test_ddp_through_lightnings_launcher_shares_one_run_and_the_tuned_threshold(
 
 
 def test_ddp_through_torchrun_shares_one_run(synthetic_root: Path, tmp_path: Path) -> None:
+    """Also a per-split rule that reads the split's own maps: fitted once after both ranks predicted."""
+    from hybridad.threshold_rules.split_scores import matched_threshold
+    from hybridad.thresholds import ScoreStats
+
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hybridad",
-          "train", *_args(synthetic_root, tmp_path)])
-    _check_run(tmp_path, synthetic_root, SPLITS[1:])
+          "train", *_args(synthetic_root, tmp_path), "threshold.test_private_mixed.method=split_matched"])
+    run = _check_run(tmp_path, synthetic_root, SPLITS[1:])
+    record = yaml.safe_load((run / "thresholds.yaml").read_text())
+    mixed = record["splits"]["test_private_mixed"]
+    assert mixed["method"] == "split_matched" and record["splits"]["test_private"]["value"] == record["value"]
+    stats = {split: ScoreStats() for split in ("validation", "test_private_mixed")}
+    for split, acc in stats.items():  # every rank's maps, read by one process
+        for path in (run / "maps" / split).rglob("*.tiff"):
+            acc.update(torch.from_numpy(tifffile.imread(path).astype(np.float32)))
+    assert mixed["value"] == pytest.approx(matched_threshold(record["value"], *stats.values()), rel=1e-6)
+    for path in (run / "maps" / "test_private_mixed").glob("*.tiff"):
+        mask = cv2.imread(str(run / "masks" / "test_private_mixed" / f"{path.stem}.png"), cv2.IMREAD_UNCHANGED) > 0
+        assert np.array_equal(mask, tifffile.imread(path).astype(np.float32) >= np.float32(mixed["value"]))
 
 
 def test_ddp_through_slurm_variables_shares_one_run(synthetic_root: Path, tmp_path: Path) -> None:
