@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from bench.bench_thresholds import DETECTS_AUROC, _means
+import pytest
+import torch
+
+from bench.bench_thresholds import DETECTS_AUROC, _means, f1_optimal, texture_optimal
+from hybridad.postprocess import PostProcessConfig
 
 
 def _row(texture: str, rule: str, f1: float, ratio: float, auroc: float) -> dict:
@@ -25,3 +29,32 @@ def test_means_over_all_textures_and_over_textures_the_model_detects() -> None:
 def test_no_detecting_texture_gives_no_detects_row() -> None:
     rows = [_row("grass", "mean_std", 1.0, 0.2, 100 * DETECTS_AUROC - 1)]
     assert [r["texture"] for r in _means(rows)] == ["**mean**"]
+
+
+def _maps(values: dict[tuple[int, int], float]) -> torch.Tensor:
+    m = torch.zeros(1, 1, 4, 4)
+    for (y, x), v in values.items():
+        m[0, 0, y, x] = v
+    return m
+
+
+def test_texture_oracle_is_the_best_single_threshold_over_families() -> None:
+    """Hand-computed: one good image with a normal spike at 0.375; family A's two defect pixels score 0.75,
+    family B's 0.25 (all exact in float16). Per family: A reaches F1 1 above the spike, B 0.8 below it
+    (2 TP, the spike as 1 FP). One threshold for both: at or below 0.25 both give 0.8 (mean 0.8); above the
+    spike A gives 1 and B 0 (mean 0.5); so the texture oracle is 0.8, under the per-family mean of 0.9."""
+    pp = PostProcessConfig()
+    good = _maps({(0, 0): 0.375})
+    defect = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    defect[0, 0, 2, 1:3] = True
+    subsets = {
+        "A": (torch.cat([good, _maps({(2, 1): 0.75, (2, 2): 0.75})]), torch.cat([torch.zeros_like(defect), defect])),
+        "B": (torch.cat([good, _maps({(2, 1): 0.25, (2, 2): 0.25})]), torch.cat([torch.zeros_like(defect), defect])),
+    }
+    assert f1_optimal(*subsets["A"], pp)[0] == pytest.approx(1.0)
+    assert f1_optimal(*subsets["B"], pp)[0] == pytest.approx(0.8)
+    f1, threshold = texture_optimal(subsets, pp, extra=[0.25, float("nan")])
+    assert f1 == pytest.approx(0.8)
+    assert 0 < threshold <= 0.25
+    # a rule's threshold is in the grid, so no rule scores above the oracle
+    assert texture_optimal({"B": subsets["B"]}, pp, extra=[0.25])[0] == pytest.approx(0.8)
