@@ -41,9 +41,10 @@ test-all: $(STAMP) ## every test, the slow ones included
 demo: $(STAMP) ## synthetic dataset -> train tiny models -> evaluate -> submission -> report
 	$(BIN)/python -m hybridad demo --out demo_out $(ARGS)
 
-# demo-photos: real photographs (scikit-image's brick, grass, gravel, moon, immunohistochemistry) with defect families no generator of ours
-# makes; each texture runs in the fabric slot (its routing and post-processing, closing scaled to 128 px) with
-# the demo's tiny INP-Former preset, through the normal CLI: train, evaluate (each compared label-free rule), report.
+# demo-photos: real photographs (scikit-image's brick, grass, gravel, moon, immunohistochemistry and Hubble
+# deep field) with defect families no generator of ours makes; each texture runs in the fabric slot (its routing
+# and post-processing, closing scaled to 128 px) with the demo's tiny INP-Former preset, through the normal CLI:
+# train, evaluate (each compared label-free rule), report.
 PHOTOS     ?= demo_photos
 PHOTO_ARGS := data.category=fabric name=demo inp_former.preset=tiny "inp_former.weights=''" data.num_workers=0 \
   logging.wandb=false trainer.check_val_every_n_epoch=100000 trainer.enable_progress_bar=false \

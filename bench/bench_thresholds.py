@@ -1,6 +1,6 @@
 """`python -m bench --only thresholds`: label-free threshold rules on real photographs and unseen defects.
 
-For each texture of `data_modules.photos` (crops of five scikit-image photographs; train, validation and test
+For each texture of `data_modules.photos` (crops of six scikit-image photographs; train, validation and test
 from disjoint regions) a tiny INP-Former is trained through the project's own `train` path (the `fabric`
 slot's routing, tiling and post-processing, kernels scaled to 128 px). A callback scores pasted validation
 images for every pseudo-defect rule at the final validation, keeping counts per pseudo family. Then every

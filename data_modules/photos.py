@@ -1,8 +1,9 @@
 """A threshold yardstick on real photographs: normal crops of scikit-image's shipped textures, and defects of
 families the threshold calibration never sees.
 
-Each texture (`TEXTURES`: brick, grass, gravel, moon and immunohistochemistry, 512 x 512 photographs in the
-scikit-image wheel; the colour one as its luminance) becomes one
+Each texture (`TEXTURES`: brick, grass, gravel, moon, immunohistochemistry and hubble_deep_field, photographs
+in the scikit-image wheel; colour ones as their luminance, the 872 x 1000 Hubble deep field as its centre 512 x
+512) becomes one
 MVTec AD 2 tree (`<root>/<texture>/<slot>/...`, `slot` an existing category name, "fabric" by default, so the
 run uses that category's routing, tiling and post-processing). Normal images are `SIDE` x `SIDE` crops; train,
 validation and test crops come from disjoint row bands of the photo (`BANDS`), so no test pixel was seen in
@@ -39,7 +40,9 @@ import numpy as np
 from hybridad.errors import UserError
 from hybridad.types import CATEGORIES
 
-TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel", "moon", "immunohistochemistry")
+# appended, never reordered: a texture's index seeds its crops
+TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel", "moon", "immunohistochemistry", "hubble_deep_field")
+SOURCE_SIDE = 512  # larger photographs give their centre SOURCE_SIDE x SOURCE_SIDE
 SIDE = 128  # crop side in photo pixels (no resampling: real pixels)
 BANDS = {"train": (0, 256), "validation": (256, 384), "test": (384, 512)}  # disjoint photo rows
 PSEUDO_FAMILIES: tuple[str, ...] = ("crack", "scratch", "spot", "contamination")  # defect_library.KINDS
@@ -68,14 +71,17 @@ class Defect:
 
 @functools.lru_cache(maxsize=len(TEXTURES))
 def _source(texture: str) -> np.ndarray:
-    """The (512,512) float32 [0,1] photograph (read-only: callers copy what they change)."""
+    """The (512,512) float32 [0,1] photograph, or the centre of a larger one (read-only: callers copy what they
+    change)."""
     import skimage.data  # lazy: shipped in the wheel, no download
 
     if texture not in TEXTURES:
         raise UserError(f"unknown texture '{texture}'; valid: {', '.join(TEXTURES)}")
-    src = getattr(skimage.data, texture)()  # (512,512) grey or (512,512,3) RGB uint8
-    if src.ndim == 3:  # immunohistochemistry: its luminance (the trees are grey)
+    src = getattr(skimage.data, texture)()  # (H,W) grey or (H,W,3) RGB uint8, H, W >= 512
+    if src.ndim == 3:  # immunohistochemistry, hubble_deep_field: their luminance (the trees are grey)
         src = cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
+    y0, x0 = (src.shape[0] - SOURCE_SIDE) // 2, (src.shape[1] - SOURCE_SIDE) // 2
+    src = src[y0 : y0 + SOURCE_SIDE, x0 : x0 + SOURCE_SIDE]  # (512,512)
     src = src.astype(np.float32) / 255.0  # (512,512)
     src.setflags(write=False)
     return src

@@ -85,3 +85,16 @@ def test_colour_photo_becomes_its_luminance_and_old_textures_keep_their_crops() 
     # textures added later are appended: the first three keep their seeds, hence their crops
     assert TEXTURES[:3] == ("brick", "grass", "gravel")
     assert render_normal("moon", "train", 0).shape == (SIDE, SIDE)
+
+
+def test_larger_photograph_gives_its_centre() -> None:
+    import skimage.data
+
+    from data_modules.photos import normal_crop
+    from data_modules.photos import _rng as photo_rng
+
+    grey = cv2.cvtColor(skimage.data.hubble_deep_field(), cv2.COLOR_RGB2GRAY)  # (872,1000) uint8
+    centre = grey[180:692, 244:756]  # rows (872 - 512) / 2.., columns (1000 - 512) / 2..
+    crop, x0, y0 = normal_crop("hubble_deep_field", "test", photo_rng(0, "hubble_deep_field", "test", 1))
+    assert BANDS["test"][0] <= y0 <= BANDS["test"][1] - SIDE and 0 <= x0 <= 512 - SIDE
+    np.testing.assert_array_equal(np.round(crop * 255).astype(np.uint8), centre[y0 : y0 + SIDE, x0 : x0 + SIDE])
