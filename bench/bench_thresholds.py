@@ -216,8 +216,8 @@ def _train_one(data_root: Path, runs: Path, seed: int) -> tuple[Path, FamilyCali
 def evaluate_texture(run: Path, data_root: Path, cal: FamilyCalibration, pp: PostProcessConfig) -> list[dict]:
     ts = load_test_set(run, data_root)
     per_family: dict[str, dict[str, Any]] = {}
-    for fam in (*PSEUDO_FAMILIES, *NOVEL_FAMILIES):
-        maps, gts = ts.subset(fam)
+    subsets = {fam: ts.subset(fam) for fam in (*PSEUDO_FAMILIES, *NOVEL_FAMILIES)}
+    for fam, (maps, gts) in subsets.items():
         opt, _ = f1_optimal(maps, gts, pp)
         thr = rule_thresholds(cal, fam if fam in PSEUDO_FAMILIES else None)
         per_family[fam] = {"opt": opt, "auroc": pixel_auroc(maps, gts),
@@ -227,7 +227,7 @@ def evaluate_texture(run: Path, data_root: Path, cal: FamilyCalibration, pp: Pos
     for group, fams in (("held-out pseudo (leave-one-out)", PSEUDO_FAMILIES), ("novel families", NOVEL_FAMILIES)):
         fam_opt = statistics.mean(per_family[f]["opt"] for f in fams)
         used = [t for f in fams for _, t in per_family[f]["rules"].values()]
-        opt, opt_thr = texture_optimal({f: ts.subset(f) for f in fams}, pp, used)
+        opt, opt_thr = texture_optimal({f: subsets[f] for f in fams}, pp, used)
         for rule in LABEL_FREE:
             f1 = statistics.mean(per_family[f]["rules"][rule][0] for f in fams)
             thr = statistics.mean(per_family[f]["rules"][rule][1] for f in fams)
@@ -286,7 +286,8 @@ def lighting_rows(run: Path, data_root: Path, cal: FamilyCalibration, pp: PostPr
     thresholds = {rule: (thr, matched_threshold(thr, cal.stats, split))
                   for rule, thr in rule_thresholds(cal, None).items()}
     # one subset (every family pooled): the per-texture and the per-family oracle are the same threshold
-    opt, opt_thr = texture_optimal({"all": (maps, gts)}, pp, [t for pair in thresholds.values() for t in pair])
+    used = [t for pair in thresholds.values() for t in pair]
+    opt, opt_thr = texture_optimal({"all": (maps, gts)}, pp, used)
     rows = []
     for rule, (thr, matched) in thresholds.items():
         f1, f1_m = seg_f1(maps, gts, thr, pp), seg_f1(maps, gts, matched, pp)

@@ -31,30 +31,37 @@ def test_no_detecting_texture_gives_no_detects_row() -> None:
     assert [r["texture"] for r in _means(rows)] == ["**mean**"]
 
 
-def _maps(values: dict[tuple[int, int], float]) -> torch.Tensor:
-    m = torch.zeros(1, 1, 4, 4)
-    for (y, x), v in values.items():
-        m[0, 0, y, x] = v
-    return m
+def _family(defect_score: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2,1,4,4) maps and GT: a good image with one normal spike at 0.375, and a bad image whose two defect
+    pixels score `defect_score` (every value exact in float16)."""
+    maps = torch.zeros(2, 1, 4, 4)
+    maps[0, 0, 0, 0] = 0.375
+    maps[1, 0, 2, 1:3] = defect_score
+    gts = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    gts[1, 0, 2, 1:3] = True
+    return maps, gts
 
 
 def test_texture_oracle_is_the_best_single_threshold_over_families() -> None:
-    """Hand-computed: one good image with a normal spike at 0.375; family A's two defect pixels score 0.75,
-    family B's 0.25 (all exact in float16). Per family: A reaches F1 1 above the spike, B 0.8 below it
-    (2 TP, the spike as 1 FP). One threshold for both: at or below 0.25 both give 0.8 (mean 0.8); above the
-    spike A gives 1 and B 0 (mean 0.5); so the texture oracle is 0.8, under the per-family mean of 0.9."""
+    """Hand-computed: family A's defect pixels score 0.75, family B's 0.25, the normal spike 0.375. Per family:
+    A reaches F1 1 above the spike, B 0.8 below it (2 TP, the spike as 1 FP). One threshold for both: at or
+    below 0.25 both give 0.8 (mean 0.8); above the spike A gives 1 and B 0 (mean 0.5); so the texture oracle is
+    0.8, under the per-family mean of 0.9."""
     pp = PostProcessConfig()
-    good = _maps({(0, 0): 0.375})
-    defect = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
-    defect[0, 0, 2, 1:3] = True
-    subsets = {
-        "A": (torch.cat([good, _maps({(2, 1): 0.75, (2, 2): 0.75})]), torch.cat([torch.zeros_like(defect), defect])),
-        "B": (torch.cat([good, _maps({(2, 1): 0.25, (2, 2): 0.25})]), torch.cat([torch.zeros_like(defect), defect])),
-    }
+    subsets = {"A": _family(0.75), "B": _family(0.25)}
     assert f1_optimal(*subsets["A"], pp)[0] == pytest.approx(1.0)
     assert f1_optimal(*subsets["B"], pp)[0] == pytest.approx(0.8)
-    f1, threshold = texture_optimal(subsets, pp, extra=[0.25, float("nan")])
+    f1, threshold = texture_optimal(subsets, pp, extra=[float("nan")])
     assert f1 == pytest.approx(0.8)
     assert 0 < threshold <= 0.25
-    # a rule's threshold is in the grid, so no rule scores above the oracle
-    assert texture_optimal({"B": subsets["B"]}, pp, extra=[0.25])[0] == pytest.approx(0.8)
+
+
+def test_texture_oracle_also_tries_the_rules_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the maps' own grid reduced to one useless value (above every score), the rules' thresholds passed
+    as `extra` still give the best value (0.25: both defect pixels, the one spike as FP: F1 0.8)."""
+    import bench.bench_thresholds as bench
+
+    monkeypatch.setattr(bench, "_oracle_grid", lambda maps: [0.875])
+    subsets, pp = {"B": _family(0.25)}, PostProcessConfig()
+    assert bench.texture_optimal(subsets, pp)[0] == 0.0
+    assert bench.texture_optimal(subsets, pp, extra=[0.25]) == (pytest.approx(0.8), 0.25)
